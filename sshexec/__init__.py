@@ -1,0 +1,35 @@
+"""sshexec: a drop-in ``concurrent.futures.ProcessPoolExecutor`` whose workers run on
+other machines over SSH (or as local subprocesses when no hosts are given).
+
+Public names only; see ``SSHPoolExecutor``. Must not import asyncssh (it is
+imported only when an executor has remote hosts).
+"""
+
+from __future__ import annotations
+
+from ._errors import (
+    BrokenPool,
+    ProtocolError,
+    RemoteError,
+    ResultDecodeError,
+    SSHExecError,
+    WorkerLostError,
+    WorkerStartupError,
+)
+from ._executor import Host, SSHPoolExecutor, parse_host
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BrokenPool",
+    "Host",
+    "ProtocolError",
+    "RemoteError",
+    "ResultDecodeError",
+    "SSHExecError",
+    "SSHPoolExecutor",
+    "WorkerLostError",
+    "WorkerStartupError",
+    "__version__",
+    "parse_host",
+]

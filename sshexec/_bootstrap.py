@@ -1,0 +1,179 @@
+"""How a bare ``python3`` on a node becomes an sshexec worker.
+
+Owns: the stage-1 program (small, on the command line, no secrets), the bundle
+it receives on stdin (``sshexec._protocol``, ``sshexec._worker``, cloudpickle and
+msgpack's pure-Python modules in a zip, imported from memory), the bundle's
+hash, the node's optional cache under ``~/.cache/sshexec`` and the choice of
+remote interpreter. Must not import: asyncio, asyncssh, or know about tasks.
+
+Handshake on the channel, before any frame::
+
+    node:  [shell chatter] START_MARKER  b"H"            (cache hit, verified by hash)
+    node:  [shell chatter] START_MARKER  b"N"            (needs the bundle)
+    host:  8-byte big-endian length + bundle zip          (only after b"N")
+    node:  [shell chatter] START_MARKER  b"V" + version   (wrong Python: nothing more)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import shlex
+import sys
+import zipfile
+from pathlib import Path
+from typing import Final, Optional, Sequence, Tuple
+
+import cloudpickle
+import msgpack
+
+from . import _protocol
+
+CACHE_DIR: Final = "~/.cache/sshexec"
+BUNDLE_LENGTH_BYTES: Final = 8
+MISSING_PYTHON_EXIT: Final = 127
+HAVE, NEED, WRONG_VERSION = b"H", b"N", b"V"
+
+# Runs on the node's interpreter, which may be any Python 3: keep it 3.6-compatible
+# so that a wrong version is *reported* rather than a SyntaxError.
+_STAGE1: Final = r"""
+import sys, os, hashlib, io, zipfile
+H, V, M, C = %(hash)r, %(version)r, %(marker)r, %(cache)r
+if '%%d.%%d' %% sys.version_info[:2] != V:
+    os.write(1, M + b'V' + ('%%d.%%d.%%d' %% sys.version_info[:3]).encode())
+    sys.exit(3)
+def rd(n):
+    b = b''
+    while len(b) < n:
+        c = os.read(0, n - len(b))
+        if not c:
+            sys.exit(4)
+        b += c
+    return b
+d = os.path.expanduser(C)
+p = os.path.join(d, H + '.zip')
+z = None
+try:
+    st = os.stat(d)
+    if st.st_uid == os.getuid() and not st.st_mode & 0o077:
+        with open(p, 'rb') as f:
+            z = f.read()
+        if hashlib.sha256(z).hexdigest() != H:
+            z = None
+except OSError:
+    z = None
+os.write(1, M + (b'H' if z else b'N'))
+if z is None:
+    z = rd(int.from_bytes(rd(%(length_bytes)d), 'big'))
+    if hashlib.sha256(z).hexdigest() != H:
+        sys.exit('sshexec: bundle hash mismatch')
+    try:
+        os.makedirs(d, 0o700, exist_ok=True)
+        st = os.stat(d)
+        if st.st_uid == os.getuid() and not st.st_mode & 0o077:
+            t = '%%s.%%d.tmp' %% (p, os.getpid())
+            with open(os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 'wb') as f:
+                f.write(z)
+            os.replace(t, p)
+    except OSError:
+        pass
+import importlib.abc, importlib.util
+Z = zipfile.ZipFile(io.BytesIO(z))
+N = set(Z.namelist())
+class L(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        b = name.replace('.', '/')
+        for fn, pkg in ((b + '/__init__.py', True), (b + '.py', False)):
+            if fn in N:
+                return importlib.util.spec_from_loader(name, self, origin='sshexec-bundle/' + fn, is_package=pkg)
+    def create_module(self, spec):
+        return None
+    def exec_module(self, m):
+        fn = m.__spec__.origin
+        exec(compile(Z.read(fn[15:]), fn, 'exec'), m.__dict__)
+sys.meta_path.insert(0, L())
+sys.dont_write_bytecode = True
+import sshexec._worker
+sshexec._worker.main()
+"""
+
+_BUNDLE_INIT: Final = '"""sshexec worker bundle: only the modules a node needs."""\n'
+
+
+def client_version() -> str:
+    return "%d.%d" % sys.version_info[:2]
+
+
+def _package_files(module: object) -> Sequence[Tuple[str, Path]]:
+    # Only *.py files: msgpack's C extension stays behind and its pure-Python
+    # fallback is what the node imports.
+    root = Path(module.__file__).parent  # type: ignore[attr-defined]
+    return [(f"{root.name}/{path.name}", path) for path in sorted(root.glob("*.py"))]
+
+
+@functools.lru_cache(maxsize=1)
+def bundle() -> bytes:
+    """The zip shipped to nodes; deterministic, so its hash names it in the node cache."""
+    here = Path(__file__).parent
+    entries = [("sshexec/__init__.py", _BUNDLE_INIT.encode())]
+    for name in ("_protocol.py", "_worker.py"):
+        entries.append((f"sshexec/{name}", (here / name).read_bytes()))
+    for module in (cloudpickle, msgpack):
+        entries.extend((name, path.read_bytes()) for name, path in _package_files(module))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries:
+            info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, data)
+    return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=1)
+def bundle_hash() -> str:
+    return hashlib.sha256(bundle()).hexdigest()
+
+
+def bundle_message() -> bytes:
+    """What the host writes after the node answers ``NEED``."""
+    data = bundle()
+    return len(data).to_bytes(BUNDLE_LENGTH_BYTES, "big") + data
+
+
+@functools.lru_cache(maxsize=1)
+def stage1_code() -> str:
+    return _STAGE1 % {
+        "hash": bundle_hash(),
+        "version": client_version(),
+        "marker": _protocol.START_MARKER,
+        "cache": CACHE_DIR,
+        "length_bytes": BUNDLE_LENGTH_BYTES,
+    }
+
+
+def interpreters(python: Optional[str]) -> Tuple[str, ...]:
+    """Remote interpreters to try, in order: the one asked for, else python3.X then python3."""
+    if python:
+        return (python,)
+    return (f"python{client_version()}", "python3")
+
+
+def remote_command(python: Optional[str]) -> str:
+    """The SSH exec command: a POSIX sh loop over candidate interpreters, wrapped in
+    ``/bin/sh -c`` so it also works for users whose login shell is not POSIX."""
+    code = shlex.quote(stage1_code())
+    candidates = interpreters(python)
+    listed = " ".join(shlex.quote(p) for p in candidates)
+    script = (
+        f"for p in {listed}; do "
+        f'if command -v "$p" >/dev/null 2>&1; then exec "$p" -c {code}; fi; done; '
+        f"echo 'sshexec: no usable Python on PATH (tried {' '.join(candidates)})' >&2; "
+        f"exit {MISSING_PYTHON_EXIT}"
+    )
+    return f"exec /bin/sh -c {shlex.quote(script)}"
+
+
+def local_argv(python: Optional[str] = None) -> Sequence[str]:
+    """argv for a worker on this machine: no shell, same stage 1."""
+    return [python or sys.executable, "-c", stage1_code()]

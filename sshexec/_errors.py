@@ -1,0 +1,145 @@
+"""The exception hierarchy, remote tracebacks and ``rebuild()``.
+
+Owns: every sshexec exception class and turning a worker's ``Failed`` reply
+back into the exception the caller sees. Must not import: asyncio, asyncssh, or
+do any I/O.
+"""
+
+from __future__ import annotations
+
+import pickle
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from ._protocol import Failed
+
+__all__ = [
+    "BrokenPool",
+    "ProtocolError",
+    "RemoteError",
+    "ResultDecodeError",
+    "SSHExecError",
+    "WorkerLostError",
+    "WorkerStartupError",
+    "rebuild",
+]
+
+
+class SSHExecError(Exception):
+    """Base class for failures of sshexec itself (not of the user's callable)."""
+
+    __module__ = "sshexec"
+
+
+class BrokenPool(SSHExecError, BrokenProcessPool):
+    """No usable worker is left; ``reasons`` maps each host to why it is unusable."""
+
+    __module__ = "sshexec"
+
+    def __init__(self, message: str, reasons: Optional[Mapping[str, str]] = None) -> None:
+        self.reasons: Dict[str, str] = dict(reasons or {})
+        lines = [message] + [f"  {host}: {why}" for host, why in self.reasons.items()]
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_broken_pool, (str(self), self.reasons))
+
+
+def _rebuild_broken_pool(text: str, reasons: Dict[str, str]) -> BrokenPool:
+    exc = BrokenPool("", None)
+    exc.args, exc.reasons = (text,), reasons
+    return exc
+
+
+class WorkerLostError(SSHExecError, BrokenProcessPool):
+    """The worker running a task died; names host, pid and exit status of each attempt."""
+
+    __module__ = "sshexec"
+
+    def __init__(self, task_id: int, attempts: Sequence[Tuple[str, str]]) -> None:
+        self.task_id = task_id
+        self.attempts: Tuple[Tuple[str, str], ...] = tuple(attempts)  # (worker_id, how it died)
+        if len(self.attempts) == 1:
+            worker, how = self.attempts[0]
+            text = f"task {task_id}: worker {worker} was lost while running it: {how}"
+        else:
+            tries = "; ".join(f"{w}: {how}" for w, how in self.attempts)
+            text = (
+                f"task {task_id} lost its worker on each of {len(self.attempts)} attempts: {tries}"
+            )
+        super().__init__(text)
+
+    @property
+    def host(self) -> str:
+        return self.attempts[-1][0].rsplit("#", 1)[0] if self.attempts else ""
+
+    def __reduce__(self) -> Any:
+        return (WorkerLostError, (self.task_id, self.attempts))
+
+
+class WorkerStartupError(SSHExecError):
+    """A host could not start a worker: connect, host key, auth, interpreter, version
+    or initializer. ``stage`` says which, ``fix`` what to check."""
+
+    __module__ = "sshexec"
+
+    def __init__(self, host: str, stage: str, reason: str, fix: str = "") -> None:
+        self.host, self.stage, self.reason, self.fix = host, stage, reason, fix
+        text = f"{host}: {stage} failed: {reason}"
+        super().__init__(f"{text}. {fix}" if fix else text)
+
+    def __reduce__(self) -> Any:
+        return (WorkerStartupError, (self.host, self.stage, self.reason, self.fix))
+
+
+class ProtocolError(SSHExecError):
+    """A worker sent bytes that are not a valid frame stream; that link is closed."""
+
+    __module__ = "sshexec"
+
+
+class ResultDecodeError(SSHExecError):
+    """The worker's result (or exception) could not be unpickled on this host."""
+
+    __module__ = "sshexec"
+
+
+class RemoteError(SSHExecError):
+    """A user exception that could not cross back; carries its type name, text and stack."""
+
+    __module__ = "sshexec"
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
+        self.type_name, self.message, self.remote_traceback = type_name, message, remote_traceback
+        super().__init__(f"{type_name}: {message}" if message else type_name)
+
+    def __reduce__(self) -> Any:
+        return (RemoteError, (self.type_name, self.message, self.remote_traceback))
+
+
+def _load_exception(data: bytes) -> Optional[BaseException]:
+    if not data:
+        return None
+    try:
+        exc = pickle.loads(data)
+    except Exception:  # an exception class whose __init__ needs arguments is the classic case
+        return None
+    return exc if isinstance(exc, BaseException) else None
+
+
+def rebuild(failure: Failed) -> BaseException:
+    """The exception ``result()`` raises for a ``Failed`` reply: the user's own type when
+    it unpickles, with the stdlib's ``_RemoteTraceback`` as its cause; else ``RemoteError``."""
+    exc = _load_exception(failure.exception)
+    if exc is None:
+        error = RemoteError(failure.type_name, failure.message, failure.traceback)
+        error.__cause__ = _RemoteTraceback(_quoted(failure.traceback))
+        return error
+    exc.__cause__ = _RemoteTraceback(_quoted(failure.traceback))
+    return exc
+
+
+def _quoted(traceback_text: str) -> str:
+    # The layout ProcessPoolExecutor gives its remote tracebacks.
+    return f'\n"""\n{traceback_text}"""'

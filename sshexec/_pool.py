@@ -1,0 +1,491 @@
+"""Loop-thread orchestration: workers, dispatch, replies, Futures, shutdown.
+
+Data flow (every step after the first runs on the executor's loop thread)::
+
+    submit() ──Task──▶ Pool.enqueue ──▶ Scheduler.submit
+                                   └──▶ _dispatch: Scheduler.assignments()
+                                          ──Run frames, coalesced per worker──▶ Channel.write
+    worker: Run ──▶ fn(*args) ──▶ Done | Failed
+    _read_replies(link) ──FrameDecoder──▶ _on_reply ──▶ Future.set_result / set_exception
+                                                    └──▶ Scheduler.complete ──▶ _dispatch
+    EOF / protocol error ──▶ _on_lost ──▶ Scheduler.remove_worker: requeue or WorkerLostError
+                                     └──▶ _start_worker(host) as a replacement
+
+Owns: ``WorkerLink`` and host state, starting and replacing workers, resolving
+Futures, broken-pool detection and the shutdown escalation (``Shutdown`` frame →
+grace → close channel → close connection). Only the loop thread touches any of
+it. Must not import: subprocess or asyncssh, placement policy, or frame layout
+details beyond ``_protocol``'s codec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+from . import _protocol as proto
+from ._errors import (
+    BrokenPool,
+    ProtocolError,
+    ResultDecodeError,
+    WorkerLostError,
+    WorkerStartupError,
+    rebuild,
+)
+from ._scheduler import Scheduler
+from ._transport import Channel, Transport, handshake
+
+log = logging.getLogger("sshexec.pool")
+
+STARTUP_TIMEOUT = 60.0  # bootstrap + Hello, per worker (includes shipping the bundle)
+MAX_START_FAILURES = 3  # consecutive failed worker starts before a host is given up
+# Startup failures that retrying cannot fix.
+FATAL_STAGES = frozenset({"host key", "authentication", "interpreter", "version", "initializer"})
+
+
+@dataclass
+class Task:
+    task_id: int
+    payload: bytes
+    future: Future[Any]
+    is_started: bool = False
+    losses: List[Tuple[str, str]] = field(default_factory=list)  # (worker_id, how it died)
+
+
+@dataclass
+class HostState:
+    transport: Transport
+    workers: Optional[int]  # planned worker count; None until the first Hello tells cores
+    python: str = "python3"
+    next_index: int = 0
+    starting: int = 0
+    failures: int = 0
+    error: Optional[str] = None  # set when the host is given up
+    links: Set[WorkerLink] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.transport.host
+
+    @property
+    def is_usable(self) -> bool:
+        return self.error is None
+
+
+@dataclass(eq=False)
+class WorkerLink:
+    worker_id: str
+    host: HostState
+    channel: Channel
+    hello: proto.Hello
+    is_alive: bool = True
+    is_closing: bool = False  # we asked it to stop: its EOF is not a loss
+    init_failed: bool = False
+    reader: Optional[asyncio.Task[None]] = None
+
+    @property
+    def pid(self) -> int:
+        return self.hello.pid
+
+
+OutputSink = Callable[[str, bytes], None]
+
+
+class Pool:
+    """All workers of one executor. Create and use it on the loop thread only."""
+
+    def __init__(
+        self,
+        hosts: Sequence[Tuple[Transport, Optional[int], str]],
+        *,
+        initializer: bytes,
+        max_tasks_per_child: Optional[int],
+        prefetch: int,
+        max_retries: int,
+        max_frame: int,
+        shutdown_grace: float,
+        output: OutputSink,
+    ) -> None:
+        self.hosts = [HostState(t, n, python) for t, n, python in hosts]
+        self.scheduler = Scheduler(prefetch=prefetch, max_retries=max_retries)
+        self.initializer, self.max_tasks_per_child = initializer, max_tasks_per_child
+        self.max_frame, self.shutdown_grace, self.output = max_frame, shutdown_grace, output
+        self.links: Dict[str, WorkerLink] = {}
+        self.tasks: Dict[int, Task] = {}
+        self.broken: Optional[BrokenPool] = None
+        self.is_closing = False
+        self.is_terminating = False
+        self._background: Set[asyncio.Task[Any]] = set()
+        self._dispatch_pending = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ---- starting workers ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect to every host in parallel and start each one's first worker.
+
+        Raises WorkerStartupError (one host) or BrokenPool (several) if none can start.
+        """
+        results = await asyncio.gather(
+            *(self._start_host(h) for h in self.hosts), return_exceptions=True
+        )
+        errors = {h.name: r for h, r in zip(self.hosts, results) if isinstance(r, BaseException)}
+        for name, exc in errors.items():
+            if not isinstance(exc, Exception):
+                raise exc
+            log.warning("host unusable, left out host=%s: %s", name, exc)
+        if len(errors) == len(self.hosts):
+            if len(errors) == 1:
+                raise next(iter(errors.values()))
+            raise BrokenPool("no host could start a worker", {n: str(e) for n, e in errors.items()})
+
+    async def _start_host(self, host: HostState) -> None:
+        host.starting += 1
+        try:
+            try:
+                await host.transport.connect()
+            except BaseException:
+                host.starting -= 1
+                raise
+            link = await self._start_worker(host)
+        except WorkerStartupError as exc:
+            host.error = str(exc)
+            raise
+        if host.workers is None:
+            host.workers = link.hello.cpus
+        self._top_up(host)
+
+    def _top_up(self, host: HostState) -> None:
+        """Start workers until the host has its planned number (live + starting)."""
+        if not host.is_usable or host.workers is None:
+            return
+        while len(host.links) + host.starting < host.workers and not self._is_done():
+            host.starting += 1  # counted from now, so this loop ends
+            self._spawn(self._replace(host))
+
+    async def _replace(self, host: HostState) -> None:
+        delay = 0.1 * (2 ** min(host.failures, 5)) if host.failures else 0.0
+        if delay:
+            await asyncio.sleep(delay)
+        try:
+            await self._start_worker(host)
+        except WorkerStartupError as exc:
+            host.failures += 1
+            if exc.stage in FATAL_STAGES or host.failures >= MAX_START_FAILURES:
+                self._give_up(host, str(exc))
+            else:
+                log.warning(
+                    "worker start failed host=%s attempt=%d: %s", host.name, host.failures, exc
+                )
+                self._top_up(host)
+        else:
+            host.failures = 0
+
+    async def _start_worker(self, host: HostState) -> WorkerLink:
+        """Start one worker; the caller has counted it in ``host.starting``."""
+        worker_id = f"{host.name}#{host.next_index}"
+        host.next_index += 1
+        channel: Optional[Channel] = None
+        try:
+            channel = await host.transport.open_channel(lambda line: self.output(worker_id, line))
+            decoder = proto.FrameDecoder(self.max_frame)
+            hello = await asyncio.wait_for(
+                self._read_hello(channel, host, decoder), STARTUP_TIMEOUT
+            )
+            channel.write(proto.encode(proto.Init(worker_id, self.initializer)))
+        except asyncio.TimeoutError as exc:
+            if channel is not None:
+                await channel.aclose(0.1)
+            raise WorkerStartupError(
+                host.name, "bootstrap", f"no Hello from the worker within {STARTUP_TIMEOUT:g} s"
+            ) from exc
+        except BaseException:
+            if channel is not None:
+                await channel.aclose(0.1)
+            raise
+        finally:
+            host.starting -= 1
+        link = WorkerLink(worker_id, host, channel, hello)
+        if self.is_closing and not self.tasks:
+            await self._retire(link)
+            return link
+        host.links.add(link)
+        self.links[worker_id] = link
+        self.scheduler.add_worker(worker_id, budget=self.max_tasks_per_child)
+        link.reader = self._spawn(self._read_replies(link, decoder))
+        log.info(
+            "worker started worker=%s pid=%d hostname=%s python=%s",
+            worker_id,
+            hello.pid,
+            hello.hostname,
+            hello.python,
+        )
+        self._dispatch_soon()
+        return link
+
+    async def _read_hello(
+        self, channel: Channel, host: HostState, decoder: proto.FrameDecoder
+    ) -> proto.Hello:
+        decoder.feed(await handshake(channel, host.name, host.python))
+        while True:
+            try:
+                message = next(decoder.messages(), None)
+            except proto.FrameError as exc:
+                raise WorkerStartupError(
+                    host.name, "bootstrap", f"garbled first frame: {exc}"
+                ) from exc
+            if message is not None:
+                break
+            chunk = await channel.read()
+            if not chunk:
+                how = await channel.exit_reason(2.0)
+                tail = channel.stderr_tail()
+                raise WorkerStartupError(
+                    host.name,
+                    "bootstrap",
+                    f"the worker ended before saying Hello ({how})"
+                    + (f"; stderr: {tail[-600:]}" if tail else ""),
+                )
+            decoder.feed(chunk)
+        if not isinstance(message, proto.Hello):
+            raise WorkerStartupError(
+                host.name, "bootstrap", f"expected Hello, got {type(message).__name__}"
+            )
+        if message.protocol != proto.PROTOCOL_VERSION:
+            raise WorkerStartupError(
+                host.name,
+                "version",
+                f"worker speaks protocol {message.protocol}, this client {proto.PROTOCOL_VERSION}",
+                "Clear ~/.cache/sshexec on the node.",
+            )
+        return message
+
+    def _give_up(self, host: HostState, reason: str) -> None:
+        if host.error is None:
+            host.error = reason
+            log.error("host given up host=%s: %s", host.name, reason)
+        self._check_broken()
+
+    # ---- tasks --------------------------------------------------------------------------
+
+    def enqueue(self, task: Task) -> None:
+        if self.broken is not None:
+            _fail(task.future, self.broken)
+            return
+        self.tasks[task.task_id] = task
+        self._idle.clear()
+        self.scheduler.submit(task.task_id)
+        self._dispatch_soon()
+
+    def cancel_queued(self) -> None:
+        """shutdown(cancel_futures=True): cancel every task not yet sent to a worker."""
+        for task_id in self.scheduler.drain_queue():
+            task = self.tasks.pop(task_id, None)
+            if task is not None:
+                task.future.cancel()
+        self._note_idle()
+
+    def _dispatch_soon(self) -> None:
+        if not self._dispatch_pending:
+            self._dispatch_pending = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._dispatch_pending = False
+        batches: Dict[str, List[bytes]] = {}
+        for worker_id, task_id in self.scheduler.assignments():
+            task = self.tasks.get(task_id)
+            if task is not None and not task.is_started:
+                task.is_started = True
+                if not task.future.set_running_or_notify_cancel():
+                    task = None  # cancelled while queued: drop it
+            if task is None:
+                self.tasks.pop(task_id, None)
+                self.scheduler.complete(worker_id, task_id)
+                continue
+            log.debug("dispatch task=%d worker=%s", task_id, worker_id)
+            batches.setdefault(worker_id, []).append(proto.encode(proto.Run(task_id, task.payload)))
+        for worker_id, frames in batches.items():
+            self.links[worker_id].channel.write(b"".join(frames))
+        self._note_idle()
+
+    async def _read_replies(self, link: WorkerLink, decoder: proto.FrameDecoder) -> None:
+        reason = ""
+        try:
+            while True:
+                for message in decoder.messages():
+                    self._on_reply(link, message)
+                self._after_replies(link)
+                chunk = await link.channel.read()
+                if not chunk:
+                    decoder.end()
+                    break
+                decoder.feed(chunk)
+        except proto.FrameError as exc:
+            error = ProtocolError(f"worker {link.worker_id} sent an invalid frame: {exc}")
+            log.error("%s; closing that worker", error)
+            reason = str(error)
+        await self._on_lost(link, reason)
+
+    def _on_reply(self, link: WorkerLink, message: proto.Message) -> None:
+        if (
+            isinstance(message, (proto.Done, proto.Failed))
+            and message.task_id == proto.INIT_TASK_ID
+        ):
+            link.init_failed = True
+            assert isinstance(message, proto.Failed)
+            self._give_up(link.host, f"initializer failed: {message.type_name}: {message.message}")
+            return
+        if isinstance(message, proto.Ready):
+            log.debug("worker ready worker=%s", link.worker_id)
+            return
+        if not isinstance(message, (proto.Done, proto.Failed)):
+            log.warning("unexpected %s from worker=%s", type(message).__name__, link.worker_id)
+            return
+        self.scheduler.complete(link.worker_id, message.task_id)
+        task = self.tasks.pop(message.task_id, None)
+        if task is None or task.future.done():
+            return
+        if isinstance(message, proto.Done):
+            try:
+                result = pickle.loads(message.payload)
+            except Exception as exc:  # e.g. the result's class is not importable here
+                error = ResultDecodeError(
+                    f"task {task.task_id}: the result from worker {link.worker_id} cannot be "
+                    f"unpickled on this host: {type(exc).__name__}: {exc}"
+                )
+                error.__cause__ = exc
+                task.future.set_exception(error)
+            else:
+                task.future.set_result(result)
+        else:
+            task.future.set_exception(rebuild(message))
+        log.debug("task done task=%d worker=%s", task.task_id, link.worker_id)
+
+    def _after_replies(self, link: WorkerLink) -> None:
+        if link.init_failed:
+            return
+        if link.is_alive and not link.is_closing and self.scheduler.is_spent(link.worker_id):
+            self._spawn(self._retire(link))  # max_tasks_per_child reached
+        self._dispatch_soon()
+        self._note_idle()
+
+    # ---- losing and retiring workers ------------------------------------------------------
+
+    async def _retire(self, link: WorkerLink) -> None:
+        link.is_closing = True
+        link.channel.write(proto.encode(proto.Shutdown()))
+        await link.channel.aclose(self.shutdown_grace)
+        if link.reader is None:  # never joined the pool; _on_lost will not run for it
+            link.is_alive = False
+
+    async def _on_lost(self, link: WorkerLink, reason: str) -> None:
+        if not link.is_alive:
+            return
+        link.is_alive = False
+        link.host.links.discard(link)
+        self.links.pop(link.worker_id, None)
+        expected = link.is_closing or link.init_failed
+        how = reason or await link.channel.exit_reason(2.0)
+        loss = self.scheduler.remove_worker(link.worker_id, charge=not expected)
+        if not expected:
+            described = f"pid {link.pid}, {how}"
+            tail = link.channel.stderr_tail().splitlines()
+            if tail:
+                described += f" (last stderr: {tail[-1][:200]})"
+            if loss.charged is not None and loss.charged in self.tasks:
+                self.tasks[loss.charged].losses.append((link.worker_id, described))
+            doomed = list(loss.failed) + (
+                self.scheduler.drain_queue() if self.is_terminating else []
+            )
+            for task_id in doomed:
+                task = self.tasks.pop(task_id, None)
+                if task is not None:
+                    _fail(
+                        task.future,
+                        WorkerLostError(task_id, task.losses or [(link.worker_id, how)]),
+                    )
+            log.warning(
+                "worker lost worker=%s pid=%d in_flight=%d requeued=%d: %s",
+                link.worker_id,
+                link.pid,
+                len(loss.requeued) + len(loss.failed),
+                len(loss.requeued),
+                how,
+            )
+        await link.channel.aclose(0.5 if not expected else self.shutdown_grace)
+        if link.host.is_usable and not self._is_done():
+            self._top_up(link.host)
+        self._check_broken()
+        self._dispatch_soon()
+        self._note_idle()
+
+    def _check_broken(self) -> None:
+        if self.broken is not None or self.links:
+            return
+        if any(h.is_usable for h in self.hosts):
+            return
+        self.broken = BrokenPool(
+            "no usable worker is left on any host",
+            {h.name: h.error or "no live worker" for h in self.hosts},
+        )
+        log.error("%s", self.broken)
+        self.scheduler.drain_queue()
+        tasks, self.tasks = self.tasks, {}
+        for task in tasks.values():
+            _fail(task.future, self.broken)
+        self._note_idle()
+
+    # ---- shutdown -------------------------------------------------------------------------
+
+    def _is_done(self) -> bool:
+        return self.is_closing and not self.tasks
+
+    def _note_idle(self) -> None:
+        if not self.tasks:
+            self._idle.set()
+
+    def terminate(self) -> None:
+        """kill_workers(): queued tasks are cancelled, running ones fail, nothing restarts."""
+        self.is_closing = self.is_terminating = True
+        self.cancel_queued()
+        for link in list(self.links.values()):
+            link.channel.kill()
+
+    async def aclose(self, cancel_futures: bool) -> None:
+        """Finish (or cancel) pending work, then stop every worker and connection. The
+        wait for running tasks is the caller's; every step after it is bounded."""
+        self.is_closing = True
+        if cancel_futures:
+            self.cancel_queued()
+        await self._idle.wait()
+        links = list(self.links.values())
+        await asyncio.gather(*(self._retire(link) for link in links), return_exceptions=True)
+        readers = [link.reader for link in links if link.reader is not None]
+        if readers:
+            await asyncio.wait(readers, timeout=self.shutdown_grace + 2.0)
+        pending = [t for t in self._background if not t.done()]
+        for background in pending:
+            background.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5.0)
+        await asyncio.gather(*(h.transport.aclose() for h in self.hosts), return_exceptions=True)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+
+def _fail(future: Future[Any], exc: BaseException) -> None:
+    if future.done():
+        return
+    if not future.running() and not future.set_running_or_notify_cancel():
+        return  # cancelled by the user
+    future.set_exception(exc)

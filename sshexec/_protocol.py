@@ -1,0 +1,197 @@
+"""Frame codec and message classes shared by the host and the worker.
+
+Owns: the frame layout (4-byte big-endian length + msgpack array ``[tag, ...]``),
+the message dataclasses, ``PROTOCOL_VERSION``, frame limits and the start marker.
+Must not import: asyncio, cloudpickle, or anything beyond the stdlib and msgpack,
+because this module is shipped to nodes inside the bootstrap bundle. It does no
+I/O: bytes go in, messages come out.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Dict, Final, Iterator, List, Tuple, Type, Union
+
+import msgpack
+
+PROTOCOL_VERSION: Final = 1
+# Written by the worker right before its first frame; whatever precedes it on
+# stdout (a chatty .bashrc, a motd) is shell chatter, not protocol.
+START_MARKER: Final = b"\x00\x1fSSHEXEC-START-1\x1f\x00"
+HEADER: Final = struct.Struct(">I")
+MAX_FRAME_LIMIT: Final = (1 << 32) - 1  # the length field's own ceiling
+DEFAULT_MAX_FRAME: Final = 1 << 30  # 1 GiB; larger calls or results are refused
+INIT_TASK_ID: Final = 0  # Failed(task_id=0) reports a failed initializer
+
+
+class FrameError(ValueError):
+    """The byte stream is not a valid sshexec frame stream (the host turns it into ProtocolError)."""
+
+
+# ---- host -> worker: commands ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Init:
+    TAG: ClassVar[int] = 1
+    worker_id: str
+    initializer: bytes  # cloudpickle of (initializer, initargs), or b"" for none
+
+
+@dataclass(frozen=True)
+class Run:
+    TAG: ClassVar[int] = 2
+    task_id: int
+    payload: bytes  # cloudpickle of (fn, args, kwargs); opaque here
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    TAG: ClassVar[int] = 3
+
+
+# ---- worker -> host: facts ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    TAG: ClassVar[int] = 10
+    protocol: int
+    python: str  # "3.11.7"
+    cloudpickle: str
+    msgpack: str
+    pid: int
+    hostname: str
+    cpus: int
+    executable: str
+
+
+@dataclass(frozen=True)
+class Ready:
+    TAG: ClassVar[int] = 11
+
+
+@dataclass(frozen=True)
+class Done:
+    TAG: ClassVar[int] = 12
+    task_id: int
+    payload: bytes  # cloudpickle of the result
+
+
+@dataclass(frozen=True)
+class Failed:
+    TAG: ClassVar[int] = 13
+    task_id: int
+    type_name: str  # "module.QualName" of the exception
+    message: str  # str(exception)
+    traceback: str  # remote traceback text, starting with host and pid
+    exception: bytes  # cloudpickle of the exception, or b"" when it could not be pickled
+
+
+Message = Union[Init, Run, Shutdown, Hello, Ready, Done, Failed]
+_CLASSES: Final[Tuple[Type[Any], ...]] = (Init, Run, Shutdown, Hello, Ready, Done, Failed)
+_TYPES: Final = {int: int, str: str, bytes: bytes, "int": int, "str": str, "bytes": bytes}
+# tag -> (class, expected field types), built once from the dataclass annotations
+_SCHEMA: Final[Dict[int, Tuple[Type[Any], Tuple[type, ...]]]] = {
+    cls.TAG: (cls, tuple(_TYPES[f.type] for f in fields(cls))) for cls in _CLASSES
+}
+
+
+def encode(message: Message) -> bytes:
+    """One complete frame for ``message``."""
+    body = msgpack.packb(
+        [message.TAG, *(getattr(message, f.name) for f in fields(message))],
+        use_bin_type=True,
+    )
+    return HEADER.pack(len(body)) + body
+
+
+def _build(item: Any) -> Message:
+    if not isinstance(item, list) or not item or type(item[0]) is not int:
+        raise FrameError("frame is not a [tag, ...] array")
+    entry = _SCHEMA.get(item[0])
+    if entry is None:
+        raise FrameError(f"unknown message tag {item[0]!r}")
+    cls, types = entry
+    values = item[1:]
+    if len(values) != len(types):
+        raise FrameError(f"{cls.__name__} needs {len(types)} fields, got {len(values)}")
+    for value, expected in zip(values, types):
+        if type(value) is not expected:
+            raise FrameError(f"{cls.__name__} field has type {type(value).__name__}")
+    message: Message = cls(*values)
+    return message
+
+
+class FrameDecoder:
+    """Incremental decoder: ``feed()`` bytes, iterate ``messages()``, ``end()`` at EOF.
+
+    The claimed length of a frame is checked against ``max_frame`` before any of
+    its body is buffered, and nothing is ever allocated from the claim itself.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        if not 0 < max_frame <= MAX_FRAME_LIMIT:
+            raise ValueError(f"max_frame must be in 1..{MAX_FRAME_LIMIT}, got {max_frame}")
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+        self._pos = 0  # start of the unread part of _buffer
+        self._broken = False
+
+    def feed(self, data: bytes) -> None:
+        if self._broken:
+            raise FrameError("decoder already failed")
+        self._buffer += data
+
+    def messages(self) -> Iterator[Message]:
+        while True:
+            message = self._next()
+            if message is None:
+                return
+            yield message
+
+    def _next(self) -> Message | None:
+        buf, pos = self._buffer, self._pos
+        if len(buf) - pos < HEADER.size:
+            self._compact()
+            return None
+        (length,) = HEADER.unpack_from(buf, pos)
+        if length > self.max_frame or length == 0:
+            self._broken = True
+            raise FrameError(f"frame of {length} bytes is outside 1..{self.max_frame}")
+        end = pos + HEADER.size + length
+        if len(buf) < end:
+            self._compact()
+            return None
+        body = bytes(memoryview(buf)[pos + HEADER.size : end])
+        self._pos = end
+        try:
+            item = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
+        except Exception as exc:  # msgpack raises several unrelated types on garbage
+            self._broken = True
+            raise FrameError(f"frame body is not msgpack: {type(exc).__name__}: {exc}") from exc
+        try:
+            return _build(item)
+        except FrameError:
+            self._broken = True
+            raise
+
+    def _compact(self) -> None:
+        if self._pos:
+            del self._buffer[: self._pos]
+            self._pos = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer) - self._pos
+
+    def end(self) -> None:
+        """Call at EOF: a partial frame left over means the stream was cut short."""
+        if self.buffered:
+            raise FrameError(f"stream ended inside a frame ({self.buffered} bytes left over)")
+
+
+def frames(messages: List[Message]) -> bytes:
+    """Several frames coalesced into one write."""
+    return b"".join(encode(m) for m in messages)

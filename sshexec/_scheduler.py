@@ -1,0 +1,136 @@
+"""Pure placement policy: which task goes to which worker, and what a lost worker costs.
+
+Owns: the queue of task ids, each worker's in-flight slots (``prefetch`` deep,
+so a worker always has its next task before finishing the current one), task
+budgets for ``max_tasks_per_child``, and retry accounting. Must not import:
+asyncio, Futures, clocks, I/O or logging; it sees task ids and worker ids only.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Deque, Dict, List, Optional, Tuple
+
+
+@dataclass
+class _Slots:
+    in_flight: Deque[int] = field(default_factory=collections.deque)  # dispatch order == run order
+    budget: Optional[int] = None  # tasks it may still be given (max_tasks_per_child)
+
+
+@dataclass(frozen=True)
+class Loss:
+    """What removing a worker means for its tasks."""
+
+    requeued: Tuple[int, ...]  # back in the queue (not charged, or still under max_retries)
+    failed: Tuple[int, ...]  # out of retries: the caller fails their Futures
+    charged: Optional[int]  # the task that was running when the worker died, if any
+
+
+class Scheduler:
+    def __init__(self, prefetch: int = 2, max_retries: int = 1) -> None:
+        if prefetch < 1:
+            raise ValueError("prefetch must be >= 1")
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        self.prefetch, self.max_retries = prefetch, max_retries
+        self._queue: Deque[int] = collections.deque()
+        self._workers: Dict[str, _Slots] = {}
+        self._losses: Dict[int, int] = {}  # task id -> workers it has already lost
+
+    # ---- tasks ------------------------------------------------------------------------
+
+    def submit(self, task_id: int) -> None:
+        self._queue.append(task_id)
+
+    def cancel(self, task_id: int) -> bool:
+        """Drop a queued (never dispatched) task; False if it is not in the queue."""
+        try:
+            self._queue.remove(task_id)
+        except ValueError:
+            return False
+        self._losses.pop(task_id, None)
+        return True
+
+    def drain_queue(self) -> List[int]:
+        """Every queued task id, removing them (cancel_futures, broken pool)."""
+        drained = list(self._queue)
+        self._queue.clear()
+        for task_id in drained:
+            self._losses.pop(task_id, None)
+        return drained
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(s.in_flight) for s in self._workers.values())
+
+    def attempts_lost(self, task_id: int) -> int:
+        return self._losses.get(task_id, 0)
+
+    # ---- workers ----------------------------------------------------------------------
+
+    def add_worker(self, worker_id: str, budget: Optional[int] = None) -> None:
+        self._workers[worker_id] = _Slots(budget=budget)
+
+    def workers(self) -> List[str]:
+        return list(self._workers)
+
+    def load(self, worker_id: str) -> int:
+        return len(self._workers[worker_id].in_flight)
+
+    def is_spent(self, worker_id: str) -> bool:
+        """True when the worker has used its budget and has nothing in flight: retire it."""
+        slots = self._workers[worker_id]
+        return slots.budget == 0 and not slots.in_flight
+
+    def assignments(self) -> List[Tuple[str, int]]:
+        """Fill free slots breadth-first (every idle worker gets one task before any
+        worker gets a second) and return the new (worker_id, task_id) pairs in order."""
+        placed: List[Tuple[str, int]] = []
+        for depth in range(self.prefetch):
+            if not self._queue:
+                break
+            for worker_id, slots in self._workers.items():
+                if not self._queue:
+                    break
+                if len(slots.in_flight) > depth or slots.budget == 0:
+                    continue
+                task_id = self._queue.popleft()
+                slots.in_flight.append(task_id)
+                if slots.budget is not None:
+                    slots.budget -= 1
+                placed.append((worker_id, task_id))
+        return placed
+
+    def complete(self, worker_id: str, task_id: int) -> None:
+        slots = self._workers.get(worker_id)
+        if slots is not None:
+            try:
+                slots.in_flight.remove(task_id)
+            except ValueError:
+                pass
+        self._losses.pop(task_id, None)
+
+    def remove_worker(self, worker_id: str, *, charge: bool = True) -> Loss:
+        """Forget a worker. The oldest in-flight task was running and is charged one loss
+        (when ``charge``); tasks queued behind it never started and go back for free.
+        Requeued tasks go to the front, keeping their order."""
+        slots = self._workers.pop(worker_id, None)
+        if slots is None or not slots.in_flight:
+            return Loss((), (), None)
+        tasks = list(slots.in_flight)
+        failed: List[int] = []
+        charged: Optional[int] = None
+        if charge:
+            charged = tasks[0]
+            self._losses[charged] = self._losses.get(charged, 0) + 1
+            if self._losses[charged] > self.max_retries:
+                failed.append(tasks.pop(0))
+                self._losses.pop(charged, None)
+        self._queue.extendleft(reversed(tasks))
+        return Loss(tuple(tasks), tuple(failed), charged)

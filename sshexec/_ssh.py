@@ -1,0 +1,298 @@
+"""``SSHTransport``: workers on one host, reached through asyncssh.
+
+Owns: connections to one host (opened lazily, more of them when sshd's
+``MaxSessions`` refuses further channels), exec channels running the bootstrap,
+host-key and authentication policy, and translating asyncssh/OS errors into
+``WorkerStartupError`` at this edge. Must not import: the pool or executor, or
+know about tasks, Futures or message contents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any, Dict, List, Mapping, Optional
+
+import asyncssh
+
+from . import _bootstrap
+from ._errors import WorkerStartupError
+from ._transport import READ_SIZE, Channel, StderrSink, StderrTail, describe_exit
+
+log = logging.getLogger("sshexec.ssh")
+
+# Fast AEAD ciphers first (AES-GCM is about twice chacha20's speed in asyncssh), then the
+# rest of asyncssh's defaults so that any server still finds a common cipher.
+PREFERRED_CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes192-ctr",
+    "aes256-ctr",
+)
+
+
+class _Connection:
+    """One SSH connection and how many worker channels it carries."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection) -> None:
+        self.conn = conn
+        self.sessions = 0
+        self.capacity: Optional[int] = None  # learnt when sshd refuses a channel
+
+    def has_room(self) -> bool:
+        return not self.conn.is_closed() and (
+            self.capacity is None or self.sessions < self.capacity
+        )
+
+
+class SSHChannel:
+    """An exec channel running the bootstrap and then one worker."""
+
+    def __init__(
+        self,
+        host: str,
+        process: asyncssh.SSHClientProcess[bytes],
+        owner: _Connection,
+        on_stderr: StderrSink,
+    ) -> None:
+        self.host, self.process, self.owner = host, process, owner
+        self.stderr = StderrTail(on_stderr)
+        self._stderr_task = asyncio.get_running_loop().create_task(self._read_stderr())
+        self._released = False
+
+    async def _read_stderr(self) -> None:
+        try:
+            while chunk := await self.process.stderr.read(READ_SIZE):
+                self.stderr.feed(chunk)
+        except (asyncssh.Error, OSError):
+            pass
+        self.stderr.close()
+
+    async def read(self) -> bytes:
+        try:
+            return await self.process.stdout.read(READ_SIZE)
+        except (asyncssh.Error, OSError):
+            return b""
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.process.stdin.write(data)
+        except (asyncssh.Error, OSError):
+            pass  # the read side sees the channel end and reports it
+
+    async def drain(self) -> None:
+        try:
+            await self.process.stdin.drain()
+        except (asyncssh.Error, OSError):
+            pass
+
+    async def exit_reason(self, timeout: float) -> str:
+        try:
+            await asyncio.wait_for(self.process.wait_closed(), timeout)
+        except (asyncio.TimeoutError, asyncssh.Error, OSError):
+            pass
+        await asyncio.wait([self._stderr_task], timeout=0.5)
+        signal_info = self.process.exit_signal
+        if signal_info is not None:
+            return describe_exit(None, signal_info[0])
+        status = self.process.exit_status
+        if status is not None and status >= 0:
+            return describe_exit(status)
+        if self.owner.conn.is_closed():
+            return f"the SSH connection to {self.host} was lost"
+        return (
+            "still running"
+            if not self.process.is_closing()
+            else "channel closed without exit status"
+        )
+
+    def stderr_tail(self) -> str:
+        return self.stderr.text()
+
+    def kill(self) -> None:
+        try:
+            self.process.send_signal("KILL")
+        except (asyncssh.Error, OSError, ValueError):
+            pass
+
+    async def aclose(self, grace: float) -> None:
+        try:
+            self.process.stdin.write_eof()
+        except (asyncssh.Error, OSError):
+            pass
+        if await self.exit_reason(grace) == "still running":
+            self.kill()  # sshd delivers it where supported; closing the channel also ends stdin
+            self.process.close()
+            await self.exit_reason(1.0)
+        self.process.close()
+        if not self._stderr_task.done():
+            self._stderr_task.cancel()
+        if not self._released:
+            self._released = True
+            self.owner.sessions -= 1
+
+
+class SSHTransport:
+    """Connections to one host. Only the loop thread uses it."""
+
+    def __init__(
+        self,
+        host: str,
+        hostname: str,
+        *,
+        port: Optional[int] = None,
+        username: Optional[str] = None,
+        python: Optional[str] = None,
+        known_hosts: Optional[str] = None,
+        unsafe_skip_host_key_check: bool = False,
+        connect_timeout: float = 10.0,
+        keepalive_interval: float = 10.0,
+        keepalive_count_max: int = 3,
+        options: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        self.host, self.hostname, self.python = host, hostname, python
+        self.port, self.known_hosts = port, known_hosts
+        self.connect_timeout = connect_timeout
+        kwargs: Dict[str, Any] = {
+            "connect_timeout": connect_timeout,
+            "login_timeout": connect_timeout,
+            "keepalive_interval": keepalive_interval,
+            "keepalive_count_max": keepalive_count_max,
+            "encryption_algs": PREFERRED_CIPHERS,
+            # Never wait at a prompt: keys, agent and ~/.ssh/config only.
+            "password_auth": False,
+            "kbdint_auth": False,
+        }
+        if port is not None:
+            kwargs["port"] = port
+        if username is not None:
+            kwargs["username"] = username
+        if unsafe_skip_host_key_check:
+            kwargs["known_hosts"] = None
+        elif known_hosts is not None:
+            kwargs["known_hosts"] = known_hosts
+        kwargs.update(options or {})
+        self._kwargs = kwargs
+        self._connections: List[_Connection] = []
+        self._connect_lock = asyncio.Lock()  # one handshake at a time per host: MaxStartups
+
+    def __repr__(self) -> str:
+        return f"SSHTransport({self.host!r})"
+
+    @property
+    def python_label(self) -> str:
+        return " or ".join(_bootstrap.interpreters(self.python))
+
+    async def connect(self) -> None:
+        async with self._connect_lock:
+            if not any(c.has_room() for c in self._connections):
+                await self._open_connection()
+
+    async def _open_connection(self) -> _Connection:
+        try:
+            conn = await asyncio.wait_for(
+                asyncssh.connect(self.hostname, **self._kwargs), self.connect_timeout + 5
+            )
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise self._host_key_error(exc) from exc
+        except asyncssh.PermissionDenied as exc:
+            raise WorkerStartupError(
+                self.host,
+                "authentication",
+                f"the server refused every key offered ({exc.reason})",
+                "Check that your public key is in the node's ~/.ssh/authorized_keys, that ssh-agent "
+                "holds the key or IdentityFile in ~/.ssh/config names it, and the user name.",
+            ) from exc
+        except (asyncio.TimeoutError, TimeoutError) as exc:
+            raise WorkerStartupError(
+                self.host,
+                "connect",
+                f"no answer within {self.connect_timeout:g} s",
+                "Check that the host is up and the port is right (does `ssh` reach it?).",
+            ) from exc
+        except OSError as exc:
+            raise WorkerStartupError(
+                self.host,
+                "connect",
+                f"cannot reach {self.hostname} port {self.port or 22}: {exc.strerror or exc}",
+                "Check the host name and port, and that sshd runs there.",
+            ) from exc
+        except (asyncssh.Error, ValueError) as exc:
+            raise WorkerStartupError(self.host, "connect", f"{type(exc).__name__}: {exc}") from exc
+        entry = _Connection(conn)
+        self._connections.append(entry)
+        log.info("connected host=%s connections=%d", self.host, len(self._connections))
+        return entry
+
+    def _host_key_error(self, exc: asyncssh.HostKeyNotVerifiable) -> WorkerStartupError:
+        path = self.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+        port = self.port or 22
+        target = self.hostname if port == 22 else f"[{self.hostname}]:{port}"
+        try:
+            known = asyncssh.read_known_hosts(path).match(self.hostname, "", port)[0]
+        except (OSError, ValueError, asyncssh.Error):
+            known = []
+        if known:
+            return WorkerStartupError(
+                self.host,
+                "host key",
+                f"the host key of {target} does NOT match the one recorded in {path}: it has "
+                "changed, and someone could be intercepting the connection (refused, as OpenSSH does)",
+                f"If the node was reinstalled, remove the old key with `ssh-keygen -R '{target}'` "
+                "and verify the new one before connecting again.",
+            )
+        return WorkerStartupError(
+            self.host,
+            "host key",
+            f"{target} is not in {path} ({exc.reason})",
+            f"Verify its fingerprint and add it, e.g. `ssh -p {port} {self.hostname}` once, or "
+            f"`ssh-keyscan -p {port} {self.hostname} >> {path}` after checking the key.",
+        )
+
+    async def open_channel(self, on_stderr: StderrSink) -> Channel:
+        command = _bootstrap.remote_command(self.python)
+        for _ in range(64):  # bounded: each pass either opens a channel or learns a capacity
+            async with self._connect_lock:
+                self._connections = [c for c in self._connections if not c.conn.is_closed()]
+                entry = next((c for c in self._connections if c.has_room()), None)
+                if entry is None:
+                    entry = await self._open_connection()
+                entry.sessions += 1
+            try:
+                process = await entry.conn.create_process(command, encoding=None)
+            except asyncssh.ChannelOpenError as exc:
+                entry.sessions -= 1
+                if entry.conn.is_closed():
+                    continue
+                if entry.sessions == 0:
+                    raise WorkerStartupError(
+                        self.host, "session", f"sshd refused to open a session: {exc.reason}"
+                    ) from exc
+                entry.capacity = entry.sessions  # sshd's MaxSessions, learnt the hard way
+                log.info(
+                    "host=%s refused channel %d on a connection (%s); opening another",
+                    self.host,
+                    entry.sessions + 1,
+                    exc.reason,
+                )
+                continue
+            except (asyncssh.Error, OSError) as exc:
+                entry.sessions -= 1
+                raise WorkerStartupError(
+                    self.host, "session", f"{type(exc).__name__}: {exc}"
+                ) from exc
+            return SSHChannel(self.host, process, entry, on_stderr)
+        raise WorkerStartupError(self.host, "session", "sshd refused every channel")
+
+    async def aclose(self) -> None:
+        connections, self._connections = self._connections, []
+        for entry in connections:
+            entry.conn.close()
+        for entry in connections:
+            try:
+                await asyncio.wait_for(entry.conn.wait_closed(), 5.0)
+            except (asyncio.TimeoutError, asyncssh.Error, OSError):
+                log.warning("host=%s connection did not close in time", self.host)

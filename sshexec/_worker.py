@@ -1,0 +1,184 @@
+"""The remote main loop: one worker interpreter serving tasks over stdin/stdout frames.
+
+Owns: stdio hygiene (frames travel on private copies of fds 0 and 1; fd 1 is
+pointed at stderr so ``print()`` cannot corrupt them), running calls, and
+packing results and errors. Every helper that must run on a node lives here.
+Must not import: any sshexec module except ``_protocol``, asyncio, or anything
+beyond the stdlib, cloudpickle and msgpack (this file is shipped to nodes).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Iterable, List, Optional, Tuple
+
+import cloudpickle
+import msgpack
+
+from . import _protocol as proto
+
+EOF_GRACE_SECONDS = 2.0  # a task still running this long after the host vanished is abandoned
+
+
+def _claim_stdio() -> Tuple[int, int]:
+    frames_in, frames_out = os.dup(0), os.dup(1)  # private fds for frames
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    return frames_in, frames_out
+
+
+def _cpu_count() -> int:
+    getaffinity = getattr(os, "sched_getaffinity", None)
+    if getaffinity is not None:
+        return len(getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+
+
+def process_chunk(fn: Callable[..., Any], chunk: Iterable[Tuple[Any, ...]]) -> List[Any]:
+    """Runs one ``map`` chunk on the worker: ``fn`` applied to each argument tuple."""
+    return [fn(*args) for args in chunk]
+
+
+class Worker:
+    """Serves commands read from ``frames_in``, writing replies to ``frames_out``."""
+
+    def __init__(self, frames_in: int, frames_out: int, eof_grace: float = EOF_GRACE_SECONDS):
+        self.frames_in, self.frames_out, self.eof_grace = frames_in, frames_out, eof_grace
+        self.inbox: queue.SimpleQueue[Optional[proto.Message]] = queue.SimpleQueue()
+        self.worker_id = "?"
+        self.hostname = socket.gethostname()
+
+    def send(self, message: proto.Message) -> None:
+        _write_all(self.frames_out, proto.encode(message))
+
+    def hello(self) -> proto.Hello:
+        return proto.Hello(
+            protocol=proto.PROTOCOL_VERSION,
+            python="%d.%d.%d" % sys.version_info[:3],
+            cloudpickle=cloudpickle.__version__,
+            msgpack="%d.%d.%d" % msgpack.version[:3],
+            pid=os.getpid(),
+            hostname=self.hostname,
+            cpus=_cpu_count(),
+            executable=sys.executable,
+        )
+
+    def read_commands(self, exit_on_eof: bool = True) -> None:
+        """Reader thread: decode frames into the inbox; at EOF give the main thread a
+        short grace, then end the process so a vanished host leaves no orphan."""
+        decoder = proto.FrameDecoder()
+        try:
+            while True:
+                chunk = os.read(self.frames_in, 1 << 20)
+                if not chunk:
+                    decoder.end()
+                    break
+                decoder.feed(chunk)
+                for message in decoder.messages():
+                    self.inbox.put(message)
+        except (OSError, proto.FrameError) as exc:
+            print(f"sshexec worker {self.worker_id}: command stream broken: {exc}", file=sys.stderr)
+        self.inbox.put(None)
+        if exit_on_eof:
+            time.sleep(self.eof_grace)
+            os._exit(0)
+
+    def serve(self) -> None:
+        """Main thread: answer Init and Run in order until Shutdown or EOF."""
+        self.send(self.hello())
+        while True:
+            message = self.inbox.get()
+            if message is None or isinstance(message, proto.Shutdown):
+                return
+            if isinstance(message, proto.Run):
+                reply = self.run(message.task_id, message.payload)
+            elif isinstance(message, proto.Init):
+                reply = self.initialize(message)
+            else:
+                print(f"sshexec worker: unexpected {type(message).__name__}", file=sys.stderr)
+                continue
+            self._flush_output()
+            self.send(reply)
+            if isinstance(reply, proto.Failed) and reply.task_id == proto.INIT_TASK_ID:
+                return  # as ProcessPoolExecutor: a worker whose initializer failed serves nothing
+
+    def initialize(self, init: proto.Init) -> proto.Message:
+        self.worker_id = init.worker_id
+        if not init.initializer:
+            return proto.Ready()
+        try:
+            initializer, initargs = cloudpickle.loads(init.initializer)
+            initializer(*initargs)
+        except BaseException as exc:  # reported to the host, which retires this worker
+            return self.failure(proto.INIT_TASK_ID, exc)
+        return proto.Ready()
+
+    def run(self, task_id: int, payload: bytes) -> proto.Message:
+        try:
+            fn, args, kwargs = cloudpickle.loads(payload)
+            del payload
+            result = fn(*args, **kwargs)
+            del fn, args, kwargs
+            return proto.Done(task_id, cloudpickle.dumps(result))
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt too, as ProcessPoolExecutor
+            return self.failure(task_id, exc)
+
+    def failure(self, task_id: int, exc: BaseException) -> proto.Failed:
+        stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        origin = f"host {self.worker_id.rsplit('#', 1)[0]} (hostname {self.hostname}), "
+        origin += f"pid {os.getpid()}, worker {self.worker_id}\n"
+        try:
+            blob = cloudpickle.dumps(exc)
+        except BaseException:  # unpicklable attributes: the host gets a RemoteError instead
+            blob = b""
+        try:
+            message = str(exc)
+        except BaseException:
+            message = f"<str() of {type(exc).__name__} failed>"
+        return proto.Failed(task_id, _type_name(exc), message, origin + stack, blob)
+
+    @staticmethod
+    def _flush_output() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a task closed or broke it; nothing to save
+                pass
+
+
+def main() -> None:
+    frames_in, frames_out = _claim_stdio()
+    try:
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        pass
+    worker = Worker(frames_in, frames_out)
+    threading.Thread(target=worker.read_commands, name="sshexec-reader", daemon=True).start()
+    try:
+        worker.serve()
+    except OSError as exc:  # the frame channel itself broke: nothing left to report to
+        print(f"sshexec worker {worker.worker_id}: channel closed: {exc}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip atexit hooks and non-daemon threads a task may have left behind
