@@ -1,13 +1,14 @@
 """How a bare ``python3`` on a node becomes an sshexec worker.
 
-Owns: the stage-1 program (small, on the command line, no secrets), the bundle
-it receives on stdin (``sshexec._protocol``, ``sshexec._worker``, cloudpickle and
+Owns: the one-line loader on the command line, the stage-1 program it reads
+from stdin, the bundle stage 1 receives on stdin (``sshexec._protocol``, ``sshexec._worker``, cloudpickle and
 msgpack's pure-Python modules in a zip, imported from memory), the bundle's
 hash, the node's optional cache under ``~/.cache/sshexec`` and the choice of
 remote interpreter. Must not import: asyncio, asyncssh, or know about tasks.
 
 Handshake on the channel, before any frame::
 
+    host:  stage 1 source (its length is in the loader's command line)
     node:  [shell chatter] START_MARKER  b"H"            (cache hit, verified by hash)
     node:  [shell chatter] START_MARKER  b"N"            (needs the bundle)
     host:  8-byte big-endian length + bundle zip          (only after b"N")
@@ -142,14 +143,24 @@ def bundle_message() -> bytes:
 
 
 @functools.lru_cache(maxsize=1)
-def stage1_code() -> str:
-    return _STAGE1 % {
+def stage1_code() -> bytes:
+    """Stage 1, written to the interpreter's stdin right after the channel opens."""
+    code = _STAGE1 % {
         "hash": bundle_hash(),
         "version": client_version(),
         "marker": _protocol.START_MARKER,
         "cache": CACHE_DIR,
         "length_bytes": BUNDLE_LENGTH_BYTES,
     }
+    return code.encode()
+
+
+def loader() -> str:
+    """The only code on the command line: read exactly len(stage 1) bytes of stdin, run them."""
+    n = len(stage1_code())
+    return (
+        f"import os;b=b'';exec('while len(b)<{n}:b+=os.read(0,{n}-len(b)) or os._exit(4)');exec(b)"
+    )
 
 
 def interpreters(python: Optional[str]) -> Tuple[str, ...]:
@@ -162,7 +173,7 @@ def interpreters(python: Optional[str]) -> Tuple[str, ...]:
 def remote_command(python: Optional[str]) -> str:
     """The SSH exec command: a POSIX sh loop over candidate interpreters, wrapped in
     ``/bin/sh -c`` so it also works for users whose login shell is not POSIX."""
-    code = shlex.quote(stage1_code())
+    code = shlex.quote(loader())
     candidates = interpreters(python)
     listed = " ".join(shlex.quote(p) for p in candidates)
     script = (
@@ -176,4 +187,4 @@ def remote_command(python: Optional[str]) -> str:
 
 def local_argv(python: Optional[str] = None) -> Sequence[str]:
     """argv for a worker on this machine: no shell, same stage 1."""
-    return [python or sys.executable, "-c", stage1_code()]
+    return [python or sys.executable, "-c", loader()]

@@ -111,6 +111,7 @@ async def handshake(channel: Channel, host: str, python: str) -> bytes:
     Returns the bytes already read beyond the handshake (the start of the frames).
     Raises WorkerStartupError naming the host when no worker can start there.
     """
+    channel.write(_bootstrap.stage1_code())
     buffer = bytearray()
     while True:
         at = buffer.find(START_MARKER)

@@ -1,0 +1,109 @@
+"""Callables the tests run on workers. conftest registers this module with
+cloudpickle.register_pickle_by_value, so nodes need no copy of the test suite."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Tuple
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def where(x: Any = None) -> Tuple[str, int, Any]:
+    """Which host (sshd's SSHEXEC_TEST_HOST, or 'local') and pid ran this."""
+    return os.environ.get("SSHEXEC_TEST_HOST", "local"), os.getpid(), x
+
+
+def sleep_then(seconds: float, value: Any = None) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+def raise_value_error(message: str = "boom") -> None:
+    raise ValueError(message)
+
+
+def say(text: str) -> str:
+    print(text)
+    print(f"err:{text}", file=sys.stderr)
+    sys.stdout.flush()
+    return text
+
+
+def exit_with(code: int) -> None:
+    sys.exit(code)
+
+
+def hard_exit(code: int = 7) -> None:
+    os._exit(code)
+
+
+def segfault() -> None:
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def kill_self_after(seconds: float) -> None:
+    time.sleep(seconds)
+    os.kill(os.getpid(), 9)
+
+
+def return_lambda() -> Any:
+    import threading
+
+    return threading.Lock()  # cannot be pickled back
+
+
+class NeedsArgs(Exception):
+    """An exception whose __init__ needs arguments: pickles, but cannot be unpickled."""
+
+    def __init__(self, code: int, why: str) -> None:
+        super().__init__(f"{code}: {why}")
+        self.code = code
+
+
+def raise_needs_args() -> None:
+    raise NeedsArgs(3, "needs args")
+
+
+class Unpicklable(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        import threading
+
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable() -> None:
+    raise Unpicklable("lock inside")
+
+
+def record_pid(path: str) -> int:
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return os.getpid()
+
+
+def init_marker(value: str) -> None:
+    os.environ["SSHEXEC_INIT_MARKER"] = value
+
+
+def read_marker() -> str:
+    return os.environ.get("SSHEXEC_INIT_MARKER", "")
+
+
+def fail_init() -> None:
+    raise RuntimeError("initializer refuses")
+
+
+def big(n: int) -> bytes:
+    return b"x" * n
