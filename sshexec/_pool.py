@@ -310,6 +310,9 @@ class Pool:
                 continue
             log.debug("dispatch task=%d worker=%s", task_id, worker_id)
             batches.setdefault(worker_id, []).append(proto.encode(proto.Run(task_id, task.payload)))
+        for worker_id, task_id in self.scheduler.steals():
+            log.debug("revoke task=%d worker=%s", task_id, worker_id)
+            batches.setdefault(worker_id, []).append(proto.encode(proto.Revoke(task_id)))
         for worker_id, frames in batches.items():
             self.links[worker_id].channel.write(b"".join(frames))
         self._note_idle()
@@ -343,6 +346,9 @@ class Pool:
             return
         if isinstance(message, proto.Ready):
             log.debug("worker ready worker=%s", link.worker_id)
+            return
+        if isinstance(message, proto.Revoked):
+            self.scheduler.returned(link.worker_id, message.task_id)
             return
         if not isinstance(message, (proto.Done, proto.Failed)):
             log.warning("unexpected %s from worker=%s", type(message).__name__, link.worker_id)

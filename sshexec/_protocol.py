@@ -51,6 +51,14 @@ class Shutdown:
     TAG: ClassVar[int] = 3
 
 
+@dataclass(frozen=True)
+class Revoke:
+    """Give a prefetched task back if it has not started (an idle worker will take it)."""
+
+    TAG: ClassVar[int] = 4
+    task_id: int
+
+
 # ---- worker -> host: facts ------------------------------------------------------------
 
 
@@ -89,8 +97,26 @@ class Failed:
     exception: bytes  # cloudpickle of the exception, or b"" when it could not be pickled
 
 
-Message = Union[Init, Run, Shutdown, Hello, Ready, Done, Failed]
-_CLASSES: Final[Tuple[Type[Any], ...]] = (Init, Run, Shutdown, Hello, Ready, Done, Failed)
+@dataclass(frozen=True)
+class Revoked:
+    """The worker dropped a revoked task without running it."""
+
+    TAG: ClassVar[int] = 14
+    task_id: int
+
+
+Message = Union[Init, Run, Shutdown, Revoke, Hello, Ready, Done, Failed, Revoked]
+_CLASSES: Final[Tuple[Type[Any], ...]] = (
+    Init,
+    Run,
+    Shutdown,
+    Revoke,
+    Hello,
+    Ready,
+    Done,
+    Failed,
+    Revoked,
+)
 _TYPES: Final = {int: int, str: str, bytes: bytes, "int": int, "str": str, "bytes": bytes}
 # tag -> (class, expected field types), built once from the dataclass annotations
 _SCHEMA: Final[Dict[int, Tuple[Type[Any], Tuple[type, ...]]]] = {
@@ -152,6 +178,8 @@ class FrameDecoder:
             yield message
 
     def _next(self) -> Message | None:
+        if self._broken:
+            raise FrameError("decoder already failed")
         buf, pos = self._buffer, self._pos
         if len(buf) - pos < HEADER.size:
             self._compact()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Set, Tuple
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Scheduler:
         self._queue: Deque[int] = collections.deque()
         self._workers: Dict[str, _Slots] = {}
         self._losses: Dict[int, int] = {}  # task id -> workers it has already lost
+        self._revoking: Set[int] = set()  # asked back from a worker; not stolen twice
 
     # ---- tasks ------------------------------------------------------------------------
 
@@ -107,6 +108,38 @@ class Scheduler:
                 placed.append((worker_id, task_id))
         return placed
 
+    def steals(self) -> List[Tuple[str, int]]:
+        """Prefetched tasks to ask back, as (worker_id, task_id): one for each idle worker
+        while the queue is empty, taken from the back of the longest line. A task waiting
+        behind a slow one then runs on the idle worker instead."""
+        if self._queue:
+            return []
+        idle = sum(1 for s in self._workers.values() if not s.in_flight and s.budget != 0)
+        asked: List[Tuple[str, int]] = []
+        while idle > 0:
+            waiting = {
+                worker_id: [t for t in list(slots.in_flight)[1:] if t not in self._revoking]
+                for worker_id, slots in self._workers.items()
+            }
+            victim = max(waiting, key=lambda w: len(waiting[w]), default=None)
+            if victim is None or not waiting[victim]:
+                break
+            task_id = waiting[victim][-1]
+            self._revoking.add(task_id)
+            asked.append((victim, task_id))
+            idle -= 1
+        return asked
+
+    def returned(self, worker_id: str, task_id: int) -> None:
+        """The worker gave a revoked task back unstarted: it goes to the front of the queue."""
+        self._revoking.discard(task_id)
+        slots = self._workers.get(worker_id)
+        if slots is not None and task_id in slots.in_flight:
+            slots.in_flight.remove(task_id)
+            if slots.budget is not None:
+                slots.budget += 1
+            self._queue.appendleft(task_id)
+
     def complete(self, worker_id: str, task_id: int) -> None:
         slots = self._workers.get(worker_id)
         if slots is not None:
@@ -115,6 +148,7 @@ class Scheduler:
             except ValueError:
                 pass
         self._losses.pop(task_id, None)
+        self._revoking.discard(task_id)
 
     def remove_worker(self, worker_id: str, *, charge: bool = True) -> Loss:
         """Forget a worker. The oldest in-flight task was running and is charged one loss
@@ -124,6 +158,7 @@ class Scheduler:
         if slots is None or not slots.in_flight:
             return Loss((), (), None)
         tasks = list(slots.in_flight)
+        self._revoking.difference_update(tasks)
         failed: List[int] = []
         charged: Optional[int] = None
         if charge:

@@ -17,7 +17,7 @@ import os
 import signal
 import subprocess
 import time
-from typing import Callable, Deque, Optional, Protocol
+from typing import Callable, Deque, List, Optional, Protocol
 
 from . import _bootstrap
 from ._errors import WorkerStartupError
@@ -182,24 +182,27 @@ class PipeChannel:
         self._reader: Optional[asyncio.StreamReader] = None
         self._writer: Optional[asyncio.StreamWriter] = None
         self._stderr_task: Optional[asyncio.Task[None]] = None
+        self._pipes: List[asyncio.BaseTransport] = []
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         assert self.proc.stdin and self.proc.stdout and self.proc.stderr
         self._reader = asyncio.StreamReader(limit=READ_SIZE)
-        await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(self._reader),
-            self.proc.stdout,  # type: ignore[arg-type]
+        reader = self._reader
+        out_transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), self.proc.stdout
         )
+        self._pipes.append(out_transport)
         transport, protocol = await loop.connect_write_pipe(
             asyncio.streams.FlowControlMixin,
             self.proc.stdin,  # type: ignore[attr-defined]
         )
         self._writer = asyncio.StreamWriter(transport, protocol, None, loop)
         err_reader = asyncio.StreamReader(limit=READ_SIZE)
-        await loop.connect_read_pipe(
+        err_transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(err_reader), self.proc.stderr
         )
+        self._pipes.append(err_transport)
         self._stderr_task = loop.create_task(self._read_stderr(err_reader))
 
     async def _read_stderr(self, reader: asyncio.StreamReader) -> None:
@@ -250,7 +253,9 @@ class PipeChannel:
             await self.exit_reason(1.0)
         if self._stderr_task is not None and not self._stderr_task.done():
             self._stderr_task.cancel()
-        for pipe in (self.proc.stdout, self.proc.stderr):
+        for transport in self._pipes:
+            transport.close()
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 pipe.close()
 
@@ -282,7 +287,11 @@ class LocalTransport:
                 self.host, "interpreter", f"cannot run {argv[0]}: {exc}", "Check python=."
             ) from exc
         channel = PipeChannel(proc, on_stderr)
-        await channel.start()
+        try:
+            await channel.start()
+        except BaseException:  # cancelled during shutdown: leave no process behind
+            await channel.aclose(0.0)
+            raise
         return channel
 
     async def aclose(self) -> None:

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Set, Tuple
 
 import cloudpickle
 import msgpack
@@ -68,6 +68,7 @@ class Worker:
         self.inbox: queue.SimpleQueue[Optional[proto.Message]] = queue.SimpleQueue()
         self.worker_id = "?"
         self.hostname = socket.gethostname()
+        self.revoked: Set[int] = set()  # added by the reader thread, consumed by the main thread
 
     def send(self, message: proto.Message) -> None:
         _write_all(self.frames_out, proto.encode(message))
@@ -96,7 +97,10 @@ class Worker:
                     break
                 decoder.feed(chunk)
                 for message in decoder.messages():
-                    self.inbox.put(message)
+                    if isinstance(message, proto.Revoke):
+                        self.revoked.add(message.task_id)  # its Run is already queued ahead
+                    else:
+                        self.inbox.put(message)
         except (OSError, proto.FrameError) as exc:
             print(f"sshexec worker {self.worker_id}: command stream broken: {exc}", file=sys.stderr)
         self.inbox.put(None)
@@ -111,6 +115,10 @@ class Worker:
             message = self.inbox.get()
             if message is None or isinstance(message, proto.Shutdown):
                 return
+            if isinstance(message, proto.Run) and message.task_id in self.revoked:
+                self.revoked.discard(message.task_id)
+                self.send(proto.Revoked(message.task_id))
+                continue
             if isinstance(message, proto.Run):
                 reply = self.run(message.task_id, message.payload)
             elif isinstance(message, proto.Init):

@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import cloudpickle
 import pytest
@@ -21,9 +21,11 @@ cloudpickle.register_pickle_by_value(tasks)  # nodes have no copy of the tests
 WORKER_SIGNATURE = b"os._exit(4)');exec(b)"  # the bootstrap loader on every worker's command line
 
 
-def worker_pids() -> List[int]:
-    """Every sshexec worker process on this machine (local or started by any sshd)."""
-    found = []
+def worker_pids(ancestor: Optional[int] = None) -> List[int]:
+    """Live sshexec worker processes (local, or started by an sshd), optionally only the
+    descendants of ``ancestor``, so that concurrent test runs do not see each other's."""
+    parents: Dict[int, int] = {}
+    workers = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -31,17 +33,30 @@ def worker_pids() -> List[int]:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmdline = f.read()
             with open(f"/proc/{entry}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
+                fields = f.read().rsplit(b")", 1)[1].split()
         except OSError:
             continue
-        if WORKER_SIGNATURE in cmdline and state != b"Z":
-            found.append(int(entry))
-    return found
+        parents[int(entry)] = int(fields[1])
+        if WORKER_SIGNATURE in cmdline and fields[0] != b"Z":
+            workers.append(int(entry))
+    if ancestor is None:
+        return workers
+
+    def descends(pid: int) -> bool:
+        for _ in range(64):
+            pid = parents.get(pid, 0)
+            if pid == ancestor:
+                return True
+            if pid <= 1:
+                return False
+        return False
+
+    return [pid for pid in workers if descends(pid)]
 
 
-def wait_no_workers(timeout: float = 8.0) -> List[int]:
+def wait_no_workers(timeout: float = 8.0, ancestor: Optional[int] = None) -> List[int]:
     deadline = time.monotonic() + timeout
-    while (pids := worker_pids()) and time.monotonic() < deadline:
+    while (pids := worker_pids(ancestor)) and time.monotonic() < deadline:
         time.sleep(0.05)
     return pids
 
@@ -53,13 +68,14 @@ def sshexec_threads() -> List[str]:
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     """Fail a test that leaves sshexec threads or worker processes behind."""
-    before = set(worker_pids())
+    me = os.getpid()
+    before = set(worker_pids(me))
     yield
     deadline = time.monotonic() + 10
     while sshexec_threads() and time.monotonic() < deadline:
         time.sleep(0.05)
     threads = sshexec_threads()
-    leftover = [p for p in wait_no_workers() if p not in before]
+    leftover = [p for p in wait_no_workers(ancestor=me) if p not in before]
     for pid in leftover:
         try:
             os.kill(pid, 9)

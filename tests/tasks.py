@@ -97,7 +97,7 @@ def init_marker(value: str) -> None:
     os.environ["SSHEXEC_INIT_MARKER"] = value
 
 
-def read_marker() -> str:
+def read_marker(_: Any = None) -> str:
     return os.environ.get("SSHEXEC_INIT_MARKER", "")
 
 

@@ -1,0 +1,432 @@
+"""The frame codec: round trips, every split of a stream, limits and malformed input."""
+
+from __future__ import annotations
+
+import dataclasses
+import tracemalloc
+from typing import Any, List
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sshexec import _protocol as proto
+from sshexec._protocol import (
+    DEFAULT_MAX_FRAME,
+    HEADER,
+    MAX_FRAME_LIMIT,
+    Done,
+    Failed,
+    FrameDecoder,
+    FrameError,
+    Hello,
+    Init,
+    Message,
+    Ready,
+    Revoke,
+    Revoked,
+    Run,
+    Shutdown,
+)
+
+FUZZ = settings(
+    max_examples=300,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],  # the autouse leak check
+)
+
+SAMPLES: List[Message] = [
+    Init("node1#3", b""),
+    Init("nöde-ü#0", b"\x80\x04initializer\x00\xff"),
+    Run(1, b"\x80\x05payload"),
+    Run(2**63 - 1, b""),
+    Shutdown(),
+    Hello(
+        protocol=proto.PROTOCOL_VERSION,
+        python="3.11.7",
+        cloudpickle="3.1.2",
+        msgpack="1.2.4",
+        pid=4242,
+        hostname="node1.example",
+        cpus=8,
+        executable="/usr/bin/python3",
+    ),
+    Ready(),
+    Done(7, b"\x80\x05result" * 100),
+    Done(0, b""),
+    Failed(9, "ValueError", "boom", "host node1 (hostname n1), pid 1\nTraceback...", b"\x80"),
+    Failed(10, "mod.Qual.Name", "", "", b""),
+    Revoke(11),
+    Revoked(2**40),
+]
+
+
+def decode_all(data: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> List[Message]:
+    decoder = FrameDecoder(max_frame=max_frame)
+    decoder.feed(data)
+    out = list(decoder.messages())
+    decoder.end()
+    return out
+
+
+def decode_chunks(chunks: List[bytes]) -> List[Message]:
+    decoder = FrameDecoder()
+    out: List[Message] = []
+    for chunk in chunks:
+        decoder.feed(chunk)
+        out.extend(decoder.messages())
+    decoder.end()
+    assert decoder.buffered == 0
+    return out
+
+
+def raw_frame(body: bytes) -> bytes:
+    return HEADER.pack(len(body)) + body
+
+
+def packed_frame(item: Any) -> bytes:
+    return raw_frame(msgpack.packb(item, use_bin_type=True))
+
+
+def first_error(data: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> FrameError:
+    decoder = FrameDecoder(max_frame=max_frame)
+    decoder.feed(data)
+    with pytest.raises(FrameError) as info:
+        list(decoder.messages())
+    return info.value
+
+
+# ---- round trips ----------------------------------------------------------------------
+
+
+def test_samples_cover_every_message_class() -> None:
+    assert {type(m) for m in SAMPLES} == set(proto._CLASSES)
+    assert len({cls.TAG for cls in proto._CLASSES}) == len(proto._CLASSES)
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip_each_message(message: Message) -> None:
+    frame = proto.encode(message)
+    (length,) = HEADER.unpack_from(frame)
+    assert length == len(frame) - HEADER.size
+    body = msgpack.unpackb(frame[HEADER.size :], raw=False)
+    assert body == [message.TAG, *dataclasses.astuple(message)]
+    (decoded,) = decode_all(frame)
+    assert decoded == message
+    assert type(decoded) is type(message)
+
+
+def test_frames_coalesces_several_messages() -> None:
+    data = proto.frames(SAMPLES)
+    assert data == b"".join(proto.encode(m) for m in SAMPLES)
+    assert decode_all(data) == SAMPLES
+
+
+def test_messages_are_frozen() -> None:
+    run = Run(1, b"x")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.task_id = 2  # type: ignore[misc]
+
+
+# ---- every split of a stream ----------------------------------------------------------
+
+
+def test_every_split_point_of_a_stream() -> None:
+    stream = proto.frames(SAMPLES)
+    for cut in range(len(stream) + 1):
+        assert decode_chunks([stream[:cut], stream[cut:]]) == SAMPLES, f"split at {cut}"
+
+
+def test_every_pair_of_split_points_of_a_short_stream() -> None:
+    messages: List[Message] = [Run(1, b"ab"), Shutdown(), Ready(), Done(1, b"c")]
+    stream = proto.frames(messages)
+    for first in range(len(stream) + 1):
+        for second in range(first, len(stream) + 1):
+            chunks = [stream[:first], stream[first:second], stream[second:]]
+            assert decode_chunks(chunks) == messages, f"split at {first}, {second}"
+
+
+def test_byte_by_byte() -> None:
+    stream = proto.frames(SAMPLES)
+    decoder = FrameDecoder()
+    out: List[Message] = []
+    for i in range(len(stream)):
+        decoder.feed(stream[i : i + 1])
+        out.extend(decoder.messages())
+        assert decoder.buffered < max(len(proto.encode(m)) for m in SAMPLES)
+    decoder.end()
+    assert out == SAMPLES
+
+
+def test_messages_yields_only_complete_frames() -> None:
+    frame = proto.encode(Run(5, b"payload"))
+    decoder = FrameDecoder()
+    decoder.feed(frame + frame[:-1])
+    assert list(decoder.messages()) == [Run(5, b"payload")]
+    assert decoder.buffered == len(frame) - 1
+    assert list(decoder.messages()) == []
+    decoder.feed(frame[-1:])
+    assert list(decoder.messages()) == [Run(5, b"payload")]
+    assert decoder.buffered == 0
+    decoder.end()
+
+
+# ---- limits ---------------------------------------------------------------------------
+
+
+def test_max_frame_is_validated() -> None:
+    for bad in (0, -1, MAX_FRAME_LIMIT + 1):
+        with pytest.raises(ValueError, match="max_frame"):
+            FrameDecoder(max_frame=bad)
+    assert FrameDecoder(max_frame=MAX_FRAME_LIMIT).max_frame == MAX_FRAME_LIMIT
+    assert FrameDecoder().max_frame == DEFAULT_MAX_FRAME
+
+
+def test_frame_at_max_frame_is_accepted() -> None:
+    frame = proto.encode(Done(1, b"x" * 50))
+    size = len(frame) - HEADER.size
+    assert decode_all(frame, max_frame=size) == [Done(1, b"x" * 50)]
+    error = first_error(frame, max_frame=size - 1)
+    assert str(size) in str(error)
+
+
+@pytest.mark.parametrize("claimed", [DEFAULT_MAX_FRAME + 1, MAX_FRAME_LIMIT])
+def test_oversize_frame_is_refused_from_its_header_alone(claimed: int) -> None:
+    # Only the 4-byte header has arrived: the refusal must not wait for (or buffer) a body.
+    decoder = FrameDecoder()
+    decoder.feed(HEADER.pack(claimed))
+    tracemalloc.start()
+    try:
+        with pytest.raises(FrameError, match=str(claimed)):
+            list(decoder.messages())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert decoder.buffered == HEADER.size
+
+
+def test_oversize_frame_breaks_the_decoder() -> None:
+    decoder = FrameDecoder(max_frame=16)
+    decoder.feed(HEADER.pack(17) + b"x" * 17)
+    with pytest.raises(FrameError):
+        list(decoder.messages())
+    with pytest.raises(FrameError, match="already failed"):
+        decoder.feed(proto.encode(Ready()))
+
+
+def test_claimed_length_is_never_allocated_while_waiting() -> None:
+    # A legal but huge claim (exactly max_frame) with a few body bytes: memory follows
+    # what was received, not what was claimed.
+    decoder = FrameDecoder()
+    tracemalloc.start()
+    try:
+        decoder.feed(HEADER.pack(DEFAULT_MAX_FRAME) + b"\x00" * 1000)
+        assert list(decoder.messages()) == []
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert decoder.buffered == HEADER.size + 1000
+    with pytest.raises(FrameError, match="ended inside a frame"):
+        decoder.end()
+
+
+def test_zero_length_frame() -> None:
+    error = first_error(HEADER.pack(0))
+    assert "0 bytes" in str(error)
+
+
+# ---- malformed bodies -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xc1",  # a byte msgpack never uses
+        b"\x92\x02",  # array of 2 with one element: cut short inside the body
+        b"\x91\x03\x90",  # extra data after a complete object
+        b"\xdc\xff\xff",  # array16 header claiming 65535 items, nothing follows
+        b"\x81\x01\x02",  # map with an int key (strict_map_key)
+        b"\xd9\x02\xff\xfe",  # str8 that is not UTF-8
+    ],
+    ids=["reserved-byte", "truncated", "extra-data", "huge-array-claim", "int-map-key", "bad-utf8"],
+)
+def test_garbage_body(body: bytes) -> None:
+    error = first_error(raw_frame(body) + proto.encode(Ready()))
+    assert "not msgpack" in str(error)
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        [],
+        [99],
+        [-1, 1, b""],
+        ["2", 1, b""],
+        [True],  # bool is not an int tag
+        [2.0, 1, b""],
+        {"tag": 2},
+        2,
+        "Run",
+        b"\x02",
+        None,
+    ],
+)
+def test_wrong_tag_or_shape(item: Any) -> None:
+    error = first_error(packed_frame(item))
+    assert "tag" in str(error)
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        [Run.TAG],
+        [Run.TAG, 1],
+        [Run.TAG, 1, b"", b""],
+        [Shutdown.TAG, 1],
+        [Ready.TAG, None],
+        [Hello.TAG, *dataclasses.astuple(SAMPLES[5])[:-1]],
+        [Failed.TAG, 1, "T", "m", "tb"],
+    ],
+)
+def test_wrong_field_count(item: Any) -> None:
+    error = first_error(packed_frame(item))
+    assert "fields" in str(error)
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        [Run.TAG, "1", b""],
+        [Run.TAG, 1, "payload"],  # str where bytes belong (use_bin_type keeps them apart)
+        [Run.TAG, True, b""],  # bool is not an int field
+        [Run.TAG, 1.0, b""],
+        [Run.TAG, None, b""],
+        [Run.TAG, [1], b""],
+        [Init.TAG, b"node#0", b""],
+        [Done.TAG, 1, {"k": 1}],
+        [Failed.TAG, 1, "T", "m", "tb", "not bytes"],
+    ],
+)
+def test_wrong_field_types(item: Any) -> None:
+    error = first_error(packed_frame(item))
+    assert "field has type" in str(error)
+
+
+def test_error_after_good_frames_keeps_the_good_ones() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(proto.encode(Ready()) + proto.encode(Run(1, b"x")) + packed_frame([99]))
+    seen: List[Message] = []
+    with pytest.raises(FrameError):
+        for message in decoder.messages():
+            seen.append(message)
+    assert seen == [Ready(), Run(1, b"x")]
+    with pytest.raises(FrameError):
+        decoder.feed(b"more")
+
+
+# ---- end of stream --------------------------------------------------------------------
+
+
+def test_end_on_a_clean_stream() -> None:
+    decoder = FrameDecoder()
+    decoder.end()  # nothing fed at all
+    decoder.feed(proto.encode(Shutdown()))
+    assert list(decoder.messages()) == [Shutdown()]
+    decoder.end()
+
+
+def test_end_on_a_truncated_stream_raises_at_every_cut() -> None:
+    stream = proto.frames([Run(1, b"abc"), Done(1, b"def")])
+    boundaries = {0, len(proto.encode(Run(1, b"abc"))), len(stream)}
+    for cut in range(len(stream) + 1):
+        decoder = FrameDecoder()
+        decoder.feed(stream[:cut])
+        list(decoder.messages())
+        if cut in boundaries:
+            decoder.end()
+        else:
+            with pytest.raises(FrameError, match="ended inside a frame"):
+                decoder.end()
+
+
+# ---- fuzzing --------------------------------------------------------------------------
+
+
+def feed_and_collect(chunks: List[bytes]) -> List[Message]:
+    """Either returns messages or raises FrameError; anything else fails the test."""
+    decoder = FrameDecoder(max_frame=1 << 16)
+    out: List[Message] = []
+    for chunk in chunks:
+        decoder.feed(chunk)
+        out.extend(decoder.messages())
+    decoder.end()
+    return out
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=64), max_size=8))
+def test_fuzz_random_bytes(chunks: List[bytes]) -> None:
+    try:
+        out = feed_and_collect(chunks)
+    except FrameError:
+        return
+    assert all(isinstance(m, proto._CLASSES) for m in out)
+
+
+# Frames that start out valid, then get a few bytes overwritten: this reaches the
+# msgpack and schema checks far more often than uniformly random bytes do.
+_messages = st.one_of(
+    st.builds(Init, st.text(max_size=20), st.binary(max_size=40)),
+    st.builds(Run, st.integers(-(2**63), 2**64 - 1), st.binary(max_size=40)),
+    st.just(Shutdown()),
+    st.builds(
+        Hello,
+        st.integers(0, 2**32),
+        st.text(max_size=10),
+        st.text(max_size=10),
+        st.text(max_size=10),
+        st.integers(0, 2**31),
+        st.text(max_size=30),
+        st.integers(1, 1024),
+        st.text(max_size=30),
+    ),
+    st.just(Ready()),
+    st.builds(Done, st.integers(0, 2**32), st.binary(max_size=40)),
+    st.builds(
+        Failed,
+        st.integers(0, 2**32),
+        st.text(max_size=20),
+        st.text(max_size=20),
+        st.text(max_size=40),
+        st.binary(max_size=20),
+    ),
+)
+
+
+@FUZZ
+@given(st.lists(_messages, min_size=1, max_size=6), st.data())
+def test_fuzz_valid_streams_in_random_chunks(messages: List[Message], data: st.DataObject) -> None:
+    stream = proto.frames(messages)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    assert feed_and_collect(chunks) == messages
+
+
+@FUZZ
+@given(
+    st.lists(_messages, min_size=1, max_size=4),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
+)
+def test_fuzz_corrupted_frames(messages: List[Message], edits: List[Any]) -> None:
+    stream = bytearray(proto.frames(messages))
+    for where, value in edits:
+        stream[where % len(stream)] = value
+    try:
+        out = feed_and_collect([bytes(stream)])
+    except FrameError:
+        return
+    assert all(isinstance(m, proto._CLASSES) for m in out)

@@ -1,0 +1,320 @@
+"""The pure placement policy: prefetch, breadth-first filling, losses, retries, budgets."""
+
+from __future__ import annotations
+
+import pytest
+
+from sshexec._scheduler import Loss, Scheduler
+
+
+def scheduler_with(
+    *workers: str, prefetch: int = 2, max_retries: int = 1, tasks: int = 0
+) -> Scheduler:
+    sched = Scheduler(prefetch=prefetch, max_retries=max_retries)
+    for worker_id in workers:
+        sched.add_worker(worker_id)
+    for task_id in range(tasks):
+        sched.submit(task_id)
+    return sched
+
+
+# ---- construction ---------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    sched = Scheduler()
+    assert (sched.prefetch, sched.max_retries) == (2, 1)
+    assert (sched.queued, sched.in_flight, sched.workers()) == (0, 0, [])
+    assert sched.assignments() == []
+
+
+@pytest.mark.parametrize("prefetch", [0, -1])
+def test_prefetch_must_be_positive(prefetch: int) -> None:
+    with pytest.raises(ValueError, match="prefetch"):
+        Scheduler(prefetch=prefetch)
+
+
+def test_max_retries_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="max_retries"):
+        Scheduler(max_retries=-1)
+    assert Scheduler(max_retries=0).max_retries == 0
+
+
+# ---- placement ------------------------------------------------------------------------
+
+
+def test_prefetch_caps_tasks_per_worker() -> None:
+    sched = scheduler_with("alpha#0", prefetch=2, max_retries=0, tasks=4)
+    assert sched.assignments() == [("alpha#0", 0), ("alpha#0", 1)]
+    assert sched.assignments() == []  # full: nothing more until a slot frees
+    assert (sched.queued, sched.in_flight, sched.load("alpha#0")) == (2, 2, 2)
+    sched.complete("alpha#0", 0)
+    assert sched.assignments() == [("alpha#0", 2)]
+    assert sched.load("alpha#0") == 2
+
+
+def test_prefetch_one_means_one_task_at_a_time() -> None:
+    sched = scheduler_with("alpha#0", prefetch=1, tasks=3)
+    assert sched.assignments() == [("alpha#0", 0)]
+    sched.complete("alpha#0", 0)
+    assert sched.assignments() == [("alpha#0", 1)]
+
+
+def test_breadth_first_filling() -> None:
+    sched = scheduler_with("alpha#0", "alpha#1", "beta#0", prefetch=2, tasks=5)
+    # Every worker gets one task before any gets a second.
+    assert sched.assignments() == [
+        ("alpha#0", 0),
+        ("alpha#1", 1),
+        ("beta#0", 2),
+        ("alpha#0", 3),
+        ("alpha#1", 4),
+    ]
+    assert [sched.load(w) for w in sched.workers()] == [2, 2, 1]
+
+
+def test_breadth_first_tops_up_the_least_loaded_first() -> None:
+    sched = scheduler_with("alpha#0", "beta#0", prefetch=3, tasks=6)
+    assert len(sched.assignments()) == 6
+    sched.complete("beta#0", 1)
+    sched.complete("beta#0", 3)
+    for task_id in (10, 11, 12):
+        sched.submit(task_id)
+    # beta has 1 in flight, alpha 3 (full): beta is filled first, alpha gets nothing.
+    assert sched.assignments() == [("beta#0", 10), ("beta#0", 11)]
+    assert sched.queued == 1
+
+
+def test_fewer_tasks_than_slots() -> None:
+    sched = scheduler_with("alpha#0", "beta#0", prefetch=4, tasks=1)
+    assert sched.assignments() == [("alpha#0", 0)]
+    assert (sched.queued, sched.in_flight) == (0, 1)
+
+
+def test_a_worker_added_later_gets_work() -> None:
+    sched = scheduler_with("alpha#0", prefetch=1, tasks=3)
+    assert sched.assignments() == [("alpha#0", 0)]
+    sched.add_worker("beta#0")
+    assert sched.assignments() == [("beta#0", 1)]
+    assert sched.workers() == ["alpha#0", "beta#0"]
+
+
+def test_complete() -> None:
+    sched = scheduler_with("alpha#0", prefetch=3, tasks=3)
+    sched.assignments()
+    sched.complete("alpha#0", 1)  # out of order is fine
+    assert (sched.load("alpha#0"), sched.in_flight) == (2, 2)
+    sched.complete("alpha#0", 1)  # twice: no error, no change
+    sched.complete("gone#0", 0)  # unknown worker: no error
+    assert sched.in_flight == 2
+    sched.complete("alpha#0", 0)
+    sched.complete("alpha#0", 2)
+    assert sched.in_flight == 0
+
+
+# ---- cancel and drain -----------------------------------------------------------------
+
+
+def test_cancel_a_queued_task() -> None:
+    sched = scheduler_with("alpha#0", prefetch=1, tasks=4)
+    assert sched.assignments() == [("alpha#0", 0)]
+    assert sched.cancel(2) is True
+    assert sched.queued == 2
+    assert sched.cancel(2) is False  # already gone
+    assert sched.cancel(0) is False  # dispatched: not the scheduler's to cancel
+    assert sched.cancel(99) is False
+    sched.complete("alpha#0", 0)
+    assert sched.assignments() == [("alpha#0", 1)]
+    sched.complete("alpha#0", 1)
+    assert sched.assignments() == [("alpha#0", 3)]
+
+
+def test_cancel_forgets_losses() -> None:
+    sched = scheduler_with("alpha#0", "beta#0", prefetch=1, max_retries=3, tasks=1)
+    sched.assignments()
+    sched.remove_worker("alpha#0")
+    assert sched.attempts_lost(0) == 1
+    assert sched.cancel(0) is True
+    assert sched.attempts_lost(0) == 0
+
+
+def test_drain_queue() -> None:
+    sched = scheduler_with("alpha#0", prefetch=1, tasks=5)
+    assert sched.assignments() == [("alpha#0", 0)]
+    assert sched.drain_queue() == [1, 2, 3, 4]
+    assert (sched.queued, sched.in_flight) == (0, 1)
+    assert sched.drain_queue() == []
+    sched.complete("alpha#0", 0)
+    assert sched.assignments() == []
+
+
+def test_drain_queue_forgets_losses() -> None:
+    sched = scheduler_with("alpha#0", prefetch=1, max_retries=5, tasks=2)
+    sched.assignments()
+    sched.remove_worker("alpha#0")
+    assert sched.attempts_lost(0) == 1
+    assert sched.drain_queue() == [0, 1]
+    assert sched.attempts_lost(0) == 0
+
+
+# ---- losing workers -------------------------------------------------------------------
+
+
+def test_remove_worker_charges_only_the_oldest_and_requeues_the_rest_in_front() -> None:
+    sched = scheduler_with("alpha#0", prefetch=3, max_retries=1, tasks=6)
+    assert sched.assignments() == [("alpha#0", 0), ("alpha#0", 1), ("alpha#0", 2)]
+    loss = sched.remove_worker("alpha#0")
+    assert loss == Loss(requeued=(0, 1, 2), failed=(), charged=0)
+    assert [sched.attempts_lost(t) for t in range(6)] == [1, 0, 0, 0, 0, 0]
+    assert sched.workers() == []
+    assert (sched.queued, sched.in_flight) == (6, 0)
+    sched.add_worker("beta#0")
+    sched.add_worker("beta#1")
+    # Requeued tasks come first, in their original order, ahead of 3, 4, 5.
+    assert sched.assignments() == [
+        ("beta#0", 0),
+        ("beta#1", 1),
+        ("beta#0", 2),
+        ("beta#1", 3),
+        ("beta#0", 4),
+        ("beta#1", 5),
+    ]
+
+
+def test_remove_worker_charge_respects_dispatch_order_not_task_ids() -> None:
+    sched = Scheduler(prefetch=2, max_retries=1)
+    sched.add_worker("alpha#0")
+    for task_id in (30, 10, 20):
+        sched.submit(task_id)
+    sched.assignments()
+    loss = sched.remove_worker("alpha#0")
+    assert loss.charged == 30
+    assert loss.requeued == (30, 10)
+    assert sched.drain_queue() == [30, 10, 20]
+
+
+def test_remove_worker_after_completion_charges_the_next_running_task() -> None:
+    sched = scheduler_with("alpha#0", prefetch=2, tasks=2)
+    sched.assignments()
+    sched.complete("alpha#0", 0)
+    loss = sched.remove_worker("alpha#0")
+    assert loss == Loss(requeued=(1,), failed=(), charged=1)
+
+
+def test_remove_worker_without_charge() -> None:
+    sched = scheduler_with("alpha#0", prefetch=2, max_retries=0, tasks=3)
+    sched.assignments()
+    loss = sched.remove_worker("alpha#0", charge=False)
+    assert loss == Loss(requeued=(0, 1), failed=(), charged=None)
+    assert sched.attempts_lost(0) == 0
+    assert sched.drain_queue() == [0, 1, 2]
+
+
+def test_remove_idle_or_unknown_worker() -> None:
+    sched = scheduler_with("alpha#0", tasks=0)
+    assert sched.remove_worker("alpha#0") == Loss((), (), None)
+    assert sched.remove_worker("alpha#0") == Loss((), (), None)
+    assert sched.remove_worker("never#0") == Loss((), (), None)
+    assert sched.workers() == []
+
+
+def test_max_retries_exhaustion_fails_the_task() -> None:
+    sched = scheduler_with("w#0", prefetch=2, max_retries=1, tasks=2)
+    sched.assignments()
+    first = sched.remove_worker("w#0")
+    assert first == Loss(requeued=(0, 1), failed=(), charged=0)
+    assert sched.attempts_lost(0) == 1
+
+    sched.add_worker("w#1")
+    assert sched.assignments() == [("w#1", 0), ("w#1", 1)]
+    second = sched.remove_worker("w#1")
+    assert second == Loss(requeued=(1,), failed=(0,), charged=0)
+    assert sched.attempts_lost(0) == 0  # failed tasks are forgotten
+    assert sched.drain_queue() == [1]
+
+
+def test_max_retries_zero_fails_on_first_loss() -> None:
+    sched = scheduler_with("w#0", prefetch=3, max_retries=0, tasks=4)
+    sched.assignments()
+    loss = sched.remove_worker("w#0")
+    assert loss == Loss(requeued=(1, 2), failed=(0,), charged=0)
+    assert sched.drain_queue() == [1, 2, 3]
+
+
+def test_losses_accumulate_per_task_across_workers() -> None:
+    sched = Scheduler(prefetch=1, max_retries=2)
+    sched.submit(7)
+    for attempt in range(1, 3):
+        worker_id = f"w#{attempt}"
+        sched.add_worker(worker_id)
+        assert sched.assignments() == [(worker_id, 7)]
+        assert sched.remove_worker(worker_id) == Loss((7,), (), 7)
+        assert sched.attempts_lost(7) == attempt
+    sched.add_worker("w#3")
+    sched.assignments()
+    assert sched.remove_worker("w#3") == Loss((), (7,), 7)
+    assert sched.queued == 0
+
+
+def test_complete_forgets_losses() -> None:
+    sched = scheduler_with("w#0", prefetch=1, max_retries=1, tasks=1)
+    sched.assignments()
+    sched.remove_worker("w#0")
+    sched.add_worker("w#1")
+    sched.assignments()
+    sched.complete("w#1", 0)
+    assert sched.attempts_lost(0) == 0
+
+
+# ---- budgets (max_tasks_per_child) ----------------------------------------------------
+
+
+def test_budget_limits_tasks_given() -> None:
+    sched = Scheduler(prefetch=2, max_retries=0)
+    sched.add_worker("w#0", budget=3)
+    for task_id in range(6):
+        sched.submit(task_id)
+    assert sched.assignments() == [("w#0", 0), ("w#0", 1)]
+    sched.complete("w#0", 0)
+    assert sched.assignments() == [("w#0", 2)]
+    sched.complete("w#0", 1)
+    assert sched.assignments() == []  # budget used up even with a free slot
+    assert not sched.is_spent("w#0")  # task 2 still in flight
+    sched.complete("w#0", 2)
+    assert sched.is_spent("w#0")
+    assert sched.queued == 3
+
+
+def test_spent_worker_is_skipped_for_others() -> None:
+    sched = Scheduler(prefetch=1)
+    sched.add_worker("w#0", budget=1)
+    sched.add_worker("w#1")
+    for task_id in range(4):
+        sched.submit(task_id)
+    assert sched.assignments() == [("w#0", 0), ("w#1", 1)]
+    sched.complete("w#0", 0)
+    sched.complete("w#1", 1)
+    assert sched.assignments() == [("w#1", 2)]
+    assert sched.is_spent("w#0")
+    assert not sched.is_spent("w#1")
+
+
+def test_without_budget_never_spent() -> None:
+    sched = scheduler_with("w#0", prefetch=1, tasks=3)
+    for task_id in range(3):
+        assert sched.assignments() == [("w#0", task_id)]
+        sched.complete("w#0", task_id)
+        assert not sched.is_spent("w#0")
+
+
+def test_zero_budget_is_spent_at_once() -> None:
+    sched = Scheduler()
+    sched.add_worker("w#0", budget=0)
+    sched.submit(1)
+    assert sched.is_spent("w#0")
+    assert sched.assignments() == []
+
+
+def test_is_spent_of_unknown_worker_raises() -> None:
+    with pytest.raises(KeyError):
+        Scheduler().is_spent("nobody#0")

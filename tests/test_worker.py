@@ -1,0 +1,373 @@
+"""The worker loop, driven in-process over os.pipe() pairs: frames in, frames out."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from typing import Any, Callable, Iterator, List, Optional
+
+import cloudpickle
+import msgpack
+import pytest
+
+from sshexec import _protocol as proto
+from sshexec._worker import Worker, process_chunk
+
+from . import tasks
+
+TIMEOUT = 5.0
+SEEN: List[Any] = []  # written by initializers that run in this same process
+
+
+def remember(value: Any) -> None:
+    SEEN.append(value)
+
+
+def recall() -> List[Any]:
+    return list(SEEN)
+
+
+def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bytes:
+    data: bytes = cloudpickle.dumps((fn, args, kwargs))
+    return data
+
+
+class Host:
+    """The host's end of two pipes, with a Worker serving the other end in two threads."""
+
+    def __init__(self) -> None:
+        self.commands_r, self.commands_w = os.pipe()
+        self.replies_r, self.replies_w = os.pipe()
+        self.worker = Worker(self.commands_r, self.replies_w, eof_grace=0.0)
+        self.decoder = proto.FrameDecoder()
+        self.serve_error: Optional[BaseException] = None
+        self.reader = threading.Thread(
+            target=self.worker.read_commands,
+            kwargs={"exit_on_eof": False},
+            name="test-worker-reader",
+            daemon=True,
+        )
+        self.server = threading.Thread(target=self._serve, name="test-worker-serve", daemon=True)
+        self.reader.start()
+        self.server.start()
+
+    def _serve(self) -> None:
+        try:
+            self.worker.serve()
+        except BaseException as exc:  # surfaced by the test through serve_error
+            self.serve_error = exc
+
+    def send(self, *messages: proto.Message) -> None:
+        data = proto.frames(list(messages))
+        while data:
+            data = data[os.write(self.commands_w, data) :]
+
+    def send_raw(self, data: bytes) -> None:
+        os.write(self.commands_w, data)
+
+    def receive(self, timeout: float = TIMEOUT) -> proto.Message:
+        deadline = time.monotonic() + timeout
+        while True:
+            for message in self.decoder.messages():
+                return message
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.replies_r], [], [], remaining)[0]:
+                raise AssertionError(f"no reply within {timeout}s")
+            chunk = os.read(self.replies_r, 1 << 16)
+            assert chunk, "reply stream closed"
+            self.decoder.feed(chunk)
+
+    def nothing_more(self, wait: float = 0.2) -> bool:
+        if list(self.decoder.messages()):
+            return False
+        return not select.select([self.replies_r], [], [], wait)[0]
+
+    def start(self, worker_id: str = "node1#0", initializer: bytes = b"") -> None:
+        hello = self.receive()
+        assert isinstance(hello, proto.Hello)
+        self.send(proto.Init(worker_id, initializer))
+
+    def run(self, task_id: int, payload: bytes) -> proto.Message:
+        self.send(proto.Run(task_id, payload))
+        return self.receive()
+
+    def close_commands(self) -> None:
+        if self.commands_w >= 0:
+            os.close(self.commands_w)
+            self.commands_w = -1
+
+    def served(self, timeout: float = TIMEOUT) -> bool:
+        self.server.join(timeout)
+        return not self.server.is_alive()
+
+    def close(self) -> None:
+        self.close_commands()  # EOF: the reader ends, and serve() with it
+        self.reader.join(TIMEOUT)
+        self.server.join(TIMEOUT)
+        for fd in (self.commands_r, self.replies_w, self.replies_r):
+            os.close(fd)
+        assert not self.reader.is_alive(), "reader did not end at EOF"
+        assert not self.server.is_alive(), "serve() did not end at EOF"
+        if self.serve_error is not None:
+            raise self.serve_error
+
+
+@pytest.fixture
+def host() -> Iterator[Host]:
+    h = Host()
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def ready(host: Host) -> Host:
+    host.start()
+    assert host.receive() == proto.Ready()
+    return host
+
+
+# ---- hello and init -------------------------------------------------------------------
+
+
+def test_hello_comes_first_unasked(host: Host) -> None:
+    hello = host.receive()
+    assert isinstance(hello, proto.Hello)
+    assert hello == proto.Hello(
+        protocol=proto.PROTOCOL_VERSION,
+        python="%d.%d.%d" % sys.version_info[:3],
+        cloudpickle=cloudpickle.__version__,
+        msgpack="%d.%d.%d" % msgpack.version[:3],
+        pid=os.getpid(),
+        hostname=socket.gethostname(),
+        cpus=hello.cpus,
+        executable=sys.executable,
+    )
+    assert 1 <= hello.cpus <= (os.cpu_count() or 1)
+    assert host.nothing_more()
+
+
+def test_init_without_initializer(host: Host) -> None:
+    host.start("beta#4")
+    assert host.receive() == proto.Ready()
+    assert host.worker.worker_id == "beta#4"
+
+
+def test_init_runs_the_initializer(host: Host) -> None:
+    SEEN.clear()
+    host.start(initializer=cloudpickle.dumps((remember, ("init-arg",))))
+    assert host.receive() == proto.Ready()
+    assert SEEN == ["init-arg"]
+    done = host.run(1, call(recall))
+    assert isinstance(done, proto.Done)
+    assert cloudpickle.loads(done.payload) == ["init-arg"]
+    SEEN.clear()
+
+
+def test_failing_initializer_ends_serve(host: Host) -> None:
+    host.start(initializer=cloudpickle.dumps((tasks.fail_init, ())))
+    failed = host.receive()
+    assert isinstance(failed, proto.Failed)
+    assert failed.task_id == proto.INIT_TASK_ID == 0
+    assert failed.type_name == "RuntimeError"
+    assert failed.message == "initializer refuses"
+    assert failed.traceback.startswith("host node1 ")
+    assert "fail_init" in failed.traceback
+    assert host.served(), "serve() kept going after its initializer failed"
+    host.send(proto.Run(1, call(tasks.square, 3)))
+    assert host.nothing_more()  # a worker whose initializer failed serves nothing
+
+
+def test_unloadable_initializer_is_reported(host: Host) -> None:
+    host.start(initializer=b"not a pickle")
+    failed = host.receive()
+    assert isinstance(failed, proto.Failed) and failed.task_id == 0
+    assert host.served()
+
+
+# ---- running tasks --------------------------------------------------------------------
+
+
+def test_run_returns_done_with_the_pickled_result(ready: Host) -> None:
+    done = ready.run(7, call(tasks.add, 2, b=40))
+    assert isinstance(done, proto.Done)
+    assert done.task_id == 7
+    assert cloudpickle.loads(done.payload) == 42
+
+
+def test_pipelined_runs_reply_in_order(ready: Host) -> None:
+    ready.send(*(proto.Run(i, call(tasks.square, i)) for i in range(1, 21)))
+    replies = [ready.receive() for _ in range(20)]
+    assert [(r.task_id, cloudpickle.loads(r.payload)) for r in replies] == [  # type: ignore[union-attr]
+        (i, i * i) for i in range(1, 21)
+    ]
+
+
+def test_raising_callable_returns_failed(ready: Host) -> None:
+    failed = ready.run(3, call(tasks.raise_value_error, "bad value"))
+    assert isinstance(failed, proto.Failed)
+    assert failed.task_id == 3
+    assert failed.type_name == "ValueError"
+    assert failed.message == "bad value"
+    first_line = failed.traceback.splitlines()[0]
+    assert failed.traceback.startswith("host ")
+    assert first_line == (
+        f"host node1 (hostname {socket.gethostname()}), pid {os.getpid()}, worker node1#0"
+    )
+    assert "Traceback (most recent call last):" in failed.traceback
+    assert "raise_value_error" in failed.traceback
+    assert failed.traceback.rstrip().endswith("ValueError: bad value")
+    exc = pickle.loads(failed.exception)
+    assert type(exc) is ValueError and exc.args == ("bad value",)
+    # the worker carries on
+    assert ready.run(4, call(tasks.square, 5)) == proto.Done(4, cloudpickle.dumps(25))
+
+
+def test_type_name_of_a_non_builtin_exception(ready: Host) -> None:
+    failed = ready.run(1, call(tasks.raise_needs_args))
+    assert isinstance(failed, proto.Failed)
+    assert failed.type_name == "tests.tasks.NeedsArgs"
+    assert failed.message == "3: needs args"
+    assert failed.exception  # it pickles; whether it unpickles is the host's problem
+
+
+def test_unpicklable_exception_gives_empty_blob(ready: Host) -> None:
+    failed = ready.run(2, call(tasks.raise_unpicklable))
+    assert isinstance(failed, proto.Failed)
+    assert failed.exception == b""
+    assert failed.type_name == "tests.tasks.Unpicklable"
+    assert failed.message == "lock inside"
+    assert failed.traceback.startswith("host node1 ")
+    assert "raise_unpicklable" in failed.traceback
+
+
+def test_unpicklable_result_gives_failed(ready: Host) -> None:
+    failed = ready.run(5, call(tasks.return_lambda))
+    assert isinstance(failed, proto.Failed)
+    assert failed.task_id == 5
+    assert failed.type_name == "TypeError"
+    assert "pickle" in failed.message
+    assert pickle.loads(failed.exception).args == (failed.message,)
+    assert ready.run(6, call(tasks.square, 2)) == proto.Done(6, cloudpickle.dumps(4))
+
+
+def test_unloadable_call_gives_failed(ready: Host) -> None:
+    failed = ready.run(8, b"\x80\x05 this is not a pickle")
+    assert isinstance(failed, proto.Failed) and failed.task_id == 8
+    assert failed.type_name == "_pickle.UnpicklingError"
+    assert "load key" in failed.message
+    assert ready.run(9, call(tasks.square, 3)) == proto.Done(9, cloudpickle.dumps(9))
+
+
+def test_system_exit_in_a_task_is_a_failure_not_an_exit(ready: Host) -> None:
+    failed = ready.run(1, call(tasks.exit_with, 3))
+    assert isinstance(failed, proto.Failed)
+    assert failed.type_name == "SystemExit"
+    assert pickle.loads(failed.exception).code == 3
+    assert ready.run(2, call(tasks.square, 4)) == proto.Done(2, cloudpickle.dumps(16))
+
+
+def test_exception_whose_str_fails(ready: Host) -> None:
+    class BadStr(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no str for you")
+
+    def raise_bad_str() -> None:
+        raise BadStr()
+
+    failed = ready.run(1, call(raise_bad_str))
+    assert isinstance(failed, proto.Failed)
+    assert failed.message == "<str() of BadStr failed>"
+    assert failed.type_name.endswith("BadStr")
+
+
+# ---- process_chunk --------------------------------------------------------------------
+
+
+def test_process_chunk_directly() -> None:
+    assert process_chunk(tasks.add, [(1, 2), (3, 4), (5,)]) == [3, 7, 5]
+    assert process_chunk(tasks.square, []) == []
+    assert process_chunk(tasks.square, iter([(2,), (3,)])) == [4, 9]
+    with pytest.raises(ValueError, match="boom"):
+        process_chunk(tasks.raise_value_error, [(), ()])
+
+
+def test_process_chunk_as_a_task(ready: Host) -> None:
+    done = ready.run(1, call(process_chunk, tasks.square, [(i,) for i in range(10)]))
+    assert isinstance(done, proto.Done)
+    assert cloudpickle.loads(done.payload) == [i * i for i in range(10)]
+
+
+# ---- ending ---------------------------------------------------------------------------
+
+
+def test_shutdown_ends_serve(ready: Host) -> None:
+    ready.send(proto.Shutdown())
+    assert ready.served()
+    assert ready.reader.is_alive()  # still reading; only EOF ends it
+    ready.send(proto.Run(1, call(tasks.square, 2)))
+    assert ready.nothing_more()
+
+
+def test_shutdown_after_queued_runs_answers_them_first(ready: Host) -> None:
+    ready.send(proto.Run(1, call(tasks.square, 2)), proto.Run(2, call(tasks.square, 3)))
+    ready.send(proto.Shutdown())
+    assert [ready.receive(), ready.receive()] == [
+        proto.Done(1, cloudpickle.dumps(4)),
+        proto.Done(2, cloudpickle.dumps(9)),
+    ]
+    assert ready.served()
+
+
+def test_eof_ends_serve(ready: Host) -> None:
+    ready.close_commands()
+    assert ready.served()
+    ready.reader.join(TIMEOUT)
+    assert not ready.reader.is_alive()
+
+
+def test_broken_command_stream_ends_serve(ready: Host, capsys: pytest.CaptureFixture[str]) -> None:
+    ready.send_raw(proto.HEADER.pack(4) + b"\xc1\xc1\xc1\xc1")
+    assert ready.served()
+    ready.reader.join(TIMEOUT)
+    assert not ready.reader.is_alive()
+    assert "command stream broken" in capsys.readouterr().err
+
+
+def test_unexpected_message_is_skipped(ready: Host, capsys: pytest.CaptureFixture[str]) -> None:
+    ready.send(proto.Ready(), proto.Run(1, call(tasks.square, 6)))
+    assert ready.receive() == proto.Done(1, cloudpickle.dumps(36))
+    assert "unexpected Ready" in capsys.readouterr().err
+
+
+# ---- stdio hygiene (needs its own process: it rewires fds 0 and 1) ---------------------
+
+
+def test_claim_stdio_moves_frames_off_fd_1() -> None:
+    script = textwrap.dedent(
+        """
+        import os, sys
+        from sshexec._worker import _claim_stdio
+        frames_in, frames_out = _claim_stdio()
+        print("chatter", flush=True)      # fd 1 now goes to stderr
+        os.write(1, b"raw chatter\\n")
+        assert os.read(0, 10) == b""      # fd 0 is /dev/null now
+        os.write(frames_out, b"FRAMES:" + os.read(frames_in, 100))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        input=b"from host",
+        capture_output=True,
+        timeout=TIMEOUT * 2,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == b"FRAMES:from host"
+    assert result.stderr == b"chatter\nraw chatter\n"
