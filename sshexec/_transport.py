@@ -93,8 +93,8 @@ class StderrTail:
 
 
 def describe_exit(status: Optional[int], signal_name: Optional[str] = None) -> str:
-    if signal_name:
-        return f"killed by signal {signal_name}"
+    if signal_name:  # sshd reports "KILL", Popen -9: say SIGKILL for both
+        return f"killed by signal {signal_name if signal_name.startswith('SIG') else 'SIG' + signal_name}"
     if status is None:
         return "ended with no exit status"
     if status < 0:

@@ -107,3 +107,8 @@ def fail_init() -> None:
 
 def big(n: int) -> bytes:
     return b"x" * n
+
+
+def sleep_then_where(seconds: float) -> Tuple[str, int, Any]:
+    time.sleep(seconds)
+    return where()

@@ -26,7 +26,6 @@ function below that keeps the public assertions and says what it dropped.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import multiprocessing
@@ -249,9 +248,7 @@ def _reference_prelude() -> str:
 
 
 def _run_child(script: str) -> Tuple[bytes, bytes]:
-    from test.support.script_helper import assert_python_ok
-
-    _, out, err = assert_python_ok("-c", script)
+    _, out, err = cf.assert_python_ok("-c", script)  # the reference's own import
     return out, err
 
 
@@ -337,12 +334,10 @@ def test_adapted_del_shutdown(ssh_executor_type: ExecutorFactory) -> None:
     """ProcessPoolShutdownTest.test_del_shutdown: dropping the executor with a map
     pending still computes every result. The leak check stands in for joining the
     private threads, queues and processes."""
-    from test import support
-
     executor = ssh_executor_type(max_workers=5, mp_context=multiprocessing.get_context("spawn"))
     res = executor.map(abs, range(-5, 5))
     del executor
-    support.gc_collect()
+    cf.support.gc_collect()
     assert all([r == abs(v) for r, v in zip(res, range(-5, 5))])
 
 
@@ -381,8 +376,6 @@ def test_adapted_ressources_gced_in_workers(ssh_executor_type: ExecutorFactory) 
     """ProcessPoolExecutorTest.test_ressources_gced_in_workers: a task's arguments are
     released on the worker once it is done. The workers adopt this process's
     multiprocessing authkey so that the reference's Manager proxy can connect back."""
-    from test import support
-
     authkey = bytes(multiprocessing.current_process().authkey)
     executor = ssh_executor_type(WORKERS, initializer=_adopt_authkey, initargs=(authkey,))
     mgr = multiprocessing.get_context("spawn").Manager()
@@ -392,7 +385,7 @@ def test_adapted_ressources_gced_in_workers(ssh_executor_type: ExecutorFactory) 
         future.result()
         assert obj.event.wait(timeout=1)
         obj = None
-        support.gc_collect()
+        cf.support.gc_collect()
     finally:
         executor.shutdown()
         mgr.shutdown()
@@ -420,10 +413,10 @@ def test_adapted_failing_initializer(
     pool, and says why in the log. ``submit()`` raising BrokenExecutor stands in for
     polling ``executor._broken``; the reason is logged by the client (logger
     ``sshexec``) rather than by the worker into a multiprocessing Queue."""
-    executor = ssh_executor_type(
-        WORKERS, mp_context=multiprocessing.get_context("spawn"), initializer=cf.init_fail
-    )
     with caplog.at_level(logging.ERROR, logger="sshexec"):
+        executor = ssh_executor_type(
+            WORKERS, mp_context=multiprocessing.get_context("spawn"), initializer=cf.init_fail
+        )
         try:
             future = executor.submit(cf.get_init_status)
         except BrokenExecutor:
@@ -431,17 +424,17 @@ def test_adapted_failing_initializer(
         else:
             with pytest.raises(BrokenExecutor):
                 future.result()
-        t1 = time.monotonic()  # at some point the executor should break
+        deadline = time.monotonic() + 5  # at some point the executor should break
         while True:
-            with contextlib.suppress(BrokenExecutor):
+            try:
                 future = executor.submit(cf.get_init_status)
-                with pytest.raises(BrokenExecutor):
-                    future.result()
-                if time.monotonic() - t1 > 5:
-                    pytest.fail("executor not broken after 5 s.")
-                time.sleep(0.01)
-                continue
-            break
+            except BrokenExecutor:
+                break
+            with pytest.raises(BrokenExecutor):
+                future.result()
+            if time.monotonic() > deadline:
+                pytest.fail("executor not broken after 5 s.")
+            time.sleep(0.01)
         with pytest.raises(BrokenExecutor):  # and from this point submit() fails
             executor.submit(cf.get_init_status)
     executor.shutdown()

@@ -1,0 +1,337 @@
+"""The crash matrix: one row per stage where a call can go wrong, on real workers
+(local and over sshd) and, for SSH-only stages, on purpose-built sshd hosts."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Callable, List
+
+import pytest
+
+from sshexec import (
+    BrokenPool,
+    RemoteError,
+    ResultDecodeError,
+    SSHPoolExecutor,
+    WorkerLostError,
+    WorkerStartupError,
+)
+
+from . import tasks
+from .sshd import SSHServer, executor_kwargs
+
+Make = Callable[..., SSHPoolExecutor]
+StartServer = Callable[..., SSHServer]
+
+
+# ---- the call and its result ------------------------------------------------------------
+
+
+def test_call_that_cannot_pickle(executor: SSHPoolExecutor) -> None:
+    future = executor.submit(tasks.square, threading.Lock())
+    with pytest.raises(TypeError, match="pickle"):
+        future.result(timeout=30)
+    assert executor.submit(tasks.square, 3).result(timeout=30) == 9
+
+
+def test_worker_cannot_unpickle_the_call(executor: SSHPoolExecutor, tmp_path: Path) -> None:
+    (tmp_path / "only_here_mod.py").write_text("def f():\n    return 1\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import only_here_mod  # type: ignore[import-not-found]
+
+        future = executor.submit(only_here_mod.f)
+        with pytest.raises(ModuleNotFoundError, match="only_here_mod"):
+            future.result(timeout=30)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("only_here_mod", None)
+    assert executor.submit(tasks.square, 4).result(timeout=30) == 16
+
+
+def test_callable_raises(executor: SSHPoolExecutor) -> None:
+    with pytest.raises(ValueError, match="kaboom"):
+        executor.submit(tasks.raise_value_error, "kaboom").result(timeout=30)
+
+
+def test_sys_exit_in_task_is_an_exception(executor: SSHPoolExecutor) -> None:
+    with pytest.raises(SystemExit) as info:
+        executor.submit(tasks.exit_with, 3).result(timeout=30)
+    assert info.value.code == 3
+    assert executor.submit(tasks.square, 5).result(timeout=30) == 25
+
+
+def test_os_exit_fails_only_that_future(make_executor: Make) -> None:
+    executor = make_executor(2, max_retries=0)
+    others = [executor.submit(tasks.sleep_then, 0.3, i) for i in range(4)]
+    doomed = executor.submit(tasks.hard_exit, 7)
+    with pytest.raises(WorkerLostError) as info:
+        doomed.result(timeout=30)
+    assert isinstance(info.value, BrokenProcessPool)
+    text = str(info.value)
+    assert "exit status 7" in text and "pid " in text
+    assert info.value.host in text
+    assert [f.result(timeout=30) for f in others] == [0, 1, 2, 3]
+    assert executor.submit(tasks.square, 6).result(timeout=30) == 36  # replaced
+
+
+def test_segfault_names_the_signal(make_executor: Make) -> None:
+    executor = make_executor(1, max_retries=0)
+    with pytest.raises(WorkerLostError, match="SIGSEGV"):
+        executor.submit(tasks.segfault).result(timeout=30)
+    assert executor.submit(tasks.square, 7).result(timeout=30) == 49
+
+
+def test_task_that_kills_every_worker_stops_after_retries(make_executor: Make) -> None:
+    executor = make_executor(2, max_retries=2)
+    with pytest.raises(WorkerLostError) as info:
+        executor.submit(tasks.hard_exit, 9).result(timeout=60)
+    assert len(info.value.attempts) == 3
+    assert all("exit status 9" in how for _, how in info.value.attempts)
+    assert executor.submit(tasks.square, 2).result(timeout=30) == 4
+
+
+def test_result_that_cannot_pickle(executor: SSHPoolExecutor) -> None:
+    with pytest.raises(TypeError, match="pickle"):
+        executor.submit(tasks.return_lambda).result(timeout=30)
+    assert executor.submit(tasks.square, 8).result(timeout=30) == 64
+
+
+def test_host_cannot_unpickle_the_result(executor: SSHPoolExecutor) -> None:
+    def make_remote_only() -> object:
+        import sys as remote_sys
+        import types
+
+        module = types.ModuleType("remote_only_mod")
+        exec("class Thing:\n    pass\n", module.__dict__)
+        module.Thing.__module__ = "remote_only_mod"
+        remote_sys.modules["remote_only_mod"] = module
+        return module.Thing()
+
+    with pytest.raises(ResultDecodeError, match="remote_only_mod"):
+        executor.submit(make_remote_only).result(timeout=30)
+    assert executor.submit(tasks.square, 9).result(timeout=30) == 81
+
+
+def test_exception_that_cannot_be_rebuilt(executor: SSHPoolExecutor) -> None:
+    with pytest.raises(RemoteError) as info:
+        executor.submit(tasks.raise_needs_args).result(timeout=30)
+    assert info.value.type_name.endswith("NeedsArgs")
+    assert "3: needs args" in info.value.message
+    assert "raise_needs_args" in info.value.remote_traceback
+    with pytest.raises(RemoteError, match="lock inside"):
+        executor.submit(tasks.raise_unpicklable).result(timeout=30)
+
+
+def test_call_over_the_frame_limit_fails_before_sending(make_executor: Make) -> None:
+    executor = make_executor(1, max_frame=1 << 20)
+    with pytest.raises(ValueError, match="max_frame"):
+        executor.submit(bytes, b"x" * (2 << 20)).result(timeout=30)
+    assert executor.submit(tasks.square, 3).result(timeout=30) == 9
+
+
+def test_worker_killed_mid_task_from_outside(make_executor: Make) -> None:
+    executor = make_executor(1, max_retries=0)
+    _, pid, _ = executor.submit(tasks.where).result(timeout=30)
+    running = executor.submit(tasks.sleep_then, 30)
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(WorkerLostError, match=rf"pid {pid}.*SIGKILL|pid {pid}.*KILL"):
+        running.result(timeout=30)
+    assert executor.submit(tasks.square, 3).result(timeout=30) == 9
+
+
+def test_killed_worker_task_is_retried(make_executor: Make) -> None:
+    executor = make_executor(1, max_retries=1)
+    _, pid, _ = executor.submit(tasks.where).result(timeout=30)
+    running = executor.submit(tasks.sleep_then, 1.0, "second try")
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGKILL)
+    assert running.result(timeout=30) == "second try"
+
+
+def test_initializer_failure_breaks_the_pool(make_executor: Make) -> None:
+    executor = make_executor(2, initializer=tasks.fail_init)
+    future = executor.submit(tasks.square, 2)
+    with pytest.raises(BrokenProcessPool, match="initializer"):
+        future.result(timeout=30)
+    deadline = time.monotonic() + 10
+    while executor._pool.broken is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(BrokenPool):
+        executor.submit(tasks.square, 3)
+
+
+# ---- SSH: the connection and the node ---------------------------------------------------
+
+
+def test_connection_drop_requeues_and_reconnects(start_server: StartServer) -> None:
+    server = start_server("dropper")
+    with SSHPoolExecutor(2, **server.executor_kwargs(max_retries=1)) as executor:
+        futures = [executor.submit(tasks.sleep_then, 0.5, i) for i in range(6)]
+        time.sleep(0.3)
+        assert server.proc is not None
+        # Kill sshd's per-connection processes: the TCP connection dies under the workers.
+        subprocess.run(["pkill", "-KILL", "-P", str(server.proc.pid)], check=False)
+        assert [f.result(timeout=60) for f in futures] == list(range(6))
+        assert executor.submit(tasks.square, 5).result(timeout=30) == 25
+
+
+def test_noisy_login_shell_is_skipped(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = start_server(
+        "noisy",
+        'ForceCommand echo "Welcome to the noisy node"; echo motd >&2; eval "$SSH_ORIGINAL_COMMAND"',
+    )
+    with caplog.at_level(logging.WARNING, logger="sshexec"):
+        with SSHPoolExecutor(1, **server.executor_kwargs()) as executor:
+            assert executor.submit(tasks.square, 12).result(timeout=30) == 144
+    assert any("Welcome to the noisy node" in r.getMessage() for r in caplog.records)
+
+
+def _other_minor_python() -> str:
+    candidates = sorted(Path("/root/.pyenv/versions").glob("3.*/bin/python3.*")) + sorted(
+        Path("/usr/bin").glob("python3.*")
+    )
+    mine = "%d.%d" % sys.version_info[:2]
+    for path in candidates:
+        if path.name.count(".") == 1 and not path.name.endswith(mine) and os.access(path, os.X_OK):
+            if path.name[len("python") :].replace(".", "").isdigit():
+                return str(path)
+    pytest.fail("no Python of another minor version on this machine (pyenv or /usr/bin)")
+
+
+def test_wrong_remote_python(sshd_pair: List[SSHServer]) -> None:
+    other = _other_minor_python()
+    with pytest.raises(WorkerStartupError) as info:
+        SSHPoolExecutor(1, **sshd_pair[0].executor_kwargs(python=other))
+    text = str(info.value)
+    assert info.value.stage == "interpreter"
+    assert "%d.%d" % sys.version_info[:2] in text and "python=" in text
+    assert sshd_pair[0].spec.split("@")[1] in text
+
+
+def test_default_remote_python_choice(sshd_pair: List[SSHServer]) -> None:
+    """No python= given: python3.X, then python3, as found on the node's PATH."""
+    kwargs = sshd_pair[0].executor_kwargs()
+    del kwargs["python"]
+    found = [
+        p
+        for p in (f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}",)
+        if os.path.exists(p)
+    ]
+    if found:
+        with SSHPoolExecutor(1, **kwargs) as executor:
+            assert executor.submit(tasks.square, 3).result(timeout=30) == 9
+    else:
+        with pytest.raises(WorkerStartupError, match="python="):
+            SSHPoolExecutor(1, **kwargs)
+
+
+def test_missing_remote_python(sshd_pair: List[SSHServer]) -> None:
+    with pytest.raises(WorkerStartupError, match="no usable Python") as info:
+        SSHPoolExecutor(1, **sshd_pair[0].executor_kwargs(python="/nonexistent/python3"))
+    assert info.value.stage == "interpreter"
+
+
+def test_unknown_host_key(start_server: StartServer) -> None:
+    server = start_server("stranger", trusted=False)
+    with pytest.raises(WorkerStartupError) as info:
+        SSHPoolExecutor(1, **server.executor_kwargs())
+    assert info.value.stage == "host key"
+    assert "ssh-keyscan" in str(info.value) and str(server.port) in str(info.value)
+
+
+def test_changed_host_key_is_refused(start_server: StartServer, tmp_path: Path) -> None:
+    server = start_server("changeling", trusted=False)
+    impostor_key = subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True
+    )
+    del impostor_key
+    fake = " ".join((tmp_path / "k.pub").read_text().split()[:2])
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{server.port} {fake}\n")
+    with pytest.raises(WorkerStartupError) as info:
+        SSHPoolExecutor(1, **server.executor_kwargs(known_hosts=str(known)))
+    assert "changed" in str(info.value) and "ssh-keygen -R" in str(info.value)
+
+
+def test_unsafe_skip_host_key_check(start_server: StartServer) -> None:
+    server = start_server("unverified", trusted=False)
+    kwargs = server.executor_kwargs(unsafe_skip_host_key_check=True)
+    with SSHPoolExecutor(1, **kwargs) as executor:
+        assert executor.submit(tasks.square, 4).result(timeout=30) == 16
+
+
+def test_refused_authentication(start_server: StartServer) -> None:
+    server = start_server("locked")
+    (server.root / "authorized_keys").write_text("")  # sshd rereads it at every login
+    with pytest.raises(WorkerStartupError) as info:
+        SSHPoolExecutor(1, **server.executor_kwargs())
+    assert info.value.stage == "authentication" and "authorized_keys" in str(info.value)
+
+
+def test_unreachable_port(sshd_pair: List[SSHServer]) -> None:
+    from .sshd import free_port
+
+    kwargs = executor_kwargs(sshd_pair, hosts=[f"127.0.0.1:{free_port()}"])
+    with pytest.raises(WorkerStartupError) as info:
+        SSHPoolExecutor(1, **kwargs)
+    assert info.value.stage == "connect" and "port" in str(info.value)
+
+
+def test_one_bad_host_is_left_out(
+    sshd_pair: List[SSHServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    from .sshd import free_port
+
+    bad = f"127.0.0.1:{free_port()}"
+    kwargs = executor_kwargs(sshd_pair[:1], hosts=[sshd_pair[0].spec, bad])
+    with caplog.at_level(logging.WARNING, logger="sshexec"):
+        with SSHPoolExecutor(2, **kwargs) as executor:
+            assert {h for h, _, _ in executor.map(tasks.where, range(6))} == {"alpha"}
+    assert any(bad in r.getMessage() for r in caplog.records)
+
+
+def test_every_host_bad_lists_each_reason(sshd_pair: List[SSHServer]) -> None:
+    from .sshd import free_port
+
+    bad = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    with pytest.raises(BrokenPool) as info:
+        SSHPoolExecutor(2, **executor_kwargs(sshd_pair, hosts=bad))
+    assert set(info.value.reasons) == set(bad)
+
+
+def test_more_workers_than_max_sessions(start_server: StartServer) -> None:
+    server = start_server("narrow", "MaxSessions 2")
+    with SSHPoolExecutor(5, **server.executor_kwargs()) as executor:
+        pids = {pid for _, pid, _ in executor.map(tasks.sleep_then_where, [0.3] * 10)}
+        assert len(pids) == 5
+        transport = executor._pool.hosts[0].transport
+        assert len(transport._connections) >= 3  # type: ignore[attr-defined]
+
+
+def test_every_future_resolves_when_all_hosts_die(start_server: StartServer) -> None:
+    server = start_server("doomed")
+    executor = SSHPoolExecutor(2, **server.executor_kwargs(max_retries=0))
+    futures = [executor.submit(tasks.sleep_then, 0.5, i) for i in range(8)]
+    time.sleep(0.2)
+    assert server.proc is not None
+    subprocess.run(["pkill", "-KILL", "-P", str(server.proc.pid)], check=False)  # connections
+    server.stop()  # and the listener: reconnecting fails
+    done, not_done = cf.wait(futures, timeout=90)
+    assert not not_done
+    assert all(
+        f.exception() is None or isinstance(f.exception(), BrokenProcessPool) for f in futures
+    )
+    executor.shutdown(wait=True)
