@@ -329,7 +329,7 @@ def test_every_future_resolves_when_all_hosts_die(start_server: StartServer) -> 
     assert server.proc is not None
     subprocess.run(["pkill", "-KILL", "-P", str(server.proc.pid)], check=False)  # connections
     server.stop()  # and the listener: reconnecting fails
-    done, not_done = cf.wait(futures, timeout=90)
+    _, not_done = cf.wait(futures, timeout=90)
     assert not not_done
     assert all(
         f.exception() is None or isinstance(f.exception(), BrokenProcessPool) for f in futures
