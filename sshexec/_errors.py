@@ -134,9 +134,9 @@ def rebuild(failure: Failed) -> BaseException:
     exc = _load_exception(failure.exception)
     if exc is None:
         error = RemoteError(failure.type_name, failure.message, failure.traceback)
-        error.__cause__ = _RemoteTraceback(_quoted(failure.traceback))
+        error.__cause__ = _RemoteTraceback(_quoted(failure.traceback))  # type: ignore[arg-type]  # a str at runtime
         return error
-    exc.__cause__ = _RemoteTraceback(_quoted(failure.traceback))
+    exc.__cause__ = _RemoteTraceback(_quoted(failure.traceback))  # type: ignore[arg-type]  # a str at runtime
     return exc
 
 

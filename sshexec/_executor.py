@@ -332,7 +332,11 @@ class SSHPoolExecutor(Executor):
         ):
             if not isinstance(number, (int, float)) or number <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds")
-        specs = list(hosts) if hosts is not None else hosts_from_env()
+        specs: Optional[List[Union[str, Host]]] = None
+        if hosts is not None:
+            specs = list(hosts)
+        elif (from_env := hosts_from_env()) is not None:
+            specs = list(from_env)
         if specs is not None and not specs:
             raise ValueError("hosts is empty: give at least one host, or None for local workers")
         transports = self._transports(
@@ -465,7 +469,7 @@ class SSHPoolExecutor(Executor):
             future.set_exception(failure)
         return future
 
-    def map(  # type: ignore[override]
+    def map(
         self,
         fn: Callable[..., T],
         *iterables: Iterable[Any],

@@ -126,7 +126,7 @@ _SCHEMA: Final[Dict[int, Tuple[Type[Any], Tuple[type, ...]]]] = {
 
 def encode(message: Message) -> bytes:
     """One complete frame for ``message``."""
-    body = msgpack.packb(
+    body: bytes = msgpack.packb(
         [message.TAG, *(getattr(message, f.name) for f in fields(message))],
         use_bin_type=True,
     )

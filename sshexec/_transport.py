@@ -195,7 +195,7 @@ class PipeChannel:
         self._pipes.append(out_transport)
         transport, protocol = await loop.connect_write_pipe(
             asyncio.streams.FlowControlMixin,
-            self.proc.stdin,  # type: ignore[attr-defined]
+            self.proc.stdin,
         )
         self._writer = asyncio.StreamWriter(transport, protocol, None, loop)
         err_reader = asyncio.StreamReader(limit=READ_SIZE)

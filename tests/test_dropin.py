@@ -72,21 +72,22 @@ def test_same_outcomes(sshexec_kwargs: Dict[str, Any]) -> None:
 
 
 def test_same_initializer_behaviour(sshexec_kwargs: Dict[str, Any]) -> None:
-    args = dict(initializer=tasks.init_marker, initargs=("set",))
+    args: Dict[str, Any] = dict(initializer=tasks.init_marker, initargs=("set",))
     assert initializer_scenario(
         SSHPoolExecutor(2, **args, **sshexec_kwargs)
     ) == initializer_scenario(ProcessPoolExecutor(2, **args))
 
 
 def test_same_argument_errors() -> None:
-    for kwargs in (
+    cases: Tuple[Dict[str, Any], ...] = (
         {"max_workers": 0},
         {"max_workers": -1},
         {"initializer": 3},
         {"max_tasks_per_child": 0},
-    ):
+    )
+    for kwargs in cases:
         with pytest.raises(Exception) as theirs:
-            ProcessPoolExecutor(**kwargs)  # type: ignore[arg-type]
+            ProcessPoolExecutor(**kwargs)
         with pytest.raises(type(theirs.value)) as ours:
-            SSHPoolExecutor(**kwargs)  # type: ignore[arg-type]
+            SSHPoolExecutor(**kwargs)
         assert str(ours.value) == str(theirs.value)

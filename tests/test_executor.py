@@ -236,7 +236,7 @@ def test_large_payload_round_trip(executor: SSHPoolExecutor) -> None:
 
 
 def test_unpicklable_argument_fails_only_its_future(executor: SSHPoolExecutor) -> None:
-    future = executor.submit(tasks.square, threading.Lock())
+    future = executor.submit(tasks.square, threading.Lock())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="pickle"):
         future.result(timeout=30)
     assert executor.submit(tasks.square, 5).result(timeout=30) == 25

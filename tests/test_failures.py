@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import importlib
 import logging
 import os
 import signal
@@ -37,7 +38,7 @@ StartServer = Callable[..., SSHServer]
 
 
 def test_call_that_cannot_pickle(executor: SSHPoolExecutor) -> None:
-    future = executor.submit(tasks.square, threading.Lock())
+    future = executor.submit(tasks.square, threading.Lock())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="pickle"):
         future.result(timeout=30)
     assert executor.submit(tasks.square, 3).result(timeout=30) == 9
@@ -47,8 +48,7 @@ def test_worker_cannot_unpickle_the_call(executor: SSHPoolExecutor, tmp_path: Pa
     (tmp_path / "only_here_mod.py").write_text("def f():\n    return 1\n")
     sys.path.insert(0, str(tmp_path))
     try:
-        import only_here_mod  # type: ignore[import-not-found]
-
+        only_here_mod = importlib.import_module("only_here_mod")
         future = executor.submit(only_here_mod.f)
         with pytest.raises(ModuleNotFoundError, match="only_here_mod"):
             future.result(timeout=30)
