@@ -106,8 +106,11 @@ def start_server(
     """Factory for extra sshd hosts (own config); all are stopped at session end."""
     servers: List[SSHServer] = []
 
-    def start(name: str, extra_config: str = "", trusted: bool = True) -> SSHServer:
-        server = SSHServer(name, tmp_path_factory.mktemp(f"sshd-{name}"), ssh_client, extra_config)
+    def start(
+        name: str, extra_config: str = "", trusted: bool = True, address: str = "127.0.0.1"
+    ) -> SSHServer:
+        root = tmp_path_factory.mktemp(f"sshd-{name}")
+        server = SSHServer(name, root, ssh_client, extra_config, address)
         server.start()
         if trusted:
             ssh_client.trust(server)

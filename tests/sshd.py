@@ -27,9 +27,9 @@ def keygen(path: Path) -> str:
     return path.with_suffix(".pub").read_text().strip()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+def free_port(address: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as sock:
+        sock.bind((address, 0))
         return int(sock.getsockname()[1])
 
 
@@ -64,7 +64,7 @@ class Client:
 
     def trust(self, server: SSHServer) -> None:
         with self.known_hosts.open("a") as f:
-            f.write(f"[127.0.0.1]:{server.port} {server.host_key}\n")
+            f.write(f"[{server.address}]:{server.port} {server.host_key}\n")
 
 
 @dataclass
@@ -73,13 +73,15 @@ class SSHServer:
     root: Path
     client: Client
     extra_config: str = ""
+    address: str = "127.0.0.1"
     port: int = 0
     host_key: str = ""
     proc: Optional[subprocess.Popen[bytes]] = None
 
     @property
     def spec(self) -> str:
-        return f"{self.client.user}@127.0.0.1:{self.port}"
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{self.client.user}@{host}:{self.port}"
 
     def start(self) -> SSHServer:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -87,10 +89,10 @@ class SSHServer:
         if not key_path.exists():
             self.host_key = " ".join(keygen(key_path).split()[:2])
         (self.root / "authorized_keys").write_text(self.client.public_key + "\n")
-        self.port = self.port or free_port()
+        self.port = self.port or free_port(self.address)
         config = self.root / "sshd_config"
         config.write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {key_path}\n"
+            f"Port {self.port}\nListenAddress {self.address}\nHostKey {key_path}\n"
             f"PidFile {self.root / 'sshd.pid'}\nAuthorizedKeysFile {self.root / 'authorized_keys'}\n"
             "StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nLogLevel ERROR\n"
@@ -109,7 +111,7 @@ class SSHServer:
                 log = (self.root / "sshd.log").read_text()
                 raise RuntimeError(f"sshd {self.name} exited at start: {log}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                with socket.create_connection((self.address, self.port), timeout=0.5):
                     return self
             except OSError:
                 time.sleep(0.02)

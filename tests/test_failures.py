@@ -200,9 +200,15 @@ def test_noisy_login_shell_is_skipped(
 
 
 def _other_minor_python() -> str:
-    candidates = sorted(Path("/root/.pyenv/versions").glob("3.*/bin/python3.*")) + sorted(
-        Path("/usr/bin").glob("python3.*")
-    )
+    candidates: List[Path] = []
+    for folder, pattern in (
+        ("/root/.pyenv/versions", "3.*/bin/python3.*"),
+        ("/usr/bin", "python3.*"),
+    ):
+        try:
+            candidates += sorted(Path(folder).glob(pattern))
+        except OSError:  # not readable by an ordinary user
+            pass
     mine = "%d.%d" % sys.version_info[:2]
     for path in candidates:
         if path.name.count(".") == 1 and not path.name.endswith(mine) and os.access(path, os.X_OK):

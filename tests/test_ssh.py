@@ -1,0 +1,102 @@
+"""SSH specifics on real sshd hosts: ~/.ssh/config names, per-host options, IPv6,
+the node cache, connections closed at shutdown, and what never reaches the logs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Callable, Collection, List, Set
+
+import pytest
+
+from sshexec import Host, SSHPoolExecutor
+from sshexec._bootstrap import bundle_hash
+
+from . import tasks
+from .sshd import SSHServer, executor_kwargs
+
+StartServer = Callable[..., SSHServer]
+
+
+def established_ports() -> Set[int]:
+    """Remote ports of this process's established TCP connections (IPv4 and IPv6)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "01" and fields[9] in inodes:  # 01 = ESTABLISHED
+                    ports.add(int(fields[2].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_ssh_config_alias_is_resolved(sshd_pair: List[SSHServer], tmp_path: Path) -> None:
+    alpha = sshd_pair[0]
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host lab-alpha\n  HostName 127.0.0.1\n  Port {alpha.port}\n  User {alpha.client.user}\n"
+        f"  IdentityFile {alpha.client.key}\n"
+    )
+    kwargs = executor_kwargs([alpha], hosts=["lab-alpha"])
+    kwargs["ssh_options"] = {"config": [str(config)], "agent_path": None}  # no client_keys
+    with SSHPoolExecutor(1, **kwargs) as executor:
+        assert executor.submit(tasks.where).result(timeout=30)[0] == "alpha"
+
+
+def test_per_host_worker_counts(sshd_pair: List[SSHServer]) -> None:
+    alpha, beta = sshd_pair
+    hosts = [Host("127.0.0.1", user=alpha.client.user, port=alpha.port, workers=3), beta.spec]
+    with SSHPoolExecutor(None, **executor_kwargs(sshd_pair, hosts=hosts)) as executor:
+        seen = executor.map(tasks.sleep_then_where, [0.2] * 30)
+        pids = {(host, pid) for host, pid, _ in seen}
+        assert sum(1 for host, _ in pids if host == "alpha") == 3
+        assert executor._max_workers == 3 + (os.cpu_count() or 1)
+
+
+def test_ipv6_host(start_server: StartServer) -> None:
+    server = start_server("sixer", address="::1")
+    assert server.spec.endswith(f"@[::1]:{server.port}")
+    with SSHPoolExecutor(1, **server.executor_kwargs()) as executor:
+        assert executor.submit(tasks.where).result(timeout=30)[0] == "sixer"
+
+
+def test_shutdown_closes_every_connection(sshd_pair: List[SSHServer]) -> None:
+    ports = {s.port for s in sshd_pair}
+    executor = SSHPoolExecutor(4, **executor_kwargs(sshd_pair))
+    assert executor.submit(tasks.square, 2).result(timeout=30) == 4
+    assert ports <= established_ports()
+    executor.shutdown(wait=True)
+    assert not ports & established_ports()
+
+
+def test_node_cache_is_private_and_verified(sshd_pair: List[SSHServer]) -> None:
+    with SSHPoolExecutor(1, **sshd_pair[0].executor_kwargs()) as executor:
+        executor.submit(tasks.square, 1).result(timeout=30)
+    cache = Path.home() / ".cache" / "sshexec"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert (cache / f"{bundle_hash()}.zip").is_file()
+
+
+def test_logs_never_carry_payloads(
+    make_executor: Callable[..., SSHPoolExecutor], caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "SECRET-PAYLOAD-8841"
+    with caplog.at_level(logging.DEBUG):
+        executor = make_executor(2)
+        assert executor.submit(tasks.add, secret, "-x").result(timeout=30) == secret + "-x"
+        with pytest.raises(ValueError):
+            executor.submit(tasks.raise_value_error, secret).result(timeout=30)
+        executor.shutdown()
+    logged: Collection[str] = [r.getMessage() for r in caplog.records]
+    assert logged, "expected sshexec's lifecycle logs"
+    assert not [m for m in logged if secret in m]
