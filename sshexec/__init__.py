@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._errors import (
     BrokenPool,
+    CallDecodeError,
     ProtocolError,
     RemoteError,
     ResultDecodeError,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BrokenPool",
+    "CallDecodeError",
     "Host",
     "ProtocolError",
     "RemoteError",

@@ -11,11 +11,14 @@ import pickle
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
 
+from ._protocol import STAGE_CALL
+
 if TYPE_CHECKING:
     from ._protocol import Failed
 
 __all__ = [
     "BrokenPool",
+    "CallDecodeError",
     "ProtocolError",
     "RemoteError",
     "ResultDecodeError",
@@ -99,8 +102,17 @@ class ProtocolError(SSHExecError):
     __module__ = "sshexec"
 
 
-class ResultDecodeError(SSHExecError):
-    """The worker's result (or exception) could not be unpickled on this host."""
+class ResultDecodeError(SSHExecError, BrokenProcessPool):
+    """The worker's result could not be unpickled on this host (only that Future fails;
+    a ``BrokenProcessPool`` as in ProcessPoolExecutor)."""
+
+    __module__ = "sshexec"
+
+
+class CallDecodeError(SSHExecError, BrokenProcessPool):
+    """The worker could not unpickle the call (a module missing on the node, say); the
+    original exception is the ``__cause__``. Only that Future fails; a
+    ``BrokenProcessPool`` as in ProcessPoolExecutor."""
 
     __module__ = "sshexec"
 
@@ -123,21 +135,28 @@ def _load_exception(data: bytes) -> Optional[BaseException]:
         return None
     try:
         exc = pickle.loads(data)
-    except Exception:  # an exception class whose __init__ needs arguments is the classic case
+    except BaseException:  # an exception class whose __init__ needs arguments is the classic case
         return None
     return exc if isinstance(exc, BaseException) else None
 
 
-def rebuild(failure: Failed) -> BaseException:
+def rebuild(failure: Failed, worker_id: str = "") -> BaseException:
     """The exception ``result()`` raises for a ``Failed`` reply: the user's own type when
-    it unpickles, with the stdlib's ``_RemoteTraceback`` as its cause; else ``RemoteError``."""
+    it unpickles, with the stdlib's ``_RemoteTraceback`` as its cause; else ``RemoteError``.
+    A call the worker could not unpickle is a ``CallDecodeError`` caused by that."""
     exc = _load_exception(failure.exception)
     if exc is None:
-        error = RemoteError(failure.type_name, failure.message, failure.traceback)
-        error.__cause__ = _RemoteTraceback(_quoted(failure.traceback))  # type: ignore[arg-type]  # a str at runtime
-        return error
+        exc = RemoteError(failure.type_name, failure.message, failure.traceback)
     exc.__cause__ = _RemoteTraceback(_quoted(failure.traceback))  # type: ignore[arg-type]  # a str at runtime
-    return exc
+    if failure.stage != STAGE_CALL:
+        return exc
+    where = f"worker {worker_id}" if worker_id else "the worker"
+    error = CallDecodeError(
+        f"task {failure.task_id}: {where} could not unpickle the call: "
+        f"{failure.type_name}: {failure.message} (is everything it needs importable on that node?)"
+    )
+    error.__cause__ = exc
+    return error
 
 
 def _quoted(traceback_text: str) -> str:

@@ -60,6 +60,7 @@ HOSTS_ENV = "SSHEXEC_HOSTS"
 FRAME_OVERHEAD = 64  # msgpack envelope around a Run payload, generously
 _loop_ids = itertools.count()
 _live: Set[_Runtime] = set()  # runtimes whose loop thread still runs; drained at exit
+_exiting = False  # the interpreter is shutting down: no new work
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,14 @@ class _Runtime:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         try:
-            self.loop.run_forever()
+            while True:
+                try:
+                    self.loop.run_forever()
+                    break  # stopped by _close or abandon
+                except BaseException:  # SystemExit in a done-callback (user code): keep serving
+                    log.exception(
+                        "an exception escaped the executor's event loop; it keeps running"
+                    )
         finally:
             try:
                 pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
@@ -207,6 +215,8 @@ class _Runtime:
         with self.lock:
             first = not self.is_shut_down
             self.is_shut_down = True
+            if self.loop.is_closed():
+                return
             if first:
                 self.closing = asyncio.run_coroutine_threadsafe(
                     self._close(cancel_futures), self.loop
@@ -240,14 +250,21 @@ class _Runtime:
         self.thread.join(10.0)
 
 
-@atexit.register
 def _shutdown_at_exit() -> None:
-    # As ProcessPoolExecutor: pending work finishes, then workers stop on every host.
+    # As ProcessPoolExecutor: pending work finishes, then workers stop on every host, and
+    # submit() refuses new work from here on.
+    global _exiting
+    _exiting = True
     for runtime in list(_live):
         try:
             runtime.shutdown(wait=True)
         except Exception:  # keep shutting the others down
             log.exception("error shutting down an executor at exit")
+
+
+# Like concurrent.futures: before non-daemon threads are joined and before atexit hooks,
+# so a hook registered later cannot submit to a pool that is going away.
+getattr(threading, "_register_atexit", atexit.register)(_shutdown_at_exit)
 
 
 class SSHPoolExecutor(Executor):
@@ -460,6 +477,8 @@ class SSHPoolExecutor(Executor):
         with runtime.lock:
             if runtime.is_shut_down:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            if _exiting:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             if self._pool.broken is not None:
                 raise self._pool.broken
             if failure is None:

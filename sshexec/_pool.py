@@ -360,7 +360,7 @@ class Pool:
         if isinstance(message, proto.Done):
             try:
                 result = pickle.loads(message.payload)
-            except Exception as exc:  # e.g. the result's class is not importable here
+            except BaseException as exc:  # e.g. its class is not importable here; even SystemExit
                 error = ResultDecodeError(
                     f"task {task.task_id}: the result from worker {link.worker_id} cannot be "
                     f"unpickled on this host: {type(exc).__name__}: {exc}"
@@ -370,7 +370,7 @@ class Pool:
             else:
                 task.future.set_result(result)
         else:
-            task.future.set_exception(rebuild(message))
+            task.future.set_exception(rebuild(message, link.worker_id))
         log.debug("task done task=%d worker=%s", task.task_id, link.worker_id)
 
     def _after_replies(self, link: WorkerLink) -> None:

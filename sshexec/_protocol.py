@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Dict, Final, Iterator, List, Tuple, Type, Unio
 
 import msgpack
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2  # 2: Failed.stage; Revoke/Revoked
 # Written by the worker right before its first frame; whatever precedes it on
 # stdout (a chatty .bashrc, a motd) is shell chatter, not protocol.
 START_MARKER: Final = b"\x00\x1fSSHEXEC-START-1\x1f\x00"
@@ -95,6 +95,11 @@ class Failed:
     message: str  # str(exception)
     traceback: str  # remote traceback text, starting with host and pid
     exception: bytes  # cloudpickle of the exception, or b"" when it could not be pickled
+    stage: str  # where it failed: one of STAGES
+
+
+STAGE_INIT, STAGE_CALL, STAGE_RUN, STAGE_RESULT = "init", "call", "run", "result"
+STAGES: Final = (STAGE_INIT, STAGE_CALL, STAGE_RUN, STAGE_RESULT)  # call: unpickling it
 
 
 @dataclass(frozen=True)

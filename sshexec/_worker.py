@@ -9,6 +9,7 @@ beyond the stdlib, cloudpickle and msgpack (this file is shipped to nodes).
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import socket
@@ -16,7 +17,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterable, List, Optional, Set, Tuple
+import types
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import cloudpickle
 import msgpack
@@ -60,6 +62,53 @@ def process_chunk(fn: Callable[..., Any], chunk: Iterable[Tuple[Any, ...]]) -> L
     return [fn(*args) for args in chunk]
 
 
+def _by_value_globals(obj: Any) -> Optional[Dict[str, Any]]:
+    """The globals of a function that travelled by value (not those of an imported module)."""
+    for _ in range(4):  # unwrap partials and bound methods
+        if isinstance(obj, functools.partial):
+            obj = obj.func
+        elif isinstance(obj, types.MethodType):
+            obj = obj.__func__
+        else:
+            break
+    if not isinstance(obj, types.FunctionType):
+        return None
+    found = obj.__globals__
+    module = sys.modules.get(found.get("__name__", ""))
+    return None if module is not None and module.__dict__ is found else found
+
+
+class Namespaces:
+    """One module namespace per worker for code that travelled by value (``__main__``,
+    modules registered with cloudpickle): as a spawned process imports its main module
+    once, state an initializer or an earlier task left in module globals stays visible.
+
+    cloudpickle gives every unpickled call fresh globals; around each call they are
+    filled from this worker's copy (functions unpickled with the call stay its own) and
+    copied back afterwards.
+    """
+
+    def __init__(self) -> None:
+        self.modules: Dict[str, Dict[str, Any]] = {}
+
+    def adopt(self, objects: Iterable[Any]) -> List[Dict[str, Any]]:
+        adopted: List[Dict[str, Any]] = []
+        for obj in objects:
+            fresh = _by_value_globals(obj)
+            if fresh is None or any(fresh is seen for seen in adopted):
+                continue
+            adopted.append(fresh)
+            for name, value in self.modules.get(fresh.get("__name__", ""), {}).items():
+                if not (isinstance(value, types.FunctionType) and name in fresh):
+                    fresh[name] = value
+        return adopted
+
+    def keep(self, adopted: List[Dict[str, Any]]) -> None:
+        for fresh in adopted:
+            shared = self.modules.setdefault(fresh.get("__name__", ""), {})
+            shared.update((k, v) for k, v in fresh.items() if k != "__builtins__")
+
+
 class Worker:
     """Serves commands read from ``frames_in``, writing replies to ``frames_out``."""
 
@@ -69,6 +118,7 @@ class Worker:
         self.worker_id = "?"
         self.hostname = socket.gethostname()
         self.revoked: Set[int] = set()  # added by the reader thread, consumed by the main thread
+        self.namespaces = Namespaces()
 
     def send(self, message: proto.Message) -> None:
         _write_all(self.frames_out, proto.encode(message))
@@ -137,22 +187,29 @@ class Worker:
             return proto.Ready()
         try:
             initializer, initargs = cloudpickle.loads(init.initializer)
+            shared = self.namespaces.adopt((initializer, *initargs))
             initializer(*initargs)
+            self.namespaces.keep(shared)
         except BaseException as exc:  # reported to the host, which retires this worker
-            return self.failure(proto.INIT_TASK_ID, exc)
+            return self.failure(proto.INIT_TASK_ID, exc, proto.STAGE_INIT)
         return proto.Ready()
 
     def run(self, task_id: int, payload: bytes) -> proto.Message:
+        stage = proto.STAGE_CALL
         try:
             fn, args, kwargs = cloudpickle.loads(payload)
             del payload
+            shared = self.namespaces.adopt((fn, *args))
+            stage = proto.STAGE_RUN
             result = fn(*args, **kwargs)
             del fn, args, kwargs
+            self.namespaces.keep(shared)
+            stage = proto.STAGE_RESULT
             return proto.Done(task_id, cloudpickle.dumps(result))
         except BaseException as exc:  # SystemExit and KeyboardInterrupt too, as ProcessPoolExecutor
-            return self.failure(task_id, exc)
+            return self.failure(task_id, exc, stage)
 
-    def failure(self, task_id: int, exc: BaseException) -> proto.Failed:
+    def failure(self, task_id: int, exc: BaseException, stage: str) -> proto.Failed:
         stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         origin = f"host {self.worker_id.rsplit('#', 1)[0]} (hostname {self.hostname}), "
         origin += f"pid {os.getpid()}, worker {self.worker_id}\n"
@@ -164,7 +221,7 @@ class Worker:
             message = str(exc)
         except BaseException:
             message = f"<str() of {type(exc).__name__} failed>"
-        return proto.Failed(task_id, _type_name(exc), message, origin + stack, blob)
+        return proto.Failed(task_id, _type_name(exc), message, origin + stack, blob, stage)
 
     @staticmethod
     def _flush_output() -> None:

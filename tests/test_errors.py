@@ -13,6 +13,7 @@ import sshexec
 from sshexec import _errors
 from sshexec._errors import (
     BrokenPool,
+    CallDecodeError,
     ProtocolError,
     RemoteError,
     ResultDecodeError,
@@ -34,6 +35,7 @@ TRACEBACK = (
 
 PUBLIC = [
     BrokenPool,
+    CallDecodeError,
     ProtocolError,
     RemoteError,
     ResultDecodeError,
@@ -50,6 +52,7 @@ def failed(exc: BaseException | None, **overrides: Any) -> Failed:
         "message": "" if exc is None else str(exc),
         "traceback": TRACEBACK,
         "exception": b"" if exc is None else cloudpickle.dumps(exc),
+        "stage": "run",
     }
     fields.update(overrides)
     return Failed(**fields)
@@ -145,14 +148,18 @@ def test_public_classes_are_sshexec_errors_from_module_sshexec(cls: type) -> Non
     assert cls.__name__ in sshexec.__all__
 
 
-@pytest.mark.parametrize("cls", [BrokenPool, WorkerLostError], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls",
+    [BrokenPool, WorkerLostError, ResultDecodeError, CallDecodeError],  # PPE's types there
+    ids=lambda c: c.__name__,
+)
 def test_broken_pool_family(cls: type) -> None:
     assert issubclass(cls, BrokenProcessPool)
     assert issubclass(cls, RuntimeError)  # BrokenProcessPool's own base chain
 
 
 def test_other_errors_are_not_broken_pool() -> None:
-    for cls in (ProtocolError, RemoteError, ResultDecodeError, WorkerStartupError):
+    for cls in (ProtocolError, RemoteError, WorkerStartupError):
         assert not issubclass(cls, BrokenProcessPool), cls
 
 
@@ -211,6 +218,7 @@ INSTANCES: List[BaseException] = [
     WorkerStartupError("node2", "connect", "refused"),
     ProtocolError("oversize frame from node1#0"),
     ResultDecodeError("task 3: No module named 'numpy'"),
+    CallDecodeError("task 4: worker node1#0 could not unpickle the call: ModuleNotFoundError"),
     RemoteError("mod.Err", "it broke", TRACEBACK),
 ]
 
@@ -233,3 +241,11 @@ def test_errors_pickle_round_trip(exc: BaseException, dumps: Any) -> None:
 
 def test_every_public_class_has_a_pickle_case() -> None:
     assert {type(e) for e in INSTANCES} == set(PUBLIC)
+
+
+def test_call_stage_failure_is_a_call_decode_error() -> None:
+    error = rebuild(failed(ModuleNotFoundError("No module named 'mylib'"), stage="call"), "node1#2")
+    assert isinstance(error, CallDecodeError) and isinstance(error, BrokenProcessPool)
+    assert "node1#2" in str(error) and "mylib" in str(error)
+    assert isinstance(error.__cause__, ModuleNotFoundError)
+    assert type(error.__cause__.__cause__) is _RemoteTraceback

@@ -197,7 +197,7 @@ def test_done_callback_may_submit(executor: SSHPoolExecutor) -> None:
         chained.append(executor.submit(tasks.square, future.result()))
         ready.set()
 
-    executor.submit(tasks.square, 3).add_done_callback(again)
+    executor.submit(tasks.sleep_then, 0.3, 3).add_done_callback(again)
     assert ready.wait(30)
     assert chained[0].result(timeout=30) == 81
 
@@ -213,7 +213,8 @@ def test_shutdown_wait_from_callback_is_refused(executor: SSHPoolExecutor) -> No
             errors.append(exc)
         ready.set()
 
-    executor.submit(tasks.square, 1).add_done_callback(stop)
+    pending = executor.submit(tasks.sleep_then, 0.5)
+    pending.add_done_callback(stop)  # still running: the callback will run on the loop thread
     assert ready.wait(30)
     assert errors and "loop thread" in str(errors[0])
 

@@ -56,8 +56,10 @@ SAMPLES: List[Message] = [
     Ready(),
     Done(7, b"\x80\x05result" * 100),
     Done(0, b""),
-    Failed(9, "ValueError", "boom", "host node1 (hostname n1), pid 1\nTraceback...", b"\x80"),
-    Failed(10, "mod.Qual.Name", "", "", b""),
+    Failed(
+        9, "ValueError", "boom", "host node1 (hostname n1), pid 1\nTraceback...", b"\x80", "run"
+    ),
+    Failed(10, "mod.Qual.Name", "", "", b"", "call"),
     Revoke(11),
     Revoked(2**40),
 ]
@@ -308,7 +310,7 @@ def test_wrong_field_count(item: Any) -> None:
         [Run.TAG, [1], b""],
         [Init.TAG, b"node#0", b""],
         [Done.TAG, 1, {"k": 1}],
-        [Failed.TAG, 1, "T", "m", "tb", "not bytes"],
+        [Failed.TAG, 1, "T", "m", "tb", "not bytes", "run"],
     ],
 )
 def test_wrong_field_types(item: Any) -> None:
