@@ -17,7 +17,8 @@ from ._errors import (
     WorkerLostError,
     WorkerStartupError,
 )
-from ._executor import Host, SSHPoolExecutor, parse_host
+from ._executor import SSHPoolExecutor
+from ._hosts import Host, parse_host
 
 __version__ = "0.1.0"
 

@@ -1,27 +1,20 @@
-"""``SSHPoolExecutor``: the public executor, its arguments, Futures and loop thread.
+"""``SSHPoolExecutor``: the public executor, its arguments and Futures.
 
-Owns: argument checks and host specs, pickling calls, task ids, Futures, the
-``map`` iterator, the daemon loop thread that runs the pool, and the hooks that
-shut forgotten executors down (garbage collection and interpreter exit). Builds
-the transports (importing ``_ssh``, hence asyncssh, only for remote hosts) and
-hands them to ``_pool``. Must not touch: bytes, frames, asyncssh, or placement.
+Owns: argument checks, pickling calls, task ids, Futures, the ``map`` iterator,
+and wiring the parts: transports from ``_hosts``, the loop thread from
+``_runtime``, the ``Pool`` run on it, and the finalizer that shuts a forgotten
+executor down. Must not touch: bytes, frames, asyncssh, or placement.
 """
 
 from __future__ import annotations
 
-import asyncio
-import atexit
 import collections
 import itertools
 import logging
-import os
-import re
 import sys
-import threading
 import time
 import weakref
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -33,8 +26,6 @@ from typing import (
     List,
     Mapping,
     Optional,
-    Sequence,
-    Set,
     Tuple,
     TypeVar,
     Union,
@@ -42,120 +33,22 @@ from typing import (
 
 import cloudpickle
 
-from ._pool import STARTUP_TIMEOUT, Pool, Task
+from ._hosts import Host, build_transports, hosts_from_env
+from ._links import STARTUP_TIMEOUT, Task
+from ._pool import Pool
 from ._protocol import DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT
+from ._runtime import Runtime, is_exiting
 from ._worker import process_chunk
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
-
-    from ._transport import Transport
 
     P = ParamSpec("P")
 
 T = TypeVar("T")
 log = logging.getLogger("sshexec.executor")
 
-HOSTS_ENV = "SSHEXEC_HOSTS"
 FRAME_OVERHEAD = 64  # msgpack envelope around a Run payload, generously
-_loop_ids = itertools.count()
-_live: Set[_Runtime] = set()  # runtimes whose loop thread still runs; drained at exit
-_exiting = False  # the interpreter is shutting down: no new work
-
-
-@dataclass(frozen=True)
-class Host:
-    """One machine to run workers on, with its own options.
-
-    Args:
-        hostname: A name or address ssh can reach, or a ``~/.ssh/config`` alias.
-        user: Login name; default from ``~/.ssh/config``, else the local user.
-        port: SSH port; default from ``~/.ssh/config``, else 22.
-        workers: Worker processes on this host; default its usable cores.
-        python: Remote interpreter (e.g. a venv's ``bin/python``); default
-            ``python3.<client minor>``, then ``python3``.
-        options: Extra keyword arguments for ``asyncssh.connect``.
-    """
-
-    hostname: str
-    user: Optional[str] = None
-    port: Optional[int] = None
-    workers: Optional[int] = None
-    python: Optional[str] = None
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    __module__ = "sshexec"
-
-    def __post_init__(self) -> None:
-        if not self.hostname or any(c.isspace() for c in self.hostname):
-            raise ValueError(f"invalid host name {self.hostname!r}")
-        if self.port is not None and not (isinstance(self.port, int) and 0 < self.port < 65536):
-            raise ValueError(f"host {self.hostname}: port must be 1..65535, got {self.port!r}")
-        if self.workers is not None and not (isinstance(self.workers, int) and self.workers > 0):
-            raise ValueError(
-                f"host {self.hostname}: workers must be a positive int, got {self.workers!r}"
-            )
-
-    @property
-    def label(self) -> str:
-        """``user@host:port`` as given, used in worker ids, logs and errors."""
-        name = f"[{self.hostname}]" if ":" in self.hostname else self.hostname
-        if self.user:
-            name = f"{self.user}@{name}"
-        return f"{name}:{self.port}" if self.port is not None else name
-
-
-_SPEC = re.compile(
-    r"^(?:(?P<user>[^@\s]+)@)?(?:\[(?P<v6>[^\]\s]+)\]|(?P<name>[^:\s\[\]@]+))"
-    r"(?::(?P<port>[^:\s]*))?$"
-)
-
-
-def parse_host(spec: Union[str, Host]) -> Host:
-    """``[user@]host[:port]`` (IPv6 in brackets: ``[2001:db8::7]:22``) or a ``Host``."""
-    if isinstance(spec, Host):
-        return spec
-    if not isinstance(spec, str):
-        raise TypeError(f"a host must be a str or sshexec.Host, got {type(spec).__name__}")
-    text = spec.strip()
-    if text.count(":") > 1 and "[" not in text and "@" not in text:
-        return Host(text)  # a bare IPv6 address
-    match = _SPEC.match(text)
-    if match is None:
-        raise ValueError(
-            f"invalid host spec {spec!r}: expected [user@]host[:port], IPv6 in brackets"
-        )
-    port: Optional[int] = None
-    if match.group("port") is not None:
-        if not match.group("port").isdigit() or not 0 < int(match.group("port")) < 65536:
-            raise ValueError(f"invalid host spec {spec!r}: port must be a number in 1..65535")
-        port = int(match.group("port"))
-    return Host(match.group("v6") or match.group("name"), user=match.group("user"), port=port)
-
-
-def hosts_from_env() -> Optional[List[str]]:
-    value = os.environ.get(HOSTS_ENV, "").strip()
-    return [s.strip() for s in value.split(",") if s.strip()] or None
-
-
-def local_cpu_count() -> int:
-    counter = getattr(os, "process_cpu_count", None)  # 3.13+: honours affinity
-    if counter is not None:
-        return int(counter() or 1)
-    getaffinity = getattr(os, "sched_getaffinity", None)
-    return len(getaffinity(0)) if getaffinity is not None else (os.cpu_count() or 1)
-
-
-def _share(total: Optional[int], hosts: Sequence[Host]) -> List[Optional[int]]:
-    """Worker count per host: its own ``workers``, else a round-robin share of
-    ``max_workers``, else None (its cores, learnt when it connects)."""
-    open_hosts = [i for i, h in enumerate(hosts) if h.workers is None]
-    counts: List[Optional[int]] = [h.workers for h in hosts]
-    if total is not None and open_hosts:
-        left = max(total - sum(h.workers or 0 for h in hosts), 0)
-        for rank, index in enumerate(open_hosts):
-            counts[index] = left // len(open_hosts) + (1 if rank < left % len(open_hosts) else 0)
-    return counts
 
 
 def _write_remote_output(worker_id: str, line: bytes) -> None:
@@ -164,107 +57,6 @@ def _write_remote_output(worker_id: str, line: bytes) -> None:
         sys.stderr.flush()
     except (OSError, ValueError, AttributeError):  # stderr closed or replaced: drop the line
         pass
-
-
-class _Runtime:
-    """The loop thread and its pool. Holds no reference to the executor, so a
-    forgotten executor can be collected and its finalizer can shut this down."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(
-            target=self._run, name=f"sshexec-loop-{next(_loop_ids)}", daemon=True
-        )
-        self.pool: Optional[Pool] = None
-        self.closing: Optional[Future[None]] = None
-        self.lock = threading.Lock()  # the only lock: guards the flags below
-        self.is_shut_down = False
-        self.thread.start()
-        _live.add(self)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            while True:
-                try:
-                    self.loop.run_forever()
-                    break  # stopped by _close or abandon
-                except BaseException:  # SystemExit in a done-callback (user code): keep serving
-                    log.exception(
-                        "an exception escaped the executor's event loop; it keeps running"
-                    )
-        finally:
-            try:
-                pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
-                for task in pending:
-                    task.cancel()
-                if pending:
-                    self.loop.run_until_complete(asyncio.wait(pending, timeout=2.0))
-                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            finally:
-                self.loop.close()
-                _live.discard(self)
-
-    def on_loop_thread(self) -> bool:
-        return threading.current_thread() is self.thread
-
-    def call(self, coro: Any, timeout: float) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        with self.lock:
-            first = not self.is_shut_down
-            self.is_shut_down = True
-            if self.loop.is_closed():
-                return
-            if first:
-                self.closing = asyncio.run_coroutine_threadsafe(
-                    self._close(cancel_futures), self.loop
-                )
-            elif cancel_futures and self.pool is not None and not self.loop.is_closed():
-                self.loop.call_soon_threadsafe(self.pool.cancel_queued)
-        if wait and self.closing is not None:
-            if self.on_loop_thread():
-                raise RuntimeError(
-                    "shutdown(wait=True) called from the executor's own loop thread (a Future "
-                    "callback?): it would wait for itself; use shutdown(wait=False) there"
-                )
-            self.closing.result()
-            self.thread.join(10.0)
-
-    async def _close(self, cancel_futures: bool) -> None:
-        try:
-            if self.pool is not None:
-                await self.pool.aclose(cancel_futures)
-        except Exception:  # still stop the loop; say why the close was not clean
-            log.exception("error while shutting down the pool")
-        finally:
-            self.loop.call_soon(self.loop.stop)
-
-    def abandon(self) -> None:
-        """The constructor failed: stop the loop and thread at once."""
-        with self.lock:
-            self.is_shut_down = True
-        if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10.0)
-
-
-def _shutdown_at_exit() -> None:
-    # As ProcessPoolExecutor: pending work finishes, then workers stop on every host, and
-    # submit() refuses new work from here on.
-    global _exiting
-    _exiting = True
-    for runtime in list(_live):
-        try:
-            runtime.shutdown(wait=True)
-        except Exception:  # keep shutting the others down
-            log.exception("error shutting down an executor at exit")
-
-
-# Like concurrent.futures: before non-daemon threads are joined and before atexit hooks,
-# so a hook registered later cannot submit to a pool that is going away.
-getattr(threading, "_register_atexit", atexit.register)(_shutdown_at_exit)
 
 
 class SSHPoolExecutor(Executor):
@@ -356,7 +148,7 @@ class SSHPoolExecutor(Executor):
             specs = list(from_env)
         if specs is not None and not specs:
             raise ValueError("hosts is empty: give at least one host, or None for local workers")
-        transports = self._transports(
+        transports = build_transports(
             specs,
             max_workers,
             python,
@@ -369,7 +161,7 @@ class SSHPoolExecutor(Executor):
         init_payload = cloudpickle.dumps((initializer, tuple(initargs))) if initializer else b""
         self._max_frame = max_frame
         self._task_ids = itertools.count(1)
-        self._runtime = _Runtime()
+        self._runtime = Runtime()
         pool_args = dict(
             initializer=init_payload,
             max_tasks_per_child=max_tasks_per_child,
@@ -392,52 +184,7 @@ class SSHPoolExecutor(Executor):
         weakref.finalize(self, self._runtime.shutdown, False)
 
     @staticmethod
-    def _transports(
-        specs: Optional[List[Union[str, Host]]],
-        max_workers: Optional[int],
-        python: Optional[str],
-        known_hosts: Optional[str],
-        unsafe: bool,
-        connect_timeout: float,
-        keepalive_interval: float,
-        ssh_options: Optional[Mapping[str, Any]],
-    ) -> List[Tuple[Transport, Optional[int], str]]:
-        if specs is None:
-            from ._transport import LocalTransport
-
-            return [
-                (LocalTransport(python), max_workers or local_cpu_count(), python or sys.executable)
-            ]
-        parsed = [parse_host(s) for s in specs]
-        labels = [h.label for h in parsed]
-        twice = sorted({x for x in labels if labels.count(x) > 1})
-        if twice:
-            raise ValueError(f"host {twice[0]} is listed twice; use Host(..., workers=N) instead")
-        from ._bootstrap import interpreters
-        from ._ssh import SSHTransport  # asyncssh is imported only when there are remote hosts
-
-        built: List[Tuple[Transport, Optional[int], str]] = []
-        for host, count in zip(parsed, _share(max_workers, parsed)):
-            if count == 0:
-                continue  # max_workers is smaller than the number of hosts
-            chosen = host.python or python
-            transport = SSHTransport(
-                host.label,
-                host.hostname,
-                port=host.port,
-                username=host.user,
-                python=chosen,
-                known_hosts=known_hosts,
-                unsafe_skip_host_key_check=unsafe,
-                connect_timeout=connect_timeout,
-                keepalive_interval=keepalive_interval,
-                options={**(ssh_options or {}), **host.options},
-            )
-            built.append((transport, count, " or ".join(interpreters(chosen))))
-        return built
-
-    @staticmethod
-    async def _start_pool(runtime: _Runtime, transports: Any, pool_args: Dict[str, Any]) -> Pool:
+    async def _start_pool(runtime: Runtime, transports: Any, pool_args: Dict[str, Any]) -> Pool:
         pool = Pool(transports, **pool_args)
         runtime.pool = pool
         try:
@@ -477,7 +224,7 @@ class SSHPoolExecutor(Executor):
         with runtime.lock:
             if runtime.is_shut_down:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            if _exiting:
+            if is_exiting():
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             if self._pool.broken is not None:
                 raise self._pool.broken

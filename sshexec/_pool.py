@@ -11,8 +11,8 @@ Data flow (every step after the first runs on the executor's loop thread)::
     EOF / protocol error ──▶ _on_lost ──▶ Scheduler.remove_worker: requeue or WorkerLostError
                                      └──▶ _start_worker(host) as a replacement
 
-Owns: ``WorkerLink`` and host state, starting and replacing workers, resolving
-Futures, broken-pool detection and the shutdown escalation (``Shutdown`` frame →
+Owns: the live ``WorkerLink``s and host states, deciding when to start and replace
+workers (``_links.open_worker`` starts each one), resolving Futures, broken-pool detection and the shutdown escalation (``Shutdown`` frame →
 grace → close channel → close connection). Only the loop thread touches any of
 it. Must not import: subprocess or asyncssh, placement policy, or frame layout
 details beyond ``_protocol``'s codec.
@@ -24,8 +24,7 @@ import asyncio
 import logging
 import pickle
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import _protocol as proto
 from ._errors import (
@@ -36,63 +35,15 @@ from ._errors import (
     WorkerStartupError,
     rebuild,
 )
+from ._links import HostState, OutputSink, Task, WorkerLink, open_worker
 from ._scheduler import Scheduler
-from ._transport import Channel, Transport, handshake
+from ._transport import Transport
 
 log = logging.getLogger("sshexec.pool")
 
-STARTUP_TIMEOUT = 60.0  # bootstrap + Hello, per worker (includes shipping the bundle)
 MAX_START_FAILURES = 3  # consecutive failed worker starts before a host is given up
 # Startup failures that retrying cannot fix.
 FATAL_STAGES = frozenset({"host key", "authentication", "interpreter", "version", "initializer"})
-
-
-@dataclass
-class Task:
-    task_id: int
-    payload: bytes
-    future: Future[Any]
-    is_started: bool = False
-    losses: List[Tuple[str, str]] = field(default_factory=list)  # (worker_id, how it died)
-
-
-@dataclass
-class HostState:
-    transport: Transport
-    workers: Optional[int]  # planned worker count; None until the first Hello tells cores
-    python: str = "python3"
-    next_index: int = 0
-    starting: int = 0
-    failures: int = 0
-    error: Optional[str] = None  # set when the host is given up
-    links: Set[WorkerLink] = field(default_factory=set)
-
-    @property
-    def name(self) -> str:
-        return self.transport.host
-
-    @property
-    def is_usable(self) -> bool:
-        return self.error is None
-
-
-@dataclass(eq=False)
-class WorkerLink:
-    worker_id: str
-    host: HostState
-    channel: Channel
-    hello: proto.Hello
-    is_alive: bool = True
-    is_closing: bool = False  # we asked it to stop: its EOF is not a loss
-    init_failed: bool = False
-    reader: Optional[asyncio.Task[None]] = None
-
-    @property
-    def pid(self) -> int:
-        return self.hello.pid
-
-
-OutputSink = Callable[[str, bytes], None]
 
 
 class Pool:
@@ -190,24 +141,10 @@ class Pool:
         """Start one worker; the caller has counted it in ``host.starting``."""
         worker_id = f"{host.name}#{host.next_index}"
         host.next_index += 1
-        channel: Optional[Channel] = None
         try:
-            channel = await host.transport.open_channel(lambda line: self.output(worker_id, line))
-            decoder = proto.FrameDecoder(self.max_frame)
-            hello = await asyncio.wait_for(
-                self._read_hello(channel, host, decoder), STARTUP_TIMEOUT
+            channel, hello, decoder = await open_worker(
+                host, worker_id, self.initializer, self.max_frame, self.output
             )
-            channel.write(proto.encode(proto.Init(worker_id, self.initializer)))
-        except asyncio.TimeoutError as exc:
-            if channel is not None:
-                await channel.aclose(0.1)
-            raise WorkerStartupError(
-                host.name, "bootstrap", f"no Hello from the worker within {STARTUP_TIMEOUT:g} s"
-            ) from exc
-        except BaseException:
-            if channel is not None:
-                await channel.aclose(0.1)
-            raise
         finally:
             host.starting -= 1
         link = WorkerLink(worker_id, host, channel, hello)
@@ -227,43 +164,6 @@ class Pool:
         )
         self._dispatch_soon()
         return link
-
-    async def _read_hello(
-        self, channel: Channel, host: HostState, decoder: proto.FrameDecoder
-    ) -> proto.Hello:
-        decoder.feed(await handshake(channel, host.name, host.python))
-        while True:
-            try:
-                message = next(decoder.messages(), None)
-            except proto.FrameError as exc:
-                raise WorkerStartupError(
-                    host.name, "bootstrap", f"garbled first frame: {exc}"
-                ) from exc
-            if message is not None:
-                break
-            chunk = await channel.read()
-            if not chunk:
-                how = await channel.exit_reason(2.0)
-                tail = channel.stderr_tail()
-                raise WorkerStartupError(
-                    host.name,
-                    "bootstrap",
-                    f"the worker ended before saying Hello ({how})"
-                    + (f"; stderr: {tail[-600:]}" if tail else ""),
-                )
-            decoder.feed(chunk)
-        if not isinstance(message, proto.Hello):
-            raise WorkerStartupError(
-                host.name, "bootstrap", f"expected Hello, got {type(message).__name__}"
-            )
-        if message.protocol != proto.PROTOCOL_VERSION:
-            raise WorkerStartupError(
-                host.name,
-                "version",
-                f"worker speaks protocol {message.protocol}, this client {proto.PROTOCOL_VERSION}",
-                "Clear ~/.cache/sshexec on the node.",
-            )
-        return message
 
     def _give_up(self, host: HostState, reason: str) -> None:
         if host.error is None:

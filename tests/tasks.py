@@ -13,7 +13,7 @@ def square(x: int) -> int:
     return x * x
 
 
-def add(a: int, b: int = 0) -> int:
+def add(a: Any, b: Any = 0) -> Any:
     return a + b
 
 

@@ -199,7 +199,7 @@ def test_done_callback_may_submit(executor: SSHPoolExecutor) -> None:
 
     executor.submit(tasks.sleep_then, 0.3, 3).add_done_callback(again)
     assert ready.wait(30)
-    assert chained[0].result(timeout=30) == 81
+    assert chained[0].result(timeout=30) == 9
 
 
 def test_shutdown_wait_from_callback_is_refused(executor: SSHPoolExecutor) -> None:

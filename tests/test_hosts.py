@@ -7,7 +7,7 @@ from typing import Optional
 import pytest
 
 from sshexec import Host, SSHPoolExecutor, parse_host
-from sshexec._executor import _share, hosts_from_env
+from sshexec._hosts import hosts_from_env, share_workers
 
 
 @pytest.mark.parametrize(
@@ -62,10 +62,10 @@ def test_executor_refuses_bad_host_arguments() -> None:
 
 def test_workers_are_shared_over_hosts() -> None:
     hosts = [Host("a"), Host("b", workers=3), Host("c")]
-    assert _share(None, hosts) == [None, 3, None]
-    assert _share(7, hosts) == [2, 3, 2]
-    assert _share(5, [Host("a"), Host("b")]) == [3, 2]
-    assert _share(1, [Host("a"), Host("b")]) == [1, 0]
+    assert share_workers(None, hosts) == [None, 3, None]
+    assert share_workers(7, hosts) == [2, 3, 2]
+    assert share_workers(5, [Host("a"), Host("b")]) == [3, 2]
+    assert share_workers(1, [Host("a"), Host("b")]) == [1, 0]
 
 
 def test_hosts_from_env(monkeypatch: pytest.MonkeyPatch) -> None:

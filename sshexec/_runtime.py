@@ -1,0 +1,131 @@
+"""The executor's loop thread and the hooks that shut forgotten executors down.
+
+Owns: one daemon thread per executor running its asyncio loop (``sshexec-loop-<n>``),
+the shutdown sequence run on it, and the interpreter-exit hook over every live
+loop. Holds no reference to an executor. Must not import: asyncssh, or know
+about transports, frames or tasks beyond the pool's ``aclose``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import logging
+import threading
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Optional, Set
+
+if TYPE_CHECKING:
+    from ._pool import Pool
+
+log = logging.getLogger("sshexec.executor")
+
+_loop_ids = itertools.count()
+_live: Set[Runtime] = set()  # runtimes whose loop thread still runs; drained at exit
+_exiting = False  # the interpreter is shutting down: no new work
+
+
+def is_exiting() -> bool:
+    return _exiting
+
+
+class Runtime:
+    """The loop thread and its pool. Holds no reference to the executor, so a
+    forgotten executor can be collected and its finalizer can shut this down."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self._run, name=f"sshexec-loop-{next(_loop_ids)}", daemon=True
+        )
+        self.pool: Optional[Pool] = None
+        self.closing: Optional[Future[None]] = None
+        self.lock = threading.Lock()  # the only lock: guards the flags below
+        self.is_shut_down = False
+        self.thread.start()
+        _live.add(self)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            while True:
+                try:
+                    self.loop.run_forever()
+                    break  # stopped by _close or abandon
+                except BaseException:  # SystemExit in a done-callback (user code): keep serving
+                    log.exception(
+                        "an exception escaped the executor's event loop; it keeps running"
+                    )
+        finally:
+            try:
+                pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    self.loop.run_until_complete(asyncio.wait(pending, timeout=2.0))
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            finally:
+                self.loop.close()
+                _live.discard(self)
+
+    def on_loop_thread(self) -> bool:
+        return threading.current_thread() is self.thread
+
+    def call(self, coro: Any, timeout: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        with self.lock:
+            first = not self.is_shut_down
+            self.is_shut_down = True
+            if self.loop.is_closed():
+                return
+            if first:
+                self.closing = asyncio.run_coroutine_threadsafe(
+                    self._close(cancel_futures), self.loop
+                )
+            elif cancel_futures and self.pool is not None and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self.pool.cancel_queued)
+        if wait and self.closing is not None:
+            if self.on_loop_thread():
+                raise RuntimeError(
+                    "shutdown(wait=True) called from the executor's own loop thread (a Future "
+                    "callback?): it would wait for itself; use shutdown(wait=False) there"
+                )
+            self.closing.result()
+            self.thread.join(10.0)
+
+    async def _close(self, cancel_futures: bool) -> None:
+        try:
+            if self.pool is not None:
+                await self.pool.aclose(cancel_futures)
+        except Exception:  # still stop the loop; say why the close was not clean
+            log.exception("error while shutting down the pool")
+        finally:
+            self.loop.call_soon(self.loop.stop)
+
+    def abandon(self) -> None:
+        """The constructor failed: stop the loop and thread at once."""
+        with self.lock:
+            self.is_shut_down = True
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10.0)
+
+
+def _shutdown_at_exit() -> None:
+    # As ProcessPoolExecutor: pending work finishes, then workers stop on every host, and
+    # submit() refuses new work from here on.
+    global _exiting
+    _exiting = True
+    for runtime in list(_live):
+        try:
+            runtime.shutdown(wait=True)
+        except Exception:  # keep shutting the others down
+            log.exception("error shutting down an executor at exit")
+
+
+# Like concurrent.futures: before non-daemon threads are joined and before atexit hooks,
+# so a hook registered later cannot submit to a pool that is going away.
+getattr(threading, "_register_atexit", atexit.register)(_shutdown_at_exit)
