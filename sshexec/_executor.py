@@ -9,6 +9,7 @@ executor down. Must not touch: bytes, frames, asyncssh, or placement.
 from __future__ import annotations
 
 import collections
+import concurrent.futures as cf
 import itertools
 import logging
 import sys
@@ -24,6 +25,7 @@ from typing import (
     Iterable,
     Iterator,
     List,
+    Literal,
     Mapping,
     Optional,
     Tuple,
@@ -114,6 +116,7 @@ class SSHPoolExecutor(Executor):
         prefetch: int = 2,
         max_frame: int = DEFAULT_MAX_FRAME,
         shutdown_grace: float = 5.0,
+        reconnect_grace: float = 60.0,
         ssh_options: Optional[Mapping[str, Any]] = None,
     ) -> None:
         del mp_context  # processes are started by SSH or subprocess, not multiprocessing
@@ -138,6 +141,7 @@ class SSHPoolExecutor(Executor):
             ("connect_timeout", connect_timeout),
             ("keepalive_interval", keepalive_interval),
             ("shutdown_grace", shutdown_grace),
+            ("reconnect_grace", reconnect_grace),
         ):
             if not isinstance(number, (int, float)) or number <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds")
@@ -161,7 +165,7 @@ class SSHPoolExecutor(Executor):
         init_payload = cloudpickle.dumps((initializer, tuple(initargs))) if initializer else b""
         self._max_frame = max_frame
         self._task_ids = itertools.count(1)
-        self._runtime = Runtime()
+        self._runtime = Runtime(shutdown_grace)
         pool_args = dict(
             initializer=init_payload,
             max_tasks_per_child=max_tasks_per_child,
@@ -169,6 +173,7 @@ class SSHPoolExecutor(Executor):
             max_retries=max_retries,
             max_frame=max_frame,
             shutdown_grace=shutdown_grace,
+            reconnect_grace=reconnect_grace,
             output=_write_remote_output,
         )
         try:
@@ -284,6 +289,7 @@ class SSHPoolExecutor(Executor):
         del self
 
         def results() -> Iterator[T]:
+            timed_out: List[Future[T]] = []
             try:
                 while futures:
                     if buffersize is not None:
@@ -297,10 +303,19 @@ class SSHPoolExecutor(Executor):
                             "map results cannot be waited for on the executor's loop thread"
                         )
                     left = None if deadline is None else deadline - time.monotonic()
-                    yield _result_or_cancel(futures.popleft(), left)
+                    future = futures.popleft()
+                    try:
+                        box = [_result_or_cancel(future, left)]
+                    except cf.TimeoutError:
+                        timed_out.append(future)
+                        raise
+                    del future
+                    yield box.pop()  # no local keeps the result alive while suspended
             finally:
                 for future in futures:
                     future.cancel()
+                if timed_out:  # shutdown will not wait for the ones already running
+                    runtime.forget([f for f in timed_out + list(futures) if not f.done()])
 
         return results()
 
@@ -325,10 +340,20 @@ class SSHPoolExecutor(Executor):
         self._terminate()
 
     def _terminate(self) -> None:
-        runtime = self._runtime
-        if not runtime.is_shut_down and not runtime.loop.is_closed():
-            runtime.loop.call_soon_threadsafe(self._pool.terminate)
+        self._runtime.terminate()
         self.shutdown(wait=True, cancel_futures=True)
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> Literal[False]:
+        """Normal exit: ``shutdown(wait=True)``. Leaving on an exception (a ``map``
+        timeout, say) cancels queued tasks and gives running ones ``shutdown_grace``
+        seconds before their workers are killed; Ctrl-C kills them at once."""
+        if exc_type is None:
+            self.shutdown(wait=True)
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self._terminate()
+        else:
+            self._runtime.shutdown(wait=True, cancel_futures=True, bounded=True)
+        return False
 
 
 def _chunks(calls: Iterator[Tuple[Any, ...]], size: int) -> Iterator[Tuple[Tuple[Any, ...], ...]]:

@@ -39,6 +39,8 @@ class HostState:
     starting: int = 0
     failures: int = 0
     error: Optional[str] = None  # set when the host is given up
+    last_error: Optional[str] = None  # why the latest start failed
+    down_since: Optional[float] = None  # loop time of the first failed reconnect, while down
     links: Set[WorkerLink] = field(default_factory=set)
 
     @property
@@ -75,7 +77,8 @@ async def open_worker(
         channel = await host.transport.open_channel(lambda line: output(worker_id, line))
         decoder = proto.FrameDecoder(max_frame)
         hello = await asyncio.wait_for(_read_hello(channel, host, decoder), STARTUP_TIMEOUT)
-        channel.write(proto.encode(proto.Init(worker_id, initializer)))
+        channel.pid = hello.pid
+        channel.write(proto.encode(proto.Init(worker_id, initializer, max_frame)))
     except asyncio.TimeoutError as exc:
         if channel is not None:
             await channel.aclose(0.1)

@@ -37,11 +37,12 @@ from ._errors import (
 )
 from ._links import HostState, OutputSink, Task, WorkerLink, open_worker
 from ._scheduler import Scheduler
-from ._transport import Transport
+from ._transport import Channel, Transport
 
 log = logging.getLogger("sshexec.pool")
 
-MAX_START_FAILURES = 3  # consecutive failed worker starts before a host is given up
+MAX_START_FAILURES = 3  # consecutive failed starts (other than connecting) before giving up
+MAX_BACKOFF = 10.0  # seconds between reconnect attempts to a host that is down
 # Startup failures that retrying cannot fix.
 FATAL_STAGES = frozenset({"host key", "authentication", "interpreter", "version", "initializer"})
 
@@ -59,18 +60,22 @@ class Pool:
         max_retries: int,
         max_frame: int,
         shutdown_grace: float,
+        reconnect_grace: float,
         output: OutputSink,
     ) -> None:
         self.hosts = [HostState(t, n, python) for t, n, python in hosts]
         self.scheduler = Scheduler(prefetch=prefetch, max_retries=max_retries)
         self.initializer, self.max_tasks_per_child = initializer, max_tasks_per_child
         self.max_frame, self.shutdown_grace, self.output = max_frame, shutdown_grace, output
+        self.reconnect_grace = reconnect_grace
+        self.abandoned: Set[int] = set()  # running tasks nobody waits for (a timed-out map)
         self.links: Dict[str, WorkerLink] = {}
         self.tasks: Dict[int, Task] = {}
         self.broken: Optional[BrokenPool] = None
         self.is_closing = False
         self.is_terminating = False
         self._background: Set[asyncio.Task[Any]] = set()
+        self._channels: Set[Channel] = set()  # every worker channel ever opened: closed at the end
         self._dispatch_pending = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -112,30 +117,38 @@ class Pool:
         self._top_up(host)
 
     def _top_up(self, host: HostState) -> None:
-        """Start workers until the host has its planned number (live + starting)."""
+        """Start workers until the host has its planned number (live + starting); while
+        the host is down, a single start at a time probes it."""
         if not host.is_usable or host.workers is None:
             return
-        while len(host.links) + host.starting < host.workers and not self._is_done():
+        planned = 1 if host.down_since is not None else host.workers
+        while len(host.links) + host.starting < planned and not self._is_done():
             host.starting += 1  # counted from now, so this loop ends
             self._spawn(self._replace(host))
 
     async def _replace(self, host: HostState) -> None:
-        delay = 0.1 * (2 ** min(host.failures, 5)) if host.failures else 0.0
-        if delay:
-            await asyncio.sleep(delay)
+        if host.failures:
+            await asyncio.sleep(min(0.1 * 2**host.failures, MAX_BACKOFF))
         try:
             await self._start_worker(host)
         except WorkerStartupError as exc:
             host.failures += 1
-            if exc.stage in FATAL_STAGES or host.failures >= MAX_START_FAILURES:
+            host.last_error = str(exc)
+            fatal = exc.stage in FATAL_STAGES
+            if fatal or (exc.stage != "connect" and host.failures >= MAX_START_FAILURES):
                 self._give_up(host, str(exc))
-            else:
-                log.warning(
-                    "worker start failed host=%s attempt=%d: %s", host.name, host.failures, exc
-                )
-                self._top_up(host)
+                return
+            if host.down_since is None:  # the host went away: reconnect with backoff
+                host.down_since = asyncio.get_running_loop().time()
+                asyncio.get_running_loop().call_later(self.reconnect_grace, self._check_broken)
+            log.warning("worker start failed host=%s attempt=%d: %s", host.name, host.failures, exc)
+            self._check_broken()
+            self._top_up(host)
         else:
-            host.failures = 0
+            if host.down_since is not None:
+                log.warning("host back host=%s after %d failed starts", host.name, host.failures)
+            host.failures, host.down_since, host.last_error = 0, None, None
+            self._top_up(host)
 
     async def _start_worker(self, host: HostState) -> WorkerLink:
         """Start one worker; the caller has counted it in ``host.starting``."""
@@ -148,6 +161,7 @@ class Pool:
         finally:
             host.starting -= 1
         link = WorkerLink(worker_id, host, channel, hello)
+        self._channels.add(channel)
         if self.is_closing and not self.tasks:
             await self._retire(link)
             return link
@@ -289,6 +303,7 @@ class Pool:
         await link.channel.aclose(self.shutdown_grace)
         if link.reader is None:  # never joined the pool; _on_lost will not run for it
             link.is_alive = False
+            self._channels.discard(link.channel)
 
     async def _on_lost(self, link: WorkerLink, reason: str) -> None:
         if not link.is_alive:
@@ -325,20 +340,30 @@ class Pool:
                 how,
             )
         await link.channel.aclose(0.5 if not expected else self.shutdown_grace)
+        self._channels.discard(link.channel)
         if link.host.is_usable and not self._is_done():
             self._top_up(link.host)
         self._check_broken()
         self._dispatch_soon()
         self._note_idle()
 
+    def _is_waiting_for(self, host: HostState) -> bool:
+        """Usable and not down for longer than the grace (none once shutting down)."""
+        if not host.is_usable:
+            return False
+        if host.down_since is None:
+            return True
+        down_for = asyncio.get_running_loop().time() - host.down_since
+        return not self.is_closing and down_for < self.reconnect_grace
+
     def _check_broken(self) -> None:
         if self.broken is not None or self.links:
             return
-        if any(h.is_usable for h in self.hosts):
+        if any(self._is_waiting_for(h) for h in self.hosts):
             return
         self.broken = BrokenPool(
             "no usable worker is left on any host",
-            {h.name: h.error or "no live worker" for h in self.hosts},
+            {h.name: h.error or h.last_error or "no live worker" for h in self.hosts},
         )
         log.error("%s", self.broken)
         self.scheduler.drain_queue()
@@ -353,8 +378,15 @@ class Pool:
         return self.is_closing and not self.tasks
 
     def _note_idle(self) -> None:
-        if not self.tasks:
+        self.abandoned.intersection_update(self.tasks)
+        if len(self.abandoned) == len(self.tasks):  # nothing left that anyone waits for
             self._idle.set()
+
+    def abandon(self, futures: Sequence[Future[Any]]) -> None:
+        """A timed-out map gave up on these running tasks: shutdown will not wait for them."""
+        wanted = {id(f) for f in futures}
+        self.abandoned.update(t for t, task in self.tasks.items() if id(task.future) in wanted)
+        self._note_idle()
 
     def terminate(self) -> None:
         """kill_workers(): queued tasks are cancelled, running ones fail, nothing restarts."""
@@ -362,14 +394,34 @@ class Pool:
         self.cancel_queued()
         for link in list(self.links.values()):
             link.channel.kill()
+        self._check_broken()
 
-    async def aclose(self, cancel_futures: bool) -> None:
-        """Finish (or cancel) pending work, then stop every worker and connection. The
-        wait for running tasks is the caller's; every step after it is bounded."""
+    async def aclose(self, cancel_futures: bool, grace: Optional[float] = None) -> None:
+        """Finish (or cancel) pending work, then stop every worker and connection.
+
+        Running tasks are waited for (for ``grace`` seconds at most when given, then their
+        workers are killed); abandoned ones are not. Every step after that is bounded."""
         self.is_closing = True
         if cancel_futures:
             self.cancel_queued()
-        await self._idle.wait()
+        self._check_broken()  # hosts that are down are not waited for any more
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except asyncio.TimeoutError:
+            log.warning(
+                "shutdown: %d tasks still running after %g s; killing their workers",
+                len(self.tasks),
+                grace,
+            )
+        if self.tasks:  # abandoned, or past the grace
+            self.terminate()
+            self.abandoned.clear()
+            self._idle.clear()
+            self._note_idle()
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.shutdown_grace + 2.0)
+            except asyncio.TimeoutError:
+                log.warning("shutdown: %d workers did not die in time", len(self.links))
         links = list(self.links.values())
         await asyncio.gather(*(self._retire(link) for link in links), return_exceptions=True)
         readers = [link.reader for link in links if link.reader is not None]
@@ -380,6 +432,8 @@ class Pool:
             background.cancel()
         if pending:
             await asyncio.wait(pending, timeout=5.0)
+        channels, self._channels = self._channels, set()
+        await asyncio.gather(*(c.aclose(0.0) for c in channels), return_exceptions=True)
         await asyncio.gather(*(h.transport.aclose() for h in self.hosts), return_exceptions=True)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Dict, Final, Iterator, List, Tuple, Type, Unio
 
 import msgpack
 
-PROTOCOL_VERSION: Final = 2  # 2: Failed.stage; Revoke/Revoked
+PROTOCOL_VERSION: Final = 3  # 2: Failed.stage, Revoke/Revoked; 3: Init.max_frame
 # Written by the worker right before its first frame; whatever precedes it on
 # stdout (a chatty .bashrc, a motd) is shell chatter, not protocol.
 START_MARKER: Final = b"\x00\x1fSSHEXEC-START-1\x1f\x00"
@@ -37,6 +37,7 @@ class Init:
     TAG: ClassVar[int] = 1
     worker_id: str
     initializer: bytes  # cloudpickle of (initializer, initargs), or b"" for none
+    max_frame: int  # the host's limit: a larger result fails on the worker, not the link
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ class Runtime:
     """The loop thread and its pool. Holds no reference to the executor, so a
     forgotten executor can be collected and its finalizer can shut this down."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace: float) -> None:
+        self.grace = grace  # how long running tasks get when a shutdown must be bounded
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(
             target=self._run, name=f"sshexec-loop-{next(_loop_ids)}", daemon=True
@@ -75,31 +76,61 @@ class Runtime:
     def call(self, coro: Any, timeout: float) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+    def shutdown(
+        self, wait: bool = True, cancel_futures: bool = False, bounded: bool = False
+    ) -> None:
+        """Close the pool on the loop thread. ``bounded`` (implied by ``cancel_futures``):
+        running tasks get ``grace`` seconds, then their workers are killed. Ctrl-C while
+        waiting kills them at once."""
+        bounded = bounded or cancel_futures
         with self.lock:
             first = not self.is_shut_down
             self.is_shut_down = True
             if self.loop.is_closed():
                 return
             if first:
+                grace = self.grace if bounded else None
                 self.closing = asyncio.run_coroutine_threadsafe(
-                    self._close(cancel_futures), self.loop
+                    self._close(cancel_futures, grace), self.loop
                 )
-            elif cancel_futures and self.pool is not None and not self.loop.is_closed():
-                self.loop.call_soon_threadsafe(self.pool.cancel_queued)
+            else:
+                if cancel_futures and self.pool is not None:
+                    self.loop.call_soon_threadsafe(self.pool.cancel_queued)
+                if bounded:
+                    self.loop.call_soon_threadsafe(self._kill_later)
         if wait and self.closing is not None:
             if self.on_loop_thread():
                 raise RuntimeError(
                     "shutdown(wait=True) called from the executor's own loop thread (a Future "
                     "callback?): it would wait for itself; use shutdown(wait=False) there"
                 )
-            self.closing.result()
+            try:
+                self.closing.result()
+            except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for running tasks
+                self.terminate()
+                raise
             self.thread.join(10.0)
 
-    async def _close(self, cancel_futures: bool) -> None:
+    def terminate(self) -> None:
+        """Kill every worker now; running tasks fail, queued ones are cancelled."""
+        with self.lock:
+            if self.pool is not None and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self.pool.terminate)
+
+    def forget(self, futures: Any) -> None:
+        """Running tasks nobody will wait for (a timed-out map): shutdown kills them."""
+        with self.lock:
+            if self.pool is not None and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self.pool.abandon, futures)
+
+    def _kill_later(self) -> None:
+        if self.pool is not None:
+            self.loop.call_later(self.grace, self.pool.terminate)
+
+    async def _close(self, cancel_futures: bool, grace: Optional[float]) -> None:
         try:
             if self.pool is not None:
-                await self.pool.aclose(cancel_futures)
+                await self.pool.aclose(cancel_futures, grace)
         except Exception:  # still stop the loop; say why the close was not clean
             log.exception("error while shutting down the pool")
         finally:

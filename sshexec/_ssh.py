@@ -62,6 +62,9 @@ class SSHChannel:
         self.stderr = StderrTail(on_stderr)
         self._stderr_task = asyncio.get_running_loop().create_task(self._read_stderr())
         self._released = False
+        self._closed = False
+        self.pid: Optional[int] = None  # the worker's, from its Hello
+        self._killer: Optional[asyncio.Task[None]] = None
 
     async def _read_stderr(self) -> None:
         try:
@@ -113,21 +116,34 @@ class SSHChannel:
         return self.stderr.text()
 
     def kill(self) -> None:
+        """sshd does not forward signals, so: ``kill -KILL <pid>`` in a session of its own,
+        and close this channel, whose EOF ends the worker within its grace anyway."""
+        if self.pid is not None and self._killer is None and not self.owner.conn.is_closed():
+            self._killer = asyncio.get_running_loop().create_task(self._kill_by_pid(self.pid))
+        self.process.close()
+
+    async def _kill_by_pid(self, pid: int) -> None:
         try:
-            self.process.send_signal("KILL")
-        except (asyncssh.Error, OSError, ValueError):
-            pass
+            await asyncio.wait_for(self.owner.conn.run(f"kill -KILL {pid}", check=False), 5.0)
+        except (asyncio.TimeoutError, asyncssh.Error, OSError):  # MaxSessions, or gone
+            log.debug(
+                "host=%s could not run kill for pid %d; its channel is closed", self.host, pid
+            )
 
     async def aclose(self, grace: float) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.process.stdin.write_eof()
         except (asyncssh.Error, OSError):
             pass
         if await self.exit_reason(grace) == "still running":
-            self.kill()  # sshd delivers it where supported; closing the channel also ends stdin
-            self.process.close()
+            self.kill()
             await self.exit_reason(1.0)
         self.process.close()
+        if self._killer is not None:
+            await asyncio.wait([self._killer], timeout=5.0)
         if not self._stderr_task.done():
             self._stderr_task.cancel()
         if not self._released:

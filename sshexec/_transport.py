@@ -35,6 +35,8 @@ StderrSink = Callable[[bytes], None]
 class Channel(Protocol):
     """One worker process's stdin/stdout, plus what is known of how it ended."""
 
+    pid: Optional[int]  # the worker's pid once its Hello has been read
+
     async def read(self) -> bytes:
         """Next chunk of the worker's stdout; ``b""`` at EOF."""
 
@@ -183,6 +185,8 @@ class PipeChannel:
         self._writer: Optional[asyncio.StreamWriter] = None
         self._stderr_task: Optional[asyncio.Task[None]] = None
         self._pipes: List[asyncio.BaseTransport] = []
+        self.pid: Optional[int] = proc.pid
+        self._closed = False
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -246,18 +250,29 @@ class PipeChannel:
             self.proc.kill()
 
     async def aclose(self, grace: float) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        if await self.exit_reason(grace) == "still running":
-            self.kill()
-            await self.exit_reason(1.0)
-        if self._stderr_task is not None and not self._stderr_task.done():
-            self._stderr_task.cancel()
-        for transport in self._pipes:
-            transport.close()
-        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._writer is not None:
+                self._writer.close()
+            if await self.exit_reason(grace) == "still running":
+                self.kill()
+                await self.exit_reason(1.0)
+        finally:  # even when cancelled mid-way: no process left unkilled or unreaped
+            if self.proc.poll() is None:
+                self.proc.kill()
+                try:
+                    self.proc.wait(1.0)  # SIGKILL: immediate; blocking here is brief
+                except subprocess.TimeoutExpired:
+                    log.warning("local worker pid=%d survived SIGKILL", self.proc.pid)
+            if self._stderr_task is not None and not self._stderr_task.done():
+                self._stderr_task.cancel()
+            for transport in self._pipes:
+                transport.close()
+            for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+                if pipe is not None:
+                    pipe.close()
 
 
 class LocalTransport:

@@ -25,6 +25,7 @@ import msgpack
 
 from . import _protocol as proto
 
+RESULT_OVERHEAD = 64  # msgpack envelope around a Done payload, generously
 EOF_GRACE_SECONDS = 2.0  # a task still running this long after the host vanished is abandoned
 
 
@@ -117,11 +118,19 @@ class Worker:
         self.inbox: queue.SimpleQueue[Optional[proto.Message]] = queue.SimpleQueue()
         self.worker_id = "?"
         self.hostname = socket.gethostname()
-        self.revoked: Set[int] = set()  # added by the reader thread, consumed by the main thread
+        # A Run is "queued" from the reader thread until the main thread claims it; Revoke
+        # moves it to "revoked" so the main thread skips it. Both under claim_lock.
+        self.queued: Set[int] = set()
+        self.revoked: Set[int] = set()
+        self.claim_lock = threading.Lock()
+        self.write_lock = threading.Lock()
         self.namespaces = Namespaces()
+        self.max_frame = proto.DEFAULT_MAX_FRAME
 
     def send(self, message: proto.Message) -> None:
-        _write_all(self.frames_out, proto.encode(message))
+        frame = proto.encode(message)
+        with self.write_lock:  # the reader thread answers Revoke while a task runs
+            _write_all(self.frames_out, frame)
 
     def hello(self) -> proto.Hello:
         return proto.Hello(
@@ -148,15 +157,36 @@ class Worker:
                 decoder.feed(chunk)
                 for message in decoder.messages():
                     if isinstance(message, proto.Revoke):
-                        self.revoked.add(message.task_id)  # its Run is already queued ahead
-                    else:
-                        self.inbox.put(message)
+                        self.revoke(message.task_id)
+                        continue
+                    if isinstance(message, proto.Run):
+                        with self.claim_lock:
+                            self.queued.add(message.task_id)
+                    self.inbox.put(message)
         except (OSError, proto.FrameError) as exc:
             print(f"sshexec worker {self.worker_id}: command stream broken: {exc}", file=sys.stderr)
         self.inbox.put(None)
         if exit_on_eof:
             time.sleep(self.eof_grace)
             os._exit(0)
+
+    def revoke(self, task_id: int) -> None:
+        """Reader thread: give a queued task back at once; one already started runs on."""
+        with self.claim_lock:
+            if task_id not in self.queued:
+                return
+            self.queued.discard(task_id)
+            self.revoked.add(task_id)
+        self.send(proto.Revoked(task_id))
+
+    def claim(self, task_id: int) -> bool:
+        """Main thread: take a queued task to run, unless it was revoked meanwhile."""
+        with self.claim_lock:
+            if task_id in self.revoked:
+                self.revoked.discard(task_id)
+                return False
+            self.queued.discard(task_id)
+            return True
 
     def serve(self) -> None:
         """Main thread: answer Init and Run in order until Shutdown or EOF."""
@@ -165,10 +195,8 @@ class Worker:
             message = self.inbox.get()
             if message is None or isinstance(message, proto.Shutdown):
                 return
-            if isinstance(message, proto.Run) and message.task_id in self.revoked:
-                self.revoked.discard(message.task_id)
-                self.send(proto.Revoked(message.task_id))
-                continue
+            if isinstance(message, proto.Run) and not self.claim(message.task_id):
+                continue  # revoked while queued: the reader thread has answered
             if isinstance(message, proto.Run):
                 reply = self.run(message.task_id, message.payload)
             elif isinstance(message, proto.Init):
@@ -183,6 +211,7 @@ class Worker:
 
     def initialize(self, init: proto.Init) -> proto.Message:
         self.worker_id = init.worker_id
+        self.max_frame = init.max_frame
         if not init.initializer:
             return proto.Ready()
         try:
@@ -205,7 +234,14 @@ class Worker:
             del fn, args, kwargs
             self.namespaces.keep(shared)
             stage = proto.STAGE_RESULT
-            return proto.Done(task_id, cloudpickle.dumps(result))
+            data = cloudpickle.dumps(result)
+            del result
+            if len(data) > self.max_frame - RESULT_OVERHEAD:
+                raise ValueError(
+                    f"the pickled result is {len(data)} bytes, over max_frame={self.max_frame}; "
+                    "return less data per task or raise max_frame"
+                )
+            return proto.Done(task_id, data)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt too, as ProcessPoolExecutor
             return self.failure(task_id, exc, stage)
 

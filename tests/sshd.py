@@ -27,6 +27,24 @@ def keygen(path: Path) -> str:
     return path.with_suffix(".pub").read_text().strip()
 
 
+def descendants(root: int) -> List[int]:
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
 def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as sock:
         sock.bind((address, 0))
@@ -74,6 +92,7 @@ class SSHServer:
     client: Client
     extra_config: str = ""
     address: str = "127.0.0.1"
+    netns: Optional[str] = None  # run sshd inside this network namespace (ip netns exec)
     port: int = 0
     host_key: str = ""
     proc: Optional[subprocess.Popen[bytes]] = None
@@ -103,7 +122,9 @@ class SSHServer:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privsep directory
         with open(self.root / "sshd.log", "ab") as log_file:
             self.proc = subprocess.Popen(
-                [SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=log_file
+                [*self.prefix, SSHD, "-D", "-e", "-f", str(config)],
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
             )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -116,6 +137,20 @@ class SSHServer:
             except OSError:
                 time.sleep(0.02)
         raise RuntimeError(f"sshd {self.name} did not listen on port {self.port}")
+
+    @property
+    def prefix(self) -> List[str]:
+        return ["ip", "netns", "exec", self.netns] if self.netns else []
+
+    def drop_connections(self) -> None:
+        """Kill every process below the listener (each connection's monitor and session
+        processes, and the workers they run): every TCP connection dies at once."""
+        if self.proc is not None:
+            for pid in descendants(self.proc.pid):
+                try:
+                    os.kill(pid, 9)
+                except OSError:
+                    pass
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

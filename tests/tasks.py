@@ -112,3 +112,38 @@ def big(n: int) -> bytes:
 def sleep_then_where(seconds: float) -> Tuple[str, int, Any]:
     time.sleep(seconds)
     return where()
+
+
+def allocate_in_cgroup(group: str, size: int) -> int:
+    """Join a memory cgroup, then allocate past its limit: the kernel OOM-kills us."""
+    with open(os.path.join(group, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+    chunks = [bytearray(16 << 20) for _ in range(size // (16 << 20))]
+    return len(chunks)
+
+
+def slow_on(spec: Tuple[str, float, float]) -> str:
+    """Sleep ``slow`` seconds on the named test host, ``fast`` elsewhere."""
+    host, slow, fast = spec
+    here = os.environ.get("SSHEXEC_TEST_HOST", "local")
+    time.sleep(slow if here == host else fast)
+    return here
+
+
+def write_garbage_frame() -> None:
+    """Write a frame header claiming 4 GiB onto the worker's private frame fd."""
+    for fd in range(3, 64):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target == os.readlink("/proc/self/fd/2") or target.startswith("/"):
+            continue
+        try:
+            os.fstat(fd)
+            if fd > 3:  # frames_in is dup(0) == 3; frames_out is dup(1) == 4
+                os.write(fd, b"\xff\xff\xff\xffgarbage")
+                time.sleep(5)
+                return
+        except OSError:
+            continue

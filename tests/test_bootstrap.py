@@ -320,7 +320,9 @@ def test_second_run_hits_the_cache_and_runs_pure_python_msgpack(nodes: Any, home
         " __import__('cloudpickle').__spec__.origin)"
     )
     payload = cloudpickle.dumps((eval, (probe,), {}))
-    second.send(_protocol.frames([_protocol.Init("local#0", b""), _protocol.Run(1, payload)]))
+    second.send(
+        _protocol.frames([_protocol.Init("local#0", b"", 1 << 20), _protocol.Run(1, payload)])
+    )
     assert second.read_message() == _protocol.Ready()
     done = second.read_message()
     assert isinstance(done, _protocol.Done) and done.task_id == 1

@@ -38,8 +38,8 @@ FUZZ = settings(
 )
 
 SAMPLES: List[Message] = [
-    Init("node1#3", b""),
-    Init("nöde-ü#0", b"\x80\x04initializer\x00\xff"),
+    Init("node1#3", b"", 1 << 30),
+    Init("nöde-ü#0", b"\x80\x04initializer\x00\xff", 1024),
     Run(1, b"\x80\x05payload"),
     Run(2**63 - 1, b""),
     Shutdown(),
@@ -308,7 +308,7 @@ def test_wrong_field_count(item: Any) -> None:
         [Run.TAG, 1.0, b""],
         [Run.TAG, None, b""],
         [Run.TAG, [1], b""],
-        [Init.TAG, b"node#0", b""],
+        [Init.TAG, b"node#0", b"", 1],
         [Done.TAG, 1, {"k": 1}],
         [Failed.TAG, 1, "T", "m", "tb", "not bytes", "run"],
     ],
@@ -382,7 +382,7 @@ def test_fuzz_random_bytes(chunks: List[bytes]) -> None:
 # Frames that start out valid, then get a few bytes overwritten: this reaches the
 # msgpack and schema checks far more often than uniformly random bytes do.
 _messages = st.one_of(
-    st.builds(Init, st.text(max_size=20), st.binary(max_size=40)),
+    st.builds(Init, st.text(max_size=20), st.binary(max_size=40), st.integers(1, 2**32 - 1)),
     st.builds(Run, st.integers(-(2**63), 2**64 - 1), st.binary(max_size=40)),
     st.just(Shutdown()),
     st.builds(
@@ -405,7 +405,10 @@ _messages = st.one_of(
         st.text(max_size=20),
         st.text(max_size=40),
         st.binary(max_size=20),
+        st.sampled_from(proto.STAGES),
     ),
+    st.builds(Revoke, st.integers(0, 2**63 - 1)),
+    st.builds(Revoked, st.integers(0, 2**63 - 1)),
 )
 
 
