@@ -378,7 +378,8 @@ class Pool:
         return self.is_closing and not self.tasks
 
     def _note_idle(self) -> None:
-        self.abandoned.intersection_update(self.tasks)
+        if self.abandoned:  # rare (a timed-out map): keep the common path O(1)
+            self.abandoned.intersection_update(self.tasks)
         if len(self.abandoned) == len(self.tasks):  # nothing left that anyone waits for
             self._idle.set()
 

@@ -12,6 +12,7 @@ import asyncio
 import atexit
 import itertools
 import logging
+import os
 import threading
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Optional, Set
@@ -98,7 +99,7 @@ class Runtime:
                     self.loop.call_soon_threadsafe(self.pool.cancel_queued)
                 if bounded:
                     self.loop.call_soon_threadsafe(self._kill_later)
-        if wait and self.closing is not None:
+        if wait and self.closing is not None and self.thread.is_alive():
             if self.on_loop_thread():
                 raise RuntimeError(
                     "shutdown(wait=True) called from the executor's own loop thread (a Future "
@@ -157,6 +158,16 @@ def _shutdown_at_exit() -> None:
             log.exception("error shutting down an executor at exit")
 
 
+def _forget_in_child() -> None:
+    # A forked child has no loop threads: its copies of the parent's pools are not its own
+    # to shut down (and waiting on them would hang its exit forever).
+    for runtime in list(_live):
+        runtime.is_shut_down = True
+    _live.clear()
+
+
 # Like concurrent.futures: before non-daemon threads are joined and before atexit hooks,
 # so a hook registered later cannot submit to a pool that is going away.
 getattr(threading, "_register_atexit", atexit.register)(_shutdown_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)

@@ -193,7 +193,9 @@ class SSHTransport:
         kwargs.update(options or {})
         self._kwargs = kwargs
         self._connections: List[_Connection] = []
-        self._connect_lock = asyncio.Lock()  # one handshake at a time per host: MaxStartups
+        # One handshake at a time per host (sshd's MaxStartups); made on the loop thread,
+        # since before 3.10 an asyncio.Lock binds to the loop current at its creation.
+        self._lock: Optional[asyncio.Lock] = None
 
     def __repr__(self) -> str:
         return f"SSHTransport({self.host!r})"
@@ -202,8 +204,13 @@ class SSHTransport:
     def python_label(self) -> str:
         return " or ".join(_bootstrap.interpreters(self.python))
 
+    def _connect_lock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
     async def connect(self) -> None:
-        async with self._connect_lock:
+        async with self._connect_lock():
             if not any(c.has_room() for c in self._connections):
                 await self._open_connection()
 
@@ -271,7 +278,7 @@ class SSHTransport:
     async def open_channel(self, on_stderr: StderrSink) -> Channel:
         command = _bootstrap.remote_command(self.python)
         for _ in range(64):  # bounded: each pass either opens a channel or learns a capacity
-            async with self._connect_lock:
+            async with self._connect_lock():
                 self._connections = [c for c in self._connections if not c.conn.is_closed()]
                 entry = next((c for c in self._connections if c.has_room()), None)
                 if entry is None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import gc
+import multiprocessing
 import json
 import os
 import subprocess
@@ -112,3 +114,16 @@ def test_garbage_collected_executor_shuts_down(child_kwargs: Dict[str, Any]) -> 
     while sshexec_threads() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sshexec_threads() == []
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_forked_child_exits_while_an_executor_lives(child_kwargs: Dict[str, Any]) -> None:
+    """A fork (ProcessPoolExecutor's default on Linux) must not inherit our exit hook's wait."""
+    executor = SSHPoolExecutor(1, **child_kwargs)
+    try:
+        assert executor.submit(tasks.square, 3).result(timeout=30) == 9
+        context = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as other:
+            assert other.submit(tasks.square, 4).result(timeout=30) == 16
+    finally:
+        executor.shutdown()
