@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
-import multiprocessing
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
