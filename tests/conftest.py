@@ -61,6 +61,23 @@ def wait_no_workers(timeout: float = 8.0, ancestor: Optional[int] = None) -> Lis
     return pids
 
 
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids: List[int], timeout: float = 10.0) -> List[int]:
+    """Wait up to ``timeout`` for these processes to end; the ones still alive."""
+    deadline = time.monotonic() + timeout
+    while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
 def sshexec_threads() -> List[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("sshexec-") and t.is_alive()]
 

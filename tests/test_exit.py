@@ -19,7 +19,7 @@ import pytest
 from sshexec import SSHPoolExecutor
 
 from . import tasks
-from .conftest import sshexec_threads
+from .conftest import sshexec_threads, wait_gone
 from .sshd import SSHServer, executor_kwargs
 
 CHILD = textwrap.dedent(
@@ -40,14 +40,6 @@ CHILD = textwrap.dedent(
     {ending}
     """
 )
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 def run_child(
@@ -74,13 +66,6 @@ def pids_of(proc: subprocess.CompletedProcess[str]) -> List[int]:
     return pids
 
 
-def wait_gone(pids: List[int], timeout: float = 8.0) -> List[int]:
-    deadline = time.monotonic() + timeout
-    while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
-
-
 @pytest.fixture(params=["local", "ssh"])
 def child_kwargs(request: pytest.FixtureRequest) -> Dict[str, Any]:
     if request.param == "local":
@@ -94,7 +79,7 @@ def test_exit_without_shutdown_finishes_pending_work_and_leaves_no_worker(
 ) -> None:
     proc = run_child(child_kwargs, ending="sys.stdout.flush()", pending=0.5)
     assert "pending: finished" in proc.stdout  # as ProcessPoolExecutor: pending work completes
-    assert wait_gone(pids_of(proc)) == []
+    assert wait_gone(pids_of(proc), timeout=8.0) == []
 
 
 def test_killed_client_leaves_no_worker(child_kwargs: Dict[str, Any]) -> None:
@@ -109,7 +94,7 @@ def test_garbage_collected_executor_shuts_down(child_kwargs: Dict[str, Any]) -> 
     del executor
     gc.collect()
     assert future.result(timeout=30) == "done anyway"
-    assert wait_gone(pids) == []
+    assert wait_gone(pids, timeout=8.0) == []
     deadline = time.monotonic() + 10
     while sshexec_threads() and time.monotonic() < deadline:
         time.sleep(0.05)

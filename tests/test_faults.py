@@ -21,6 +21,7 @@ import pytest
 from sshexec import BrokenPool, SSHPoolExecutor, WorkerLostError
 
 from . import tasks
+from .conftest import wait_gone
 from .sshd import Client, SSHServer, executor_kwargs
 
 Make = Callable[..., SSHPoolExecutor]
@@ -183,14 +184,6 @@ INTERRUPTED = textwrap.dedent(
 )
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
-
-
 def run_client(kwargs: Dict[str, Any], body: str, interrupt_after: float = 0.0) -> List[int]:
     import json
 
@@ -219,13 +212,6 @@ def client_kwargs(request: pytest.FixtureRequest) -> Dict[str, Any]:
     if request.param == "local":
         return {"shutdown_grace": 2.0}
     return executor_kwargs(request.getfixturevalue("sshd_pair"), shutdown_grace=2.0)
-
-
-def wait_gone(pids: List[int], timeout: float = 10.0) -> List[int]:
-    deadline = time.monotonic() + timeout
-    while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
 
 
 def test_ctrl_c_during_map_leaves_no_worker(client_kwargs: Dict[str, Any]) -> None:
