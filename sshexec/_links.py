@@ -1,20 +1,22 @@
-"""Workers and hosts as the pool sees them, and starting one worker.
+"""Workers, hosts and tasks as the pool sees them: starting one worker, settling a Future.
 
-Owns: ``Task``, ``HostState`` and ``WorkerLink`` records, and ``open_worker``:
-open a channel, run the bootstrap handshake, read and check ``Hello``, send
-``Init``; bounded, and leaving no process behind when it fails. Must not import:
-asyncssh or subprocess (it sees only the ``Transport``/``Channel`` protocols).
+Owns: ``Task``, ``HostState`` and ``WorkerLink`` records; ``open_worker``: open a
+channel, run the bootstrap handshake, read and check ``Hello``, send ``Init``
+(bounded, leaving no process behind when it fails); ``settle`` and ``fail``: how a
+reply or a loss ends a task's Future. Must not import: asyncssh or subprocess (it
+sees only the ``Transport``/``Channel`` protocols).
 """
 
 from __future__ import annotations
 
 import asyncio
+import pickle
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Set, Tuple
 
 from . import _protocol as proto
-from ._errors import WorkerStartupError
+from ._errors import ResultDecodeError, WorkerStartupError, rebuild
 from ._transport import Channel, Transport, handshake
 
 STARTUP_TIMEOUT = 60.0  # bootstrap + Hello, per worker (includes shipping the bundle)
@@ -66,6 +68,33 @@ class WorkerLink:
     @property
     def pid(self) -> int:
         return self.hello.pid
+
+
+def settle(task: Task, reply: proto.Done | proto.Failed, worker_id: str) -> None:
+    """End the task's Future with the worker's result or the rebuilt exception."""
+    if isinstance(reply, proto.Failed):
+        task.future.set_exception(rebuild(reply, worker_id))
+        return
+    try:
+        result = pickle.loads(reply.payload)
+    except BaseException as exc:  # e.g. its class is not importable here; even SystemExit
+        error = ResultDecodeError(
+            f"task {task.task_id}: the result from worker {worker_id} cannot be "
+            f"unpickled on this host: {type(exc).__name__}: {exc}"
+        )
+        error.__cause__ = exc
+        task.future.set_exception(error)
+    else:
+        task.future.set_result(result)
+
+
+def fail(future: Future[Any], exc: BaseException) -> None:
+    """Fail a Future the pool gives up on, unless it is done or was cancelled."""
+    if future.done():
+        return
+    if not future.running() and not future.set_running_or_notify_cancel():
+        return  # cancelled by the user
+    future.set_exception(exc)
 
 
 async def open_worker(

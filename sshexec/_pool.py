@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import pickle
 from concurrent.futures import Future
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -30,12 +29,10 @@ from . import _protocol as proto
 from ._errors import (
     BrokenPool,
     ProtocolError,
-    ResultDecodeError,
     WorkerLostError,
     WorkerStartupError,
-    rebuild,
 )
-from ._links import HostState, OutputSink, Task, WorkerLink, open_worker
+from ._links import HostState, OutputSink, Task, WorkerLink, fail, open_worker, settle
 from ._scheduler import Scheduler
 from ._transport import Channel, Transport
 
@@ -189,7 +186,7 @@ class Pool:
 
     def enqueue(self, task: Task) -> None:
         if self.broken is not None:
-            _fail(task.future, self.broken)
+            fail(task.future, self.broken)
             return
         self.tasks[task.task_id] = task
         self._idle.clear()
@@ -271,20 +268,7 @@ class Pool:
         task = self.tasks.pop(message.task_id, None)
         if task is None or task.future.done():
             return
-        if isinstance(message, proto.Done):
-            try:
-                result = pickle.loads(message.payload)
-            except BaseException as exc:  # e.g. its class is not importable here; even SystemExit
-                error = ResultDecodeError(
-                    f"task {task.task_id}: the result from worker {link.worker_id} cannot be "
-                    f"unpickled on this host: {type(exc).__name__}: {exc}"
-                )
-                error.__cause__ = exc
-                task.future.set_exception(error)
-            else:
-                task.future.set_result(result)
-        else:
-            task.future.set_exception(rebuild(message, link.worker_id))
+        settle(task, message, link.worker_id)
         log.debug("task done task=%d worker=%s", task.task_id, link.worker_id)
 
     def _after_replies(self, link: WorkerLink) -> None:
@@ -327,7 +311,7 @@ class Pool:
             for task_id in doomed:
                 task = self.tasks.pop(task_id, None)
                 if task is not None:
-                    _fail(
+                    fail(
                         task.future,
                         WorkerLostError(task_id, task.losses or [(link.worker_id, how)]),
                     )
@@ -369,7 +353,7 @@ class Pool:
         self.scheduler.drain_queue()
         tasks, self.tasks = self.tasks, {}
         for task in tasks.values():
-            _fail(task.future, self.broken)
+            fail(task.future, self.broken)
         self._note_idle()
 
     # ---- shutdown -------------------------------------------------------------------------
@@ -442,11 +426,3 @@ class Pool:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
-
-
-def _fail(future: Future[Any], exc: BaseException) -> None:
-    if future.done():
-        return
-    if not future.running() and not future.set_running_or_notify_cancel():
-        return  # cancelled by the user
-    future.set_exception(exc)
