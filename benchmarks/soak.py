@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from sshexec import SSHPoolExecutor
+from tests.procs import worker_pids
 
 from . import report, tasks
 from . import sshd as loopback
 
-WORKER_SIGNATURE = b"os._exit(4)');exec(b)"  # the bootstrap loader on each worker's command line
 MAP_TASKS, SUBMIT_TASKS = 1_000_000, 100_000
 BUFFERSIZE = 1000
 TIMEOUT = 1200.0  # per phase
@@ -36,43 +36,11 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def worker_pids() -> List[int]:
-    """Live sshexec workers descending from this process (local ones, or started by the
-    sshd this process started), so that other runs on the machine are not counted."""
-    parents: Dict[int, int] = {}
-    workers = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry)] = int(fields[1])
-        if WORKER_SIGNATURE in cmdline and fields[0] != b"Z":
-            workers.append(int(entry))
-    me = os.getpid()
-
-    def mine(pid: int) -> bool:
-        for _ in range(64):
-            pid = parents.get(pid, 0)
-            if pid == me:
-                return True
-            if pid <= 1:
-                return False
-        return False
-
-    return [pid for pid in workers if mine(pid)]
-
-
 def snapshot() -> Dict[str, Any]:
     return {
         "fds": len(os.listdir("/proc/self/fd")),
         "threads": sorted(t.name for t in threading.enumerate()),
-        "workers": sorted(worker_pids()),
+        "workers": sorted(worker_pids(os.getpid())),
     }
 
 

@@ -208,7 +208,7 @@ class Pool:
 
     def _dispatch(self) -> None:
         self._dispatch_pending = False
-        batches: Dict[str, List[bytes]] = {}
+        batches: Dict[str, List[proto.Message]] = {}
         for worker_id, task_id in self.scheduler.assignments():
             task = self.tasks.get(task_id)
             if task is not None and not task.is_started:
@@ -220,12 +220,12 @@ class Pool:
                 self.scheduler.complete(worker_id, task_id)
                 continue
             log.debug("dispatch task=%d worker=%s", task_id, worker_id)
-            batches.setdefault(worker_id, []).append(proto.encode(proto.Run(task_id, task.payload)))
+            batches.setdefault(worker_id, []).append(proto.Run(task_id, task.payload))
         for worker_id, task_id in self.scheduler.steals():
             log.debug("revoke task=%d worker=%s", task_id, worker_id)
-            batches.setdefault(worker_id, []).append(proto.encode(proto.Revoke(task_id)))
-        for worker_id, frames in batches.items():
-            self.links[worker_id].channel.write(b"".join(frames))
+            batches.setdefault(worker_id, []).append(proto.Revoke(task_id))
+        for worker_id, messages in batches.items():
+            self.links[worker_id].channel.write(proto.frames(messages))  # one write per worker
         self._note_idle()
 
     async def _read_replies(self, link: WorkerLink, decoder: proto.FrameDecoder) -> None:

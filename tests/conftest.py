@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List
 
 import cloudpickle
 import pytest
@@ -14,68 +14,10 @@ import pytest
 from sshexec import SSHPoolExecutor
 
 from . import tasks
+from .procs import wait_no_workers, worker_pids
 from .sshd import REQUIRE_ENV, Client, SSHServer, executor_kwargs, sshd_available
 
 cloudpickle.register_pickle_by_value(tasks)  # nodes have no copy of the tests
-
-WORKER_SIGNATURE = b"os._exit(4)');exec(b)"  # the bootstrap loader on every worker's command line
-
-
-def worker_pids(ancestor: Optional[int] = None) -> List[int]:
-    """Live sshexec worker processes (local, or started by an sshd), optionally only the
-    descendants of ``ancestor``, so that concurrent test runs do not see each other's."""
-    parents: Dict[int, int] = {}
-    workers = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry)] = int(fields[1])
-        if WORKER_SIGNATURE in cmdline and fields[0] != b"Z":
-            workers.append(int(entry))
-    if ancestor is None:
-        return workers
-
-    def descends(pid: int) -> bool:
-        for _ in range(64):
-            pid = parents.get(pid, 0)
-            if pid == ancestor:
-                return True
-            if pid <= 1:
-                return False
-        return False
-
-    return [pid for pid in workers if descends(pid)]
-
-
-def wait_no_workers(timeout: float = 8.0, ancestor: Optional[int] = None) -> List[int]:
-    deadline = time.monotonic() + timeout
-    while (pids := worker_pids(ancestor)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return pids
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
-
-
-def wait_gone(pids: List[int], timeout: float = 10.0) -> List[int]:
-    """Wait up to ``timeout`` for these processes to end; the ones still alive."""
-    deadline = time.monotonic() + timeout
-    while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
 
 
 def sshexec_threads() -> List[str]:

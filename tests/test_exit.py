@@ -19,7 +19,8 @@ import pytest
 from sshexec import SSHPoolExecutor
 
 from . import tasks
-from .conftest import sshexec_threads, wait_gone
+from .conftest import sshexec_threads
+from .procs import wait_gone
 from .sshd import SSHServer, executor_kwargs
 
 CHILD = textwrap.dedent(

@@ -21,7 +21,7 @@ import pytest
 from sshexec import BrokenPool, SSHPoolExecutor, WorkerLostError
 
 from . import tasks
-from .conftest import wait_gone
+from .procs import wait_gone
 from .sshd import Client, SSHServer, executor_kwargs
 
 Make = Callable[..., SSHPoolExecutor]
