@@ -19,6 +19,7 @@ from ._errors import (
 )
 from ._executor import SSHPoolExecutor
 from ._hosts import Host, parse_host
+from ._stats import HostStats, Stats, WorkerStats
 
 __version__ = "0.1.0"
 
@@ -26,13 +27,16 @@ __all__ = [
     "BrokenPool",
     "CallDecodeError",
     "Host",
+    "HostStats",
     "ProtocolError",
     "RemoteError",
     "ResultDecodeError",
     "SSHExecError",
     "SSHPoolExecutor",
+    "Stats",
     "WorkerLostError",
     "WorkerStartupError",
+    "WorkerStats",
     "__version__",
     "parse_host",
 ]

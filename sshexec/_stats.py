@@ -1,0 +1,177 @@
+"""Who did what: per-worker and per-host counters and the snapshot ``stats()`` returns.
+
+Owns: ``Counters`` (mutated on the loop thread only), the frozen ``WorkerStats``,
+``HostStats`` and ``Stats`` snapshots handed to users, and their text table.
+Must not import: asyncio, the pool, or any I/O.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional
+
+
+@dataclass
+class Counters:
+    """Running totals for one worker (and, summed, for one host). Loop thread only."""
+
+    tasks_done: int = 0
+    tasks_failed: int = 0
+    tasks_retried: int = 0
+    busy_seconds: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    rtt_seconds: Optional[float] = None
+
+    def add(self, other: Counters) -> None:
+        self.tasks_done += other.tasks_done
+        self.tasks_failed += other.tasks_failed
+        self.tasks_retried += other.tasks_retried
+        self.busy_seconds += other.busy_seconds
+        self.bytes_sent += other.bytes_sent
+        self.bytes_received += other.bytes_received
+
+
+def _mean(busy: float, done: int, failed: int) -> float:
+    return busy / (done + failed) if done + failed else 0.0
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """One worker process: what it ran and what crossed its channel.
+
+    ``busy_seconds`` is measured on the worker around each call (unpickling the call,
+    running it, pickling the result); ``bytes_sent`` counts frames to the worker,
+    ``bytes_received`` frames from it; ``rtt_seconds`` is the latest ping to the worker
+    process (through SSH for remote hosts), None before the first answer.
+    """
+
+    worker_id: str
+    host: str
+    pid: int
+    is_alive: bool
+    tasks_done: int
+    tasks_failed: int
+    tasks_retried: int
+    busy_seconds: float
+    bytes_sent: int
+    bytes_received: int
+    rtt_seconds: Optional[float]
+
+    __module__ = "sshexec"
+
+    @property
+    def mean_task_seconds(self) -> float:
+        """Mean busy time per finished task (0.0 before the first)."""
+        return _mean(self.busy_seconds, self.tasks_done, self.tasks_failed)
+
+
+@dataclass(frozen=True)
+class HostStats:
+    """One host: totals over every worker it ever ran, and its live worker count.
+
+    ``tasks_retried`` counts tasks this host lost with a worker and that were run
+    again; ``rtt_seconds`` is the median of its live workers' latest pings.
+    """
+
+    host: str
+    workers: int
+    tasks_done: int
+    tasks_failed: int
+    tasks_retried: int
+    busy_seconds: float
+    bytes_sent: int
+    bytes_received: int
+    rtt_seconds: Optional[float]
+    error: Optional[str] = None  # why the host was given up, if it was
+
+    __module__ = "sshexec"
+
+    @property
+    def mean_task_seconds(self) -> float:
+        """Mean busy time per finished task (0.0 before the first)."""
+        return _mean(self.busy_seconds, self.tasks_done, self.tasks_failed)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What ``SSHPoolExecutor.stats()`` returns: a consistent snapshot, safe to keep.
+
+    ``str(stats)`` (or ``stats.table()``) is a text table, one row per host.
+    """
+
+    hosts: Dict[str, HostStats] = field(default_factory=dict)
+    workers: Dict[str, WorkerStats] = field(default_factory=dict)
+
+    __module__ = "sshexec"
+
+    @property
+    def tasks_done(self) -> int:
+        return sum(h.tasks_done for h in self.hosts.values())
+
+    @property
+    def tasks_failed(self) -> int:
+        return sum(h.tasks_failed for h in self.hosts.values())
+
+    @property
+    def busy_seconds(self) -> float:
+        return sum(h.busy_seconds for h in self.hosts.values())
+
+    def table(self, per_worker: bool = False) -> str:
+        """Aligned text table: one row per host (and per worker with ``per_worker``)."""
+        header = ["host", "workers", "done", "failed", "retried", "busy s", "mean ms"]
+        header += ["sent", "received", "rtt ms"]
+        rows: List[List[str]] = []
+        for host in self.hosts.values():
+            rows.append(_row(host.host, str(host.workers), host))
+            if per_worker:
+                for worker in self.workers.values():
+                    if worker.host == host.host:
+                        alive = "" if worker.is_alive else " (gone)"
+                        rows.append(_row(f"  {worker.worker_id}{alive}", "", worker))
+        return _format([header, *rows])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _row(name: str, workers: str, s: WorkerStats | HostStats) -> List[str]:
+    rtt = "-" if s.rtt_seconds is None else f"{s.rtt_seconds * 1000:.2f}"
+    return [
+        name,
+        workers,
+        str(s.tasks_done),
+        str(s.tasks_failed),
+        str(s.tasks_retried),
+        f"{s.busy_seconds:.2f}",
+        f"{s.mean_task_seconds * 1000:.2f}",
+        _size(s.bytes_sent),
+        _size(s.bytes_received),
+        rtt,
+    ]
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"  # unreachable
+
+
+def _format(rows: List[List[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for index, row in enumerate(rows):
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def median_rtt(values: Iterable[Optional[float]]) -> Optional[float]:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
