@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Iterator, List, Optional, Tuple
 
 import cloudpickle
 import pytest
@@ -20,6 +20,9 @@ from sshexec._hosts import build_transports, hosts_from_env, resolve_hosts, shar
 from sshexec._transport import LocalTransport
 
 from .sshd import SSHServer, executor_kwargs
+
+if TYPE_CHECKING:
+    from sshexec._hosts import HostsArg
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # nodes have no copy of the tests
 
@@ -225,7 +228,8 @@ def test_hosts_argument_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     empty.write_text("# nobody yet\n")
     with pytest.raises(ValueError, match=f"host file {empty} lists no hosts"):
         resolve_hosts(empty)
-    for nothing in ("", " , ", []):
+    nothings: List[HostsArg] = ["", " , ", []]
+    for nothing in nothings:
         with pytest.raises(ValueError, match="hosts is empty"):
             resolve_hosts(nothing)
     with pytest.raises(FileNotFoundError):
