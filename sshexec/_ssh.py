@@ -261,7 +261,7 @@ class SSHTransport:
             raise WorkerStartupError(
                 self.host, "connect", f"cannot read the ssh config for {hostname}: {exc}"
             ) from exc
-        jump = options.tunnel if "tunnel" not in kwargs else None
+        jump = kwargs.get("tunnel", options.tunnel)  # tunnel="a,b" is a ProxyJump list too
         return options.host, options.port, jump if isinstance(jump, str) else ""
 
     async def _connect_route(
@@ -315,10 +315,10 @@ class SSHTransport:
         for that hop (``where`` is the hop's spec or None, its address and port)."""
         hop, address, port = where
         via = f"jump host {hop}: " if hop else ""
-        extra = {"tunnel": tunnel} if tunnel is not None else {}
+        call = {**kwargs, "tunnel": tunnel} if tunnel is not None else kwargs
         try:
             return await asyncio.wait_for(
-                asyncssh.connect(hostname, **kwargs, **extra), self.connect_timeout + 5
+                asyncssh.connect(hostname, **call), self.connect_timeout + 5
             )
         except asyncssh.HostKeyNotVerifiable as exc:
             raise self._host_key_error(exc, address, port, via) from exc

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 
 from sshexec import Host, SSHPoolExecutor, WorkerStartupError
 
-from .sshd import Client, SSHServer, free_port
+from .sshd import Client, SSHServer, descendants, free_port
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # nodes have no copy of the tests
 
@@ -52,14 +53,16 @@ class JumpSite:
         path.write_text("".join(f"[{s.address}]:{s.port} {s.host_key}\n" for s in servers))
         return str(path)
 
-    def config(self, name: str, known_hosts: Optional[Dict[str, str]] = None) -> str:
+    def config(
+        self, name: str, known_hosts: Optional[Dict[str, str]] = None, jump: bool = True
+    ) -> str:
         """An ssh config with aliases ``bastion`` and ``target`` (ProxyJump bastion);
         ``known_hosts`` maps an alias to its UserKnownHostsFile line."""
         known_hosts = known_hosts or {}
         text = ""
         for alias, server, extra in (
             ("bastion", self.bastion, ""),
-            ("target", self.target, "    ProxyJump bastion\n"),
+            ("target", self.target, "    ProxyJump bastion\n" if jump else ""),
         ):
             text += (
                 f"Host {alias}\n    HostName {server.address}\n    Port {server.port}\n"
@@ -135,6 +138,11 @@ def test_proxyjump_from_ssh_config(site: JumpSite) -> None:
         assert "workers=2" in repr(ex)
     assert seen == {(site.namespace_inode(), "target", "behind the bastion")}
     assert site.namespace_inode() != os.stat("/proc/self/ns/net").st_ino
+    assert site.bastion.proc is not None
+    deadline = time.monotonic() + 10  # closing the target's connection closed the hop's
+    while descendants(site.bastion.proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert descendants(site.bastion.proc.pid) == []
 
 
 def test_known_hosts_option_covers_the_jump_host(site: JumpSite) -> None:
@@ -176,6 +184,17 @@ def test_unsafe_skip_covers_the_jump_host(site: JumpSite) -> None:
         unsafe_skip_host_key_check=True,
         ssh_options=options(config),
         python=sys.executable,
+    ) as ex:
+        assert ex.submit(net_namespace).result(timeout=30)[0] == site.namespace_inode()
+
+
+def test_tunnel_option_string_is_a_jump_list(site: JumpSite) -> None:
+    """asyncssh's own ``tunnel="bastion"`` connect option is treated as a ProxyJump list."""
+    config = site.config("config-no-jump", jump=False)
+    both = site.known_hosts(site.bastion, site.target)
+    host = Host("target", options={"tunnel": "bastion"})
+    with SSHPoolExecutor(
+        1, hosts=[host], known_hosts=both, ssh_options=options(config), python=sys.executable
     ) as ex:
         assert ex.submit(net_namespace).result(timeout=30)[0] == site.namespace_inode()
 
