@@ -115,6 +115,17 @@ def site(ssh_client: Client, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+def connections(server: SSHServer) -> List[int]:
+    """The listener's direct children: one sshd process per TCP connection."""
+    assert server.proc is not None
+    return [p for p in descendants(server.proc.pid) if parent_of(p) == server.proc.pid]
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[1])
+
+
 def options(config: str) -> Dict[str, Any]:
     return {"config": [config], "agent_path": None}
 
@@ -136,6 +147,7 @@ def test_proxyjump_from_ssh_config(site: JumpSite) -> None:
     with SSHPoolExecutor(hosts=[host], ssh_options=options(config), python=sys.executable) as ex:
         seen = set(ex.map(net_namespace, range(8)))
         assert "workers=2" in repr(ex)
+        assert len(connections(site.bastion)) == 1  # one hop, shared by the node's channels
     assert seen == {(site.namespace_inode(), "target", "behind the bastion")}
     assert site.namespace_inode() != os.stat("/proc/self/ns/net").st_ino
     assert site.bastion.proc is not None
@@ -197,6 +209,42 @@ def test_tunnel_option_string_is_a_jump_list(site: JumpSite) -> None:
         1, hosts=[host], known_hosts=both, ssh_options=options(config), python=sys.executable
     ) as ex:
         assert ex.submit(net_namespace).result(timeout=30)[0] == site.namespace_inode()
+
+
+@pytest.mark.parametrize(
+    ("target_jump", "again_jump"),
+    [
+        ("bastion,again", ""),  # a chain: the second hop goes through the first
+        ("again", "bastion"),  # a hop with a ProxyJump of its own
+    ],
+)
+def test_jump_chains_are_followed_and_closed(
+    site: JumpSite, tmp_path: Path, target_jump: str, again_jump: str
+) -> None:
+    """``again`` is the bastion once more, reached from inside the namespace."""
+    bastion, target, client = site.bastion, site.target, site.client
+    text = ""
+    for alias, server, jump in (
+        ("bastion", bastion, ""),
+        ("again", bastion, again_jump),
+        ("target", target, target_jump),
+    ):
+        text += f"Host {alias}\n    HostName {server.address}\n    Port {server.port}\n"
+        text += f"    User {client.user}\n    IdentityFile {client.key}\n"
+        text += f"    ProxyJump {jump}\n" if jump else ""
+    config = tmp_path / "config"
+    config.write_text(text)
+    both = site.known_hosts(bastion, target)
+    with SSHPoolExecutor(
+        1, hosts="target", known_hosts=both, ssh_options=options(str(config)), python=sys.executable
+    ) as ex:
+        assert ex.submit(net_namespace).result(timeout=30)[0] == site.namespace_inode()
+        assert bastion.proc is not None
+        assert len(connections(bastion)) == 2  # both hops are sessions of the bastion
+    deadline = time.monotonic() + 10
+    while descendants(bastion.proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert descendants(bastion.proc.pid) == []
 
 
 def test_proxyjump_in_a_host_file_line(site: JumpSite, tmp_path: Path) -> None:
