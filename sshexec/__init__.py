@@ -18,7 +18,7 @@ from ._errors import (
     WorkerStartupError,
 )
 from ._executor import SSHPoolExecutor
-from ._hosts import Host, parse_host
+from ._hosts import Host, parse_host, read_hosts
 from ._stats import HostStats, Stats, WorkerStats
 
 __version__ = "0.1.0"
@@ -39,4 +39,5 @@ __all__ = [
     "WorkerStats",
     "__version__",
     "parse_host",
+    "read_hosts",
 ]

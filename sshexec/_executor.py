@@ -30,12 +30,11 @@ from typing import (
     Optional,
     Tuple,
     TypeVar,
-    Union,
 )
 
 import cloudpickle
 
-from ._hosts import Host, build_transports, hosts_from_env
+from ._hosts import build_transports, resolve_hosts
 from ._links import STARTUP_TIMEOUT, Task, snapshot
 from ._output import OutputRouter
 from ._pool import Pool
@@ -46,6 +45,8 @@ from ._worker import process_chunk
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
+
+    from ._hosts import HostsArg
 
     P = ParamSpec("P")
 
@@ -71,8 +72,10 @@ class SSHPoolExecutor(Executor):
             If it raises, that host is given up; when no host is left the pool is broken.
         initargs: Arguments for ``initializer``.
         max_tasks_per_child: Replace each worker after this many tasks.
-        hosts: ``"[user@]host[:port]"`` strings or ``Host`` values. None reads
-            ``SSHEXEC_HOSTS`` (comma-separated); when that is unset too, workers are local.
+        hosts: ``"[N/][user@]host[:port]"`` strings or ``Host`` values (``":"`` is this
+            machine); a str is a comma-separated list; ``"@path"`` or a ``pathlib.Path``
+            is a host file (see ``read_hosts``). None reads ``SSHEXEC_HOSTS`` the same
+            way; when that is unset too, workers are local.
         python: Remote interpreter for hosts without ``Host(python=...)``.
         known_hosts: known_hosts file to check host keys against (default: ssh's).
         unsafe_skip_host_key_check: Accept any host key. UNSAFE: anyone on the path can
@@ -111,7 +114,7 @@ class SSHPoolExecutor(Executor):
         initargs: Tuple[Any, ...] = (),
         *,
         max_tasks_per_child: Optional[int] = None,
-        hosts: Optional[Iterable[Union[str, Host]]] = None,
+        hosts: Optional[HostsArg] = None,
         python: Optional[str] = None,
         known_hosts: Optional[str] = None,
         unsafe_skip_host_key_check: bool = False,
@@ -153,13 +156,7 @@ class SSHPoolExecutor(Executor):
             if not isinstance(number, (int, float)) or number <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds")
         output = OutputRouter(remote_output)  # validates remote_output
-        specs: Optional[List[Union[str, Host]]] = None
-        if hosts is not None:
-            specs = list(hosts)
-        elif (from_env := hosts_from_env()) is not None:
-            specs = list(from_env)
-        if specs is not None and not specs:
-            raise ValueError("hosts is empty: give at least one host, or None for local workers")
+        specs = resolve_hosts(hosts)
         transports = build_transports(
             specs,
             max_workers,
