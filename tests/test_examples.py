@@ -50,6 +50,12 @@ def succeeded(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout
 
 
+def error_text(stderr: str) -> str:
+    """What the example printed after ``error:`` (possibly several lines), before its hint."""
+    assert "error: " in stderr, stderr
+    return stderr.split("error: ", 1)[1].split("\nhint: ", 1)[0]
+
+
 def is_prime(n: int) -> bool:
     return n > 1 and all(n % k for k in range(2, math.isqrt(n) + 1))
 
@@ -143,7 +149,7 @@ def test_eigenvalues_without_numpy_on_the_workers(bare_python: str) -> None:
     result = run_example("eigenvalues", "--count", "2", "--size", "5", "--python", bare_python)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
-    error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
+    error = error_text(result.stderr)
     assert "numpy" in error
     assert bare_python in error  # the forwarding error names the remote interpreter
     assert "hint: numpy must already be installed on every node" in result.stderr
@@ -231,7 +237,7 @@ def test_eigenvalues_without_numpy_on_the_node(ssh_home: Path, bare_python: str)
         home=ssh_home,
     )
     assert result.returncode == 1, result.stdout + result.stderr
-    error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
+    error = error_text(result.stderr)
     assert "numpy" in error
     assert "node-alpha" in error  # names the host ...
     assert bare_python in error  # ... and the remote interpreter
