@@ -57,8 +57,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             print(
                 f"hint: {exc.name or 'numpy'} must already be installed on every node, for the "
-                "interpreter named above (e.g. run `python3 -m pip install numpy` there with that "
-                "interpreter), or pass --python an interpreter that has it.",
+                "interpreter the workers run there (named above): sshexec forwards your own "
+                "pure-Python modules but never installs compiled packages. Or pass --python "
+                "an interpreter that has it.",
                 file=sys.stderr,
             )
             return 1
