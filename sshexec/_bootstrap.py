@@ -101,7 +101,20 @@ import sshexec._worker
 sshexec._worker.main()
 """
 
-_BUNDLE_INIT: Final = '"""sshexec worker bundle: only the modules a node needs."""\n'
+# The bundle's package holds only what a worker needs. Code on the node that imports
+# sshexec's public names (a forwarded module with ``from sshexec import ...`` at its
+# top) gets them from ``_public``, the real ``__init__``, whose own imports are then
+# forwarded from the client like any other module the node lacks.
+_BUNDLE_INIT: Final = '''"""sshexec worker bundle: only the modules a node needs."""
+
+
+def __getattr__(name):
+    if name.startswith("_"):  # private names are submodules: let the import system find them
+        raise AttributeError(name)
+    import importlib
+
+    return getattr(importlib.import_module(__name__ + "._public"), name)
+'''
 
 
 def client_version() -> str:
@@ -119,7 +132,10 @@ def _package_files(module: object) -> Sequence[Tuple[str, Path]]:
 def bundle() -> bytes:
     """The zip shipped to nodes; deterministic, so its hash names it in the node cache."""
     here = Path(__file__).parent
-    entries = [("sshexec/__init__.py", _BUNDLE_INIT.encode())]
+    entries = [
+        ("sshexec/__init__.py", _BUNDLE_INIT.encode()),
+        ("sshexec/_public.py", (here / "__init__.py").read_bytes()),
+    ]
     for name in ("_protocol.py", "_worker.py"):
         entries.append((f"sshexec/{name}", (here / name).read_bytes()))
     for module in (cloudpickle, msgpack):

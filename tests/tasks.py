@@ -3,6 +3,7 @@ cloudpickle.register_pickle_by_value, so nodes need no copy of the test suite.""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -147,3 +148,34 @@ def write_garbage_frame() -> None:
                 return
         except OSError:
             continue
+
+
+def say_lines(n: int) -> int:
+    for i in range(n):
+        print(f"out {i}")
+    print(f"err {n - 1}", file=sys.stderr)
+    return n
+
+
+def log_things(word: str) -> str:
+    log = logging.getLogger("tests.remote")
+    log.info("info %s %d", word, 1)
+    log.debug("below the client's level: never sent")
+    try:
+        1 / 0  # noqa: B018
+    except ZeroDivisionError:
+        log.exception("failed %s", word)
+    return word
+
+
+def uses_numpy() -> float:
+    import numpy
+
+    return float(numpy.ones(3).sum())
+
+
+def public_names_on_the_node() -> str:
+    """What a forwarded module that does ``from sshexec import ...`` would see."""
+    from sshexec import SSHPoolExecutor, Stats
+
+    return f"{SSHPoolExecutor.__name__} {Stats.__name__}"

@@ -18,9 +18,9 @@ from sshexec._protocol import (
     MAX_FRAME_LIMIT,
     Done,
     Failed,
+    Fetch,
     FrameDecoder,
     FrameError,
-    Fetch,
     Hello,
     Init,
     Log,
@@ -426,9 +426,7 @@ _messages = st.one_of(
         st.text(max_size=30),
     ),
     st.just(Ready()),
-    st.builds(
-        Done, st.integers(0, 2**32), st.binary(max_size=40), st.floats(allow_nan=False)
-    ),
+    st.builds(Done, st.integers(0, 2**32), st.binary(max_size=40), st.floats(allow_nan=False)),
     st.builds(
         Failed,
         st.integers(0, 2**32),
@@ -497,4 +495,4 @@ def test_an_int_is_accepted_where_a_float_belongs() -> None:
     # msgpack writes 0.0 as a float, but a peer that sends 0 for a duration is harmless
     (message,) = decode_all(packed_frame([Done.TAG, 5, b"r", 2]))
     assert message == Done(5, b"r", 2.0)
-    assert type(message.seconds) is float  # type: ignore[union-attr]
+    assert type(message.seconds) is float
