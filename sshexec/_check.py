@@ -9,6 +9,7 @@ and its fixes are in ``_checkreport``. Must not import: the executor or the pool
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import shlex
 import socket
@@ -193,14 +194,28 @@ async def _client_keys(options: Any, settings: CheckSettings) -> List[Tuple[Any,
                 keys.append((key, f"agent: {key.get_comment() or fingerprint}"))
         except (OSError, ValueError, asyncssh.Error):
             pass  # no agent running: files only, as ssh does
-    paths: Dict[str, str] = {}
-    for path in settings.identities:
-        for pair in asyncssh.load_keypairs(path):
-            paths[pair.public_data.hex()] = _home(os.path.expanduser(path))
+    paths = _key_paths(settings.identities)
     for pair in options.client_keys or ():
-        label = paths.get(pair.public_data.hex()) or pair.get_comment() or "key"
+        label = paths.get(pair.public_data) or pair.get_comment() or "key"
         keys.append((pair, label))
     return keys
+
+
+def _key_paths(identities: Sequence[str]) -> Dict[bytes, str]:
+    """Public key -> the file it came from: -i files and ~/.ssh/id_*, read from their
+    ``.pub`` files (no passphrase needed)."""
+    found = [os.path.expanduser(p) for p in identities]
+    found += sorted(
+        p for p in glob.glob(os.path.expanduser("~/.ssh/id_*")) if not p.endswith(".pub")
+    )
+    paths: Dict[bytes, str] = {}
+    for path in found:
+        try:
+            public = asyncssh.read_public_key(path + ".pub").public_data
+        except (OSError, ValueError, asyncssh.Error):
+            continue
+        paths.setdefault(public, _home(path))
+    return paths
 
 
 async def _probe_session(

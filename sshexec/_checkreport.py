@@ -49,7 +49,9 @@ class HostReport:
         self.problems.append((what, fix))
 
     def _known_hosts_file(self) -> str:
-        return self.known_hosts[0] if self.known_hosts else KNOWN_HOSTS
+        path = self.known_hosts[0] if self.known_hosts else KNOWN_HOSTS
+        home = os.path.expanduser("~")
+        return "~" + path[len(home) :] if path.startswith(home + os.sep) else path
 
     def refused(self) -> None:
         self.reachable = "refused"
@@ -155,7 +157,7 @@ class HostReport:
 
 
 def _file_option(path: str) -> str:
-    return "" if path in (KNOWN_HOSTS, os.path.expanduser(KNOWN_HOSTS)) else f" -f {path}"
+    return "" if path == KNOWN_HOSTS else f" -f {path}"
 
 
 HEADER = ["host", "reachable", "host key", "auth", "python", "match", "cores", "rtt ms", "MB/s"]
