@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -145,6 +146,21 @@ def test_check_unreachable_port_is_quick(ssh_client: Client) -> None:
     assert table_row(result.stdout, f"127.0.0.1:{port}")[1] == "refused"
     assert f"connection refused by 127.0.0.1 port {port}" in result.stdout
     assert f"listens on port {port}" in result.stdout
+
+
+def test_check_silent_server_times_out(ssh_client: Client) -> None:
+    """A port that accepts TCP but never speaks SSH: reported within --timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        started = time.monotonic()
+        result = run_cli("check", f"127.0.0.1:{port}", *ssh_args(ssh_client), "--timeout", "1.5")
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert elapsed < 8
+    assert table_row(result.stdout, f"127.0.0.1:{port}")[1] == "timeout"
+    assert f"no answer from 127.0.0.1 port {port} within 1.5 s" in result.stdout
 
 
 def test_check_needs_hosts() -> None:
