@@ -32,7 +32,7 @@ def _host_options(parser: argparse.ArgumentParser, workers: bool = True) -> None
         "--hosts",
         metavar="SPECS",
         help="comma-separated [user@]host[:port], or @FILE for a host file "
-        f"(default: ${HOSTS_ENV}, else local workers)",
+        f"(default: ${HOSTS_ENV}" + (", else local workers)" if workers else ")"),
     )
     if workers:
         group.add_argument(
