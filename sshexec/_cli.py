@@ -165,9 +165,9 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     specs: List[str] = list(args.host)
     if not specs:
         listed = split_hosts(args.hosts) or split_hosts(os.environ.get(HOSTS_ENV) or None)
-        if isinstance(listed, str):
-            parser.error("check: host files (@FILE) are not supported yet; list the hosts")
-        specs = list(listed or [])
+        specs = [listed] if isinstance(listed, str) else list(listed or [])
+    if any(s.startswith("@") for s in specs):
+        parser.error("check: host files (@FILE) are not supported yet; list the hosts")
     if not specs:
         parser.error(f"check: give hosts to check (arguments, --hosts or ${HOSTS_ENV})")
     if args.timeout <= 0:
