@@ -18,7 +18,7 @@ from ._errors import (
     WorkerStartupError,
 )
 from ._executor import SSHPoolExecutor
-from ._hosts import Host, parse_host
+from ._hosts import Host, parse_host, read_hosts
 from ._progress import progress
 from ._stats import HostStats, Stats, WorkerStats
 
@@ -41,4 +41,5 @@ __all__ = [
     "__version__",
     "parse_host",
     "progress",
+    "read_hosts",
 ]

@@ -24,7 +24,7 @@ import shlex
 import sys
 import zipfile
 from pathlib import Path
-from typing import Final, Optional, Sequence, Tuple
+from typing import Final, Mapping, Optional, Sequence, Tuple
 
 import cloudpickle
 import msgpack
@@ -34,6 +34,8 @@ from . import _protocol
 CACHE_DIR: Final = "~/.cache/sshexec"
 BUNDLE_LENGTH_BYTES: Final = 8
 MISSING_PYTHON_EXIT: Final = 127
+MISSING_CWD_EXIT: Final = 125
+CWD_ERROR: Final = "sshexec: cannot change to the working directory"
 HAVE, NEED, WRONG_VERSION = b"H", b"N", b"V"
 
 # Runs on the node's interpreter, which may be any Python 3: keep it 3.6-compatible
@@ -170,14 +172,38 @@ def interpreters(python: Optional[str]) -> Tuple[str, ...]:
     return (f"python{client_version()}", "python3")
 
 
-def remote_command(python: Optional[str]) -> str:
+def shell_path(path: str) -> str:
+    """``path`` as one sh word; a leading ``~/`` becomes ``"$HOME"/`` (quoting stops ``~``)."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def remote_command(
+    python: Optional[str], env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None
+) -> str:
     """The SSH exec command: a POSIX sh loop over candidate interpreters, wrapped in
-    ``/bin/sh -c`` so it also works for users whose login shell is not POSIX."""
+    ``/bin/sh -c`` so it also works for users whose login shell is not POSIX.
+
+    ``cwd`` is entered first (exit ``MISSING_CWD_EXIT`` when it cannot be), then ``env`` is
+    exported, so an ``env`` ``PATH`` also applies to finding the interpreter. Values are
+    literal: sshd's ``AcceptEnv`` is not needed, and nothing is expanded."""
     code = shlex.quote(loader())
     candidates = interpreters(python)
     listed = " ".join(shlex.quote(p) for p in candidates)
+    setup = ""
+    if cwd:
+        where = shell_path(cwd)
+        setup += (
+            f"cd -- {where} 2>/dev/null || "
+            f"{{ printf '%s: %s\\n' {shlex.quote(CWD_ERROR)} {where} >&2; exit {MISSING_CWD_EXIT}; }}; "
+        )
+    for name, value in (env or {}).items():
+        setup += f"export {name}={shlex.quote(value)}; "
     script = (
-        f"for p in {listed}; do "
+        f"{setup}for p in {listed}; do "
         f'if command -v "$p" >/dev/null 2>&1; then exec "$p" -c {code}; fi; done; '
         f"echo 'sshexec: no usable Python on PATH (tried {' '.join(candidates)})' >&2; "
         f"exit {MISSING_PYTHON_EXIT}"

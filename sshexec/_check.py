@@ -148,7 +148,7 @@ async def _probe(host: Host, settings: CheckSettings, report: HostReport) -> Non
         return
     try:
         report.auth = f"publickey ({tracker.offered})" if tracker.offered else "none"
-        await _probe_session(conn, settings, report)
+        await _probe_session(conn, host.python or settings.python, report)
     finally:
         conn.close()
 
@@ -219,12 +219,12 @@ def _key_paths(identities: Sequence[str]) -> Dict[bytes, str]:
 
 
 async def _probe_session(
-    conn: asyncssh.SSHClientConnection, settings: CheckSettings, report: HostReport
+    conn: asyncssh.SSHClientConnection, python: Optional[str], report: HostReport
 ) -> None:
     report.stage = "python"
     wanted = client_version()
-    for python in interpreters(settings.python):
-        command = f"{shlex.quote(python)} -c {shlex.quote(PY_PROBE)}"
+    for candidate in interpreters(python):
+        command = f"{shlex.quote(candidate)} -c {shlex.quote(PY_PROBE)}"
         result = await conn.run(command, check=False)
         words = str(result.stdout or "").split()
         if result.exit_status == 0 and len(words) == 5:
@@ -233,7 +233,7 @@ async def _probe_session(
             report.cores = words[4]
             break
     else:
-        report.python_missing(interpreters(settings.python), wanted)
+        report.python_missing(interpreters(python), wanted)
         result = await conn.run("nproc || getconf _NPROCESSORS_ONLN", check=False)
         report.cores = str(result.stdout or "").strip() or "-"
     if report.python_matches is False:

@@ -160,15 +160,11 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     from ._check import CheckSettings, check_hosts
     from ._checkreport import render
-    from ._hosts import parse_host
+    from ._hosts import resolve_hosts
 
-    specs: List[str] = list(args.host)
-    if not specs:
-        listed = split_hosts(args.hosts) or split_hosts(os.environ.get(HOSTS_ENV) or None)
-        specs = [listed] if isinstance(listed, str) else list(listed or [])
-    if any(s.startswith("@") for s in specs):
-        parser.error("check: host files (@FILE) are not supported yet; list the hosts")
-    if not specs:
+    given: Union[str, List[str], None] = list(args.host) or args.hosts
+    hosts = [h for h in resolve_hosts(given) or [] if not h.is_local]  # ":" needs no check
+    if not hosts:
         parser.error(f"check: give hosts to check (arguments, --hosts or ${HOSTS_ENV})")
     if args.timeout <= 0:
         parser.error("check: --timeout must be > 0")
@@ -179,7 +175,6 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         identities=list(args.identity or ()),
         ssh_config=[args.ssh_config] if args.ssh_config else [],
     )
-    hosts = [parse_host(s) for s in specs]
     reports = asyncio.run(check_hosts(hosts, settings))
     print(render(reports))
     return 0 if all(r.is_usable for r in reports) else 1

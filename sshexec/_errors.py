@@ -75,6 +75,7 @@ class WorkerLostError(SSHExecError, BrokenProcessPool):
 
     @property
     def host(self) -> str:
+        """The host of the last worker that died running the task."""
         return self.attempts[-1][0].rsplit("#", 1)[0] if self.attempts else ""
 
     def __reduce__(self) -> Any:

@@ -30,20 +30,23 @@ from typing import (
     Optional,
     Tuple,
     TypeVar,
-    Union,
 )
 
 import cloudpickle
 
-from ._hosts import Host, build_transports, hosts_from_env
-from ._links import STARTUP_TIMEOUT, Task
+from ._hosts import build_transports, resolve_hosts
+from ._links import STARTUP_TIMEOUT, Task, snapshot
+from ._output import OutputRouter
 from ._pool import Pool
 from ._protocol import DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT
 from ._runtime import Runtime, is_exiting
+from ._stats import Stats
 from ._worker import process_chunk
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
+
+    from ._hosts import HostsArg
 
     P = ParamSpec("P")
 
@@ -51,14 +54,6 @@ T = TypeVar("T")
 log = logging.getLogger("sshexec.executor")
 
 FRAME_OVERHEAD = 64  # msgpack envelope around a Run payload, generously
-
-
-def _write_remote_output(worker_id: str, line: bytes) -> None:
-    try:
-        sys.stderr.write(f"[{worker_id}] {line.decode('utf-8', 'replace')}")
-        sys.stderr.flush()
-    except (OSError, ValueError, AttributeError):  # stderr closed or replaced: drop the line
-        pass
 
 
 class SSHPoolExecutor(Executor):
@@ -77,8 +72,10 @@ class SSHPoolExecutor(Executor):
             If it raises, that host is given up; when no host is left the pool is broken.
         initargs: Arguments for ``initializer``.
         max_tasks_per_child: Replace each worker after this many tasks.
-        hosts: ``"[user@]host[:port]"`` strings or ``Host`` values. None reads
-            ``SSHEXEC_HOSTS`` (comma-separated); when that is unset too, workers are local.
+        hosts: ``"[N/][user@]host[:port]"`` strings or ``Host`` values (``":"`` is this
+            machine); a str is a comma-separated list; ``"@path"`` or a ``pathlib.Path``
+            is a host file (see ``read_hosts``). None reads ``SSHEXEC_HOSTS`` the same
+            way; when that is unset too, workers are local.
         python: Remote interpreter for hosts without ``Host(python=...)``.
         known_hosts: known_hosts file to check host keys against (default: ssh's).
         unsafe_skip_host_key_check: Accept any host key. UNSAFE: anyone on the path can
@@ -90,7 +87,18 @@ class SSHPoolExecutor(Executor):
         prefetch: Tasks kept in flight per worker so the link never idles (default 2).
         max_frame: Largest pickled call or result, in bytes (default 1 GiB).
         shutdown_grace: Seconds a worker gets to exit after shutdown before it is killed.
+        reconnect_grace: Seconds a host that went away is waited for (reconnecting with
+            backoff) before its tasks fail or, with no host left, the pool is broken.
         ssh_options: Extra keyword arguments for every ``asyncssh.connect``.
+        forward_modules: When a worker cannot import a module a call needs (your project's
+            ``utils.py``), send it the module's pure-Python source from this process
+            (default True). A missing package with compiled code fails with an error
+            naming the package, host and remote interpreter instead.
+        remote_output: Where tasks' ``print()`` and ``sys.stderr`` lines go: ``"prefix"``
+            (default: this process's stdout/stderr, each line prefixed ``[host:N]``),
+            ``"plain"`` (the same without the prefix) or ``"logging"`` (only to the
+            ``sshexec.remote`` logger). Tasks' ``logging`` records are always re-emitted
+            in this process's ``logging`` with ``host`` and ``worker`` attributes.
 
     Raises:
         ValueError, TypeError: Invalid arguments, including malformed host specs.
@@ -106,7 +114,7 @@ class SSHPoolExecutor(Executor):
         initargs: Tuple[Any, ...] = (),
         *,
         max_tasks_per_child: Optional[int] = None,
-        hosts: Optional[Iterable[Union[str, Host]]] = None,
+        hosts: Optional[HostsArg] = None,
         python: Optional[str] = None,
         known_hosts: Optional[str] = None,
         unsafe_skip_host_key_check: bool = False,
@@ -118,6 +126,8 @@ class SSHPoolExecutor(Executor):
         shutdown_grace: float = 5.0,
         reconnect_grace: float = 60.0,
         ssh_options: Optional[Mapping[str, Any]] = None,
+        forward_modules: bool = True,
+        remote_output: str = "prefix",
     ) -> None:
         del mp_context  # processes are started by SSH or subprocess, not multiprocessing
         if max_workers is not None:
@@ -145,13 +155,8 @@ class SSHPoolExecutor(Executor):
         ):
             if not isinstance(number, (int, float)) or number <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds")
-        specs: Optional[List[Union[str, Host]]] = None
-        if hosts is not None:
-            specs = list(hosts)
-        elif (from_env := hosts_from_env()) is not None:
-            specs = list(from_env)
-        if specs is not None and not specs:
-            raise ValueError("hosts is empty: give at least one host, or None for local workers")
+        output = OutputRouter(remote_output)  # validates remote_output
+        specs = resolve_hosts(hosts)
         transports = build_transports(
             specs,
             max_workers,
@@ -174,7 +179,9 @@ class SSHPoolExecutor(Executor):
             max_frame=max_frame,
             shutdown_grace=shutdown_grace,
             reconnect_grace=reconnect_grace,
-            output=_write_remote_output,
+            output=output,
+            forward_modules=bool(forward_modules),
+            log_level=logging.getLogger().getEffectiveLevel(),
         )
         try:
             self._pool: Pool = self._runtime.call(
@@ -201,7 +208,53 @@ class SSHPoolExecutor(Executor):
 
     def __repr__(self) -> str:
         state = "shut down" if self._runtime.is_shut_down else "running"
-        return f"<SSHPoolExecutor {state} workers={self._max_workers} hosts={self._hosts}>"
+        hosts = ", ".join(
+            f"{h.name}: {len(h.links)}/{h.workers or 0}"
+            + ("" if h.is_usable else " (given up)")
+            + (" (down)" if h.down_since is not None else "")
+            for h in self._pool.hosts
+        )
+        live = sum(len(h.links) for h in self._pool.hosts)
+        return f"<SSHPoolExecutor {state} workers={live}/{self._max_workers} hosts=[{hosts}]>"
+
+    def stats(self, refresh: float = 1.0) -> Stats:
+        """Per host and per worker: tasks done, failed and retried, busy seconds, mean
+        task time, bytes each way and round-trip time. Thread-safe; also works after
+        ``shutdown()`` (the numbers at the end).
+
+        Args:
+            refresh: Seconds to wait for a fresh ping of every worker (its round trip
+                through SSH); 0 keeps the latest known round-trip times.
+        """
+        pool, runtime = self._pool, self._runtime
+        if runtime.on_loop_thread():
+            return snapshot(pool.hosts)
+        if pool.final_stats is not None:
+            return pool.final_stats
+        try:
+            result: Stats = runtime.call(pool.stats(refresh), timeout=refresh + 2.0)
+        except (cf.TimeoutError, RuntimeError):  # the loop is closing or closed
+            return pool.final_stats or snapshot(pool.hosts)
+        return result
+
+    def run_on_hosts(
+        self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Dict[str, Future[T]]:
+        """Run ``fn(*args, **kwargs)`` once on every usable host (on one of its workers),
+        e.g. to collect each machine's facts or warm a cache.
+
+        Returns:
+            Host name -> Future of that host's result. A host that is given up, or stays
+            down past ``reconnect_grace``, fails its Future with ``BrokenPool``.
+
+        Raises:
+            RuntimeError: After ``shutdown()``.
+        """
+        return {
+            host.name: self._submit(fn, args, kwargs, host.name)
+            for host in self._pool.hosts
+            if host.is_usable
+        }
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         """Schedule ``fn(*args, **kwargs)`` on a worker and return its Future.
@@ -214,6 +267,11 @@ class SSHPoolExecutor(Executor):
             RuntimeError: After ``shutdown()``.
             BrokenPool: When no usable worker is left on any host.
         """
+        return self._submit(fn, args, kwargs, None)
+
+    def _submit(
+        self, fn: Callable[..., T], args: Any, kwargs: Any, group: Optional[str]
+    ) -> Future[T]:
         future: Future[T] = Future()
         failure: Optional[BaseException] = None
         try:
@@ -234,7 +292,7 @@ class SSHPoolExecutor(Executor):
             if self._pool.broken is not None:
                 raise self._pool.broken
             if failure is None:
-                task = Task(next(self._task_ids), payload, future)
+                task = Task(next(self._task_ids), payload, future, group=group)
                 runtime.loop.call_soon_threadsafe(self._pool.enqueue, task)
         if failure is not None:
             future.set_exception(failure)

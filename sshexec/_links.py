@@ -10,17 +10,26 @@ sees only the ``Transport``/``Channel`` protocols).
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
+import itertools
+import logging
 import pickle
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Set, Tuple
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from . import _protocol as proto
 from ._errors import ResultDecodeError, WorkerStartupError, rebuild
+from ._forward import describe, find_source
+from ._output import OutputRouter
+from ._stats import Counters, HostStats, Stats, WorkerStats, median_rtt
 from ._transport import Channel, Transport, handshake
 
 STARTUP_TIMEOUT = 60.0  # bootstrap + Hello, per worker (includes shipping the bundle)
-OutputSink = Callable[[str, bytes], None]
+KEEP_GONE_WORKERS = 32  # per host: stats of this many ended workers are kept
+_nonces = itertools.count(1)
+log = logging.getLogger("sshexec.pool")
 
 
 @dataclass
@@ -30,6 +39,7 @@ class Task:
     future: Future[Any]
     is_started: bool = False
     losses: List[Tuple[str, str]] = field(default_factory=list)  # (worker_id, how it died)
+    group: Optional[str] = None  # run only on this host (run_on_hosts)
 
 
 @dataclass
@@ -44,6 +54,10 @@ class HostState:
     last_error: Optional[str] = None  # why the latest start failed
     down_since: Optional[float] = None  # loop time of the first failed reconnect, while down
     links: Set[WorkerLink] = field(default_factory=set)
+    ended: Counters = field(default_factory=Counters)  # totals of workers that are gone
+    gone: Deque[WorkerStats] = field(
+        default_factory=lambda: collections.deque(maxlen=KEEP_GONE_WORKERS)
+    )
 
     @property
     def name(self) -> str:
@@ -64,10 +78,101 @@ class WorkerLink:
     is_closing: bool = False  # we asked it to stop: its EOF is not a loss
     init_failed: bool = False
     reader: Optional[asyncio.Task[None]] = None
+    counters: Counters = field(default_factory=Counters)
+    pings: Dict[int, float] = field(default_factory=dict)  # nonce -> loop time sent
 
     @property
     def pid(self) -> int:
         return self.hello.pid
+
+    def on_side_message(self, message: proto.Message, output: OutputRouter) -> bool:
+        """Handle what is not about a task's outcome (output, logs, module fetches,
+        pings); False for anything else."""
+        if isinstance(message, proto.Output):
+            output.output(self.worker_id, message)
+        elif isinstance(message, proto.Log):
+            output.record(self.worker_id, message)
+        elif isinstance(message, proto.Fetch):
+            source = find_source(message.name)
+            log.debug("module for worker=%s %s", self.worker_id, describe(source))
+            self.send(proto.encode(source))
+        elif isinstance(message, proto.Pong):
+            sent = self.pings.pop(message.nonce, None)
+            if sent is not None:
+                self.counters.rtt_seconds = asyncio.get_running_loop().time() - sent
+        else:
+            return False
+        return True
+
+    def send(self, data: bytes) -> None:
+        self.counters.bytes_sent += len(data)
+        self.channel.write(data)
+
+    def ping(self) -> None:
+        nonce = next(_nonces)
+        self.pings[nonce] = asyncio.get_running_loop().time()
+        self.send(proto.encode(proto.Ping(nonce)))
+
+    def snapshot(self) -> WorkerStats:
+        c = self.counters
+        return WorkerStats(
+            self.worker_id,
+            self.host.name,
+            self.pid,
+            self.is_alive,
+            c.tasks_done,
+            c.tasks_failed,
+            c.tasks_retried,
+            c.busy_seconds,
+            c.bytes_sent,
+            c.bytes_received,
+            c.rtt_seconds,
+        )
+
+    def retire_counters(self) -> None:
+        """The worker is gone: its numbers move into the host's totals."""
+        self.host.ended.add(self.counters)
+        self.host.gone.append(self.snapshot())
+
+
+async def ping_all(links: List[WorkerLink], timeout: float) -> None:
+    """Ping every link and wait up to ``timeout`` for the answers (round-trip times)."""
+    for link in links:
+        link.ping()
+    deadline = asyncio.get_running_loop().time() + timeout
+    while any(link.pings and link.is_alive for link in links):
+        if asyncio.get_running_loop().time() >= deadline:
+            return
+        await asyncio.sleep(0.002)
+
+
+def snapshot(hosts: List[HostState]) -> Stats:
+    """Every host's and worker's numbers now (loop thread)."""
+    host_stats: Dict[str, HostStats] = {}
+    worker_stats: Dict[str, WorkerStats] = {}
+    for host in hosts:
+        total = Counters()
+        total.add(host.ended)
+        live = sorted(host.links, key=lambda link: link.worker_id)
+        for link in live:
+            total.add(link.counters)
+        for ended in host.gone:
+            worker_stats[ended.worker_id] = ended
+        for link in live:
+            worker_stats[link.worker_id] = link.snapshot()
+        host_stats[host.name] = HostStats(
+            host.name,
+            len(live),
+            total.tasks_done,
+            total.tasks_failed,
+            total.tasks_retried,
+            total.busy_seconds,
+            total.bytes_sent,
+            total.bytes_received,
+            median_rtt(link.counters.rtt_seconds for link in live),
+            host.error,
+        )
+    return Stats(host_stats, worker_stats)
 
 
 def settle(task: Task, reply: proto.Done | proto.Failed, worker_id: str) -> None:
@@ -98,16 +203,19 @@ def fail(future: Future[Any], exc: BaseException) -> None:
 
 
 async def open_worker(
-    host: HostState, worker_id: str, initializer: bytes, max_frame: int, output: OutputSink
+    host: HostState, worker_id: str, init: proto.Init, output: OutputRouter
 ) -> Tuple[Channel, proto.Hello, proto.FrameDecoder]:
-    """Start one worker on ``host`` up to its ``Init``; raises WorkerStartupError."""
+    """Start one worker on ``host`` up to its ``Init`` (``init`` with the worker's id
+    filled in here); raises WorkerStartupError."""
     channel: Optional[Channel] = None
     try:
-        channel = await host.transport.open_channel(lambda line: output(worker_id, line))
-        decoder = proto.FrameDecoder(max_frame)
+        channel = await host.transport.open_channel(
+            lambda line: output.stderr_line(worker_id, line)
+        )
+        decoder = proto.FrameDecoder(init.max_frame)
         hello = await asyncio.wait_for(_read_hello(channel, host, decoder), STARTUP_TIMEOUT)
         channel.pid = hello.pid
-        channel.write(proto.encode(proto.Init(worker_id, initializer, max_frame)))
+        channel.write(proto.encode(dataclasses.replace(init, worker_id=worker_id)))
     except asyncio.TimeoutError as exc:
         if channel is not None:
             await channel.aclose(0.1)

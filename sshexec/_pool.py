@@ -32,8 +32,19 @@ from ._errors import (
     WorkerLostError,
     WorkerStartupError,
 )
-from ._links import HostState, OutputSink, Task, WorkerLink, fail, open_worker, settle
+from ._links import (
+    HostState,
+    Task,
+    WorkerLink,
+    fail,
+    open_worker,
+    ping_all,
+    settle,
+    snapshot,
+)
+from ._output import OutputRouter
 from ._scheduler import Scheduler
+from ._stats import Stats
 from ._transport import Channel, Transport
 
 log = logging.getLogger("sshexec.pool")
@@ -58,11 +69,14 @@ class Pool:
         max_frame: int,
         shutdown_grace: float,
         reconnect_grace: float,
-        output: OutputSink,
+        output: OutputRouter,
+        forward_modules: bool = True,
+        log_level: int = logging.WARNING,
     ) -> None:
         self.hosts = [HostState(t, n, python) for t, n, python in hosts]
         self.scheduler = Scheduler(prefetch=prefetch, max_retries=max_retries)
-        self.initializer, self.max_tasks_per_child = initializer, max_tasks_per_child
+        self.init = proto.Init("", initializer, max_frame, forward_modules, log_level)
+        self.max_tasks_per_child = max_tasks_per_child
         self.max_frame, self.shutdown_grace, self.output = max_frame, shutdown_grace, output
         self.reconnect_grace = reconnect_grace
         self.abandoned: Set[int] = set()  # running tasks nobody waits for (a timed-out map)
@@ -76,6 +90,7 @@ class Pool:
         self._dispatch_pending = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self.final_stats: Optional[Stats] = None  # set when aclose() is done
 
     # ---- starting workers ---------------------------------------------------------------
 
@@ -152,9 +167,7 @@ class Pool:
         worker_id = f"{host.name}#{host.next_index}"
         host.next_index += 1
         try:
-            channel, hello, decoder = await open_worker(
-                host, worker_id, self.initializer, self.max_frame, self.output
-            )
+            channel, hello, decoder = await open_worker(host, worker_id, self.init, self.output)
         finally:
             host.starting -= 1
         link = WorkerLink(worker_id, host, channel, hello)
@@ -164,8 +177,9 @@ class Pool:
             return link
         host.links.add(link)
         self.links[worker_id] = link
-        self.scheduler.add_worker(worker_id, budget=self.max_tasks_per_child)
+        self.scheduler.add_worker(worker_id, budget=self.max_tasks_per_child, group=host.name)
         link.reader = self._spawn(self._read_replies(link, decoder))
+        link.ping()
         log.info(
             "worker started worker=%s pid=%d hostname=%s python=%s",
             worker_id,
@@ -180,7 +194,19 @@ class Pool:
         if host.error is None:
             host.error = reason
             log.error("host given up host=%s: %s", host.name, reason)
+        self._fail_pinned(host, reason)
         self._check_broken()
+
+    def _fail_pinned(self, host: HostState, reason: str) -> None:
+        """Tasks that may run only on ``host`` (run_on_hosts) fail when it is unusable."""
+        for task_id in self.scheduler.drain_group(host.name):
+            task = self.tasks.pop(task_id, None)
+            if task is not None:
+                fail(
+                    task.future,
+                    BrokenPool(f"host {host.name} has no usable worker", {host.name: reason}),
+                )
+        self._note_idle()
 
     # ---- tasks --------------------------------------------------------------------------
 
@@ -190,7 +216,7 @@ class Pool:
             return
         self.tasks[task.task_id] = task
         self._idle.clear()
-        self.scheduler.submit(task.task_id)
+        self.scheduler.submit(task.task_id, task.group)
         self._dispatch_soon()
 
     def cancel_queued(self) -> None:
@@ -225,7 +251,7 @@ class Pool:
             log.debug("revoke task=%d worker=%s", task_id, worker_id)
             batches.setdefault(worker_id, []).append(proto.Revoke(task_id))
         for worker_id, messages in batches.items():
-            self.links[worker_id].channel.write(proto.frames(messages))  # one write per worker
+            self.links[worker_id].send(proto.frames(messages))  # one write per worker
         self._note_idle()
 
     async def _read_replies(self, link: WorkerLink, decoder: proto.FrameDecoder) -> None:
@@ -239,6 +265,7 @@ class Pool:
                 if not chunk:
                     decoder.end()
                     break
+                link.counters.bytes_received += len(chunk)
                 decoder.feed(chunk)
         except proto.FrameError as exc:
             error = ProtocolError(f"worker {link.worker_id} sent an invalid frame: {exc}")
@@ -247,6 +274,8 @@ class Pool:
         await self._on_lost(link, reason)
 
     def _on_reply(self, link: WorkerLink, message: proto.Message) -> None:
+        if link.on_side_message(message, self.output):
+            return
         if (
             isinstance(message, (proto.Done, proto.Failed))
             and message.task_id == proto.INIT_TASK_ID
@@ -265,11 +294,21 @@ class Pool:
             log.warning("unexpected %s from worker=%s", type(message).__name__, link.worker_id)
             return
         self.scheduler.complete(link.worker_id, message.task_id)
+        link.counters.busy_seconds += message.seconds
+        if isinstance(message, proto.Done):
+            link.counters.tasks_done += 1
+        else:
+            link.counters.tasks_failed += 1
         task = self.tasks.pop(message.task_id, None)
         if task is None or task.future.done():
             return
         settle(task, message, link.worker_id)
         log.debug("task done task=%d worker=%s", task.task_id, link.worker_id)
+
+    async def stats(self, refresh: float) -> Stats:
+        """A snapshot, after pinging every worker (waiting up to ``refresh`` s)."""
+        await ping_all([link for link in self.links.values() if not link.is_closing], refresh)
+        return snapshot(self.hosts)
 
     def _after_replies(self, link: WorkerLink) -> None:
         if link.init_failed:
@@ -298,6 +337,11 @@ class Pool:
         expected = link.is_closing or link.init_failed
         how = reason or await link.channel.exit_reason(2.0)
         loss = self.scheduler.remove_worker(link.worker_id, charge=not expected)
+        self.output.close(link.worker_id)
+        if loss.charged is not None and loss.charged in loss.requeued:
+            link.counters.tasks_retried += 1
+        link.counters.tasks_failed += len(loss.failed)
+        link.retire_counters()
         if not expected:
             described = f"pid {link.pid}, {how}"
             tail = link.channel.stderr_tail().splitlines()
@@ -341,6 +385,9 @@ class Pool:
         return not self.is_closing and down_for < self.reconnect_grace
 
     def _check_broken(self) -> None:
+        for host in self.hosts:
+            if not host.links and not self._is_waiting_for(host):
+                self._fail_pinned(host, host.error or host.last_error or "no live worker")
         if self.broken is not None or self.links:
             return
         if any(self._is_waiting_for(h) for h in self.hosts):
@@ -420,6 +467,7 @@ class Pool:
         channels, self._channels = self._channels, set()
         await asyncio.gather(*(c.aclose(0.0) for c in channels), return_exceptions=True)
         await asyncio.gather(*(h.transport.aclose() for h in self.hosts), return_exceptions=True)
+        self.final_stats = snapshot(self.hosts)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)

@@ -10,12 +10,14 @@ I/O: bytes go in, messages come out.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Dict, Final, Iterator, List, Tuple, Type, Union
 
 import msgpack
 
-PROTOCOL_VERSION: Final = 3  # 2: Failed.stage, Revoke/Revoked; 3: Init.max_frame
+PROTOCOL_VERSION: Final = 4
+# 2: Failed.stage, Revoke/Revoked; 3: Init.max_frame; 4: Init.forward_modules/log_level,
+# Done/Failed.seconds, Ping/Pong, Output, Log, Fetch/Source
 # Written by the worker right before its first frame; whatever precedes it on
 # stdout (a chatty .bashrc, a motd) is shell chatter, not protocol.
 START_MARKER: Final = b"\x00\x1fSSHEXEC-START-1\x1f\x00"
@@ -38,6 +40,8 @@ class Init:
     worker_id: str
     initializer: bytes  # cloudpickle of (initializer, initargs), or b"" for none
     max_frame: int  # the host's limit: a larger result fails on the worker, not the link
+    forward_modules: bool  # ask the host for modules this interpreter cannot import
+    log_level: int  # the root logger level on the worker (the client's, at construction)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,30 @@ class Revoke:
 
     TAG: ClassVar[int] = 4
     task_id: int
+
+
+@dataclass(frozen=True)
+class Ping:
+    """Answered at once by the worker's reader thread, even while a task runs."""
+
+    TAG: ClassVar[int] = 5
+    nonce: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """The host's answer to ``Fetch``: a module's pure-Python source, or why there is none."""
+
+    TAG: ClassVar[int] = 6
+    name: str
+    kind: str  # one of SOURCE_KINDS
+    origin: str  # the file it came from on the client ("" when none)
+    code: str  # the source ("" unless kind is "source")
+    is_package: bool
+    detail: str  # for "compiled": the distribution; for "missing": why, or ""
+
+
+SOURCE_KINDS: Final = ("source", "missing", "compiled")
 
 
 # ---- worker -> host: facts ------------------------------------------------------------
@@ -86,6 +114,8 @@ class Done:
     TAG: ClassVar[int] = 12
     task_id: int
     payload: bytes  # cloudpickle of the result
+    # time the worker spent on it (unpickle, call, pickle); metadata, not compared
+    seconds: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -97,6 +127,7 @@ class Failed:
     traceback: str  # remote traceback text, starting with host and pid
     exception: bytes  # cloudpickle of the exception, or b"" when it could not be pickled
     stage: str  # where it failed: one of STAGES
+    seconds: float = field(default=0.0, compare=False)
 
 
 STAGE_INIT, STAGE_CALL, STAGE_RUN, STAGE_RESULT = "init", "call", "run", "result"
@@ -111,22 +142,83 @@ class Revoked:
     task_id: int
 
 
-Message = Union[Init, Run, Shutdown, Revoke, Hello, Ready, Done, Failed, Revoked]
-_CLASSES: Final[Tuple[Type[Any], ...]] = (
+@dataclass(frozen=True)
+class Pong:
+    TAG: ClassVar[int] = 15
+    nonce: int
+
+
+@dataclass(frozen=True)
+class Output:
+    """A chunk a task wrote to ``sys.stdout`` (stream 1) or ``sys.stderr`` (stream 2)."""
+
+    TAG: ClassVar[int] = 16
+    stream: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Log:
+    """A ``logging`` record from a task, already formatted into ``message``."""
+
+    TAG: ClassVar[int] = 17
+    name: str
+    levelno: int
+    message: str
+    pathname: str
+    lineno: int
+    func: str
+    created: float
+    exc_text: str  # formatted traceback, or ""
+    thread_name: str
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """The worker cannot import ``name``: the host may have its source."""
+
+    TAG: ClassVar[int] = 18
+    name: str
+
+
+Message = Union[
     Init,
     Run,
     Shutdown,
     Revoke,
+    Ping,
+    Source,
     Hello,
     Ready,
     Done,
     Failed,
     Revoked,
+    Pong,
+    Output,
+    Log,
+    Fetch,
+]
+_CLASSES: Final[Tuple[Type[Any], ...]] = (
+    Init,
+    Run,
+    Shutdown,
+    Revoke,
+    Ping,
+    Source,
+    Hello,
+    Ready,
+    Done,
+    Failed,
+    Revoked,
+    Pong,
+    Output,
+    Log,
+    Fetch,
 )
-_TYPES: Final = {int: int, str: str, bytes: bytes, "int": int, "str": str, "bytes": bytes}
+_TYPES: Final = {"int": int, "str": str, "bytes": bytes, "bool": bool, "float": float}
 # tag -> (class, expected field types), built once from the dataclass annotations
 _SCHEMA: Final[Dict[int, Tuple[Type[Any], Tuple[type, ...]]]] = {
-    cls.TAG: (cls, tuple(_TYPES[f.type] for f in fields(cls))) for cls in _CLASSES
+    cls.TAG: (cls, tuple(_TYPES[str(f.type)] for f in fields(cls))) for cls in _CLASSES
 }
 
 
@@ -149,8 +241,11 @@ def _build(item: Any) -> Message:
     values = item[1:]
     if len(values) != len(types):
         raise FrameError(f"{cls.__name__} needs {len(types)} fields, got {len(values)}")
-    for value, expected in zip(values, types):
+    for index, (value, expected) in enumerate(zip(values, types)):
         if type(value) is not expected:
+            if expected is float and type(value) is int:
+                values[index] = float(value)
+                continue
             raise FrameError(f"{cls.__name__} field has type {type(value).__name__}")
     message: Message = cls(*values)
     return message

@@ -17,6 +17,7 @@ from typing import Deque, Dict, List, Optional, Set, Tuple
 class _Slots:
     in_flight: Deque[int] = field(default_factory=collections.deque)  # dispatch order == run order
     budget: Optional[int] = None  # tasks it may still be given (max_tasks_per_child)
+    group: Optional[str] = None  # its host: tasks pinned to the group run only there
 
 
 @dataclass(frozen=True)
@@ -39,32 +40,62 @@ class Scheduler:
         self._workers: Dict[str, _Slots] = {}
         self._losses: Dict[int, int] = {}  # task id -> workers it has already lost
         self._revoking: Set[int] = set()  # asked back from a worker; not stolen twice
+        self._pinned: Dict[str, Deque[int]] = {}  # group -> queued tasks only it may run
+        self._group_of: Dict[int, str] = {}  # pinned task id -> its group, until complete
 
     # ---- tasks ------------------------------------------------------------------------
 
-    def submit(self, task_id: int) -> None:
-        self._queue.append(task_id)
+    def submit(self, task_id: int, group: Optional[str] = None) -> None:
+        """Queue a task; with ``group`` only that group's workers may run it."""
+        if group is None:
+            self._queue.append(task_id)
+        else:
+            self._group_of[task_id] = group
+            self._pinned.setdefault(group, collections.deque()).append(task_id)
 
     def cancel(self, task_id: int) -> bool:
         """Drop a queued (never dispatched) task; False if it is not in the queue."""
+        group = self._group_of.get(task_id)
         try:
-            self._queue.remove(task_id)
-        except ValueError:
+            (self._queue if group is None else self._pinned[group]).remove(task_id)
+        except (KeyError, ValueError):
             return False
-        self._losses.pop(task_id, None)
+        self._forget(task_id)
         return True
 
     def drain_queue(self) -> List[int]:
         """Every queued task id, removing them (cancel_futures, broken pool)."""
         drained = list(self._queue)
         self._queue.clear()
+        for pinned in self._pinned.values():
+            drained.extend(pinned)
+        self._pinned.clear()
         for task_id in drained:
-            self._losses.pop(task_id, None)
+            self._forget(task_id)
         return drained
+
+    def drain_group(self, group: str) -> List[int]:
+        """The queued tasks pinned to ``group``, removed (its host is given up)."""
+        drained = list(self._pinned.pop(group, ()))
+        for task_id in drained:
+            self._forget(task_id)
+        return drained
+
+    def _forget(self, task_id: int) -> None:
+        self._losses.pop(task_id, None)
+        self._group_of.pop(task_id, None)
+
+    def _requeue_front(self, task_ids: List[int]) -> None:
+        for task_id in reversed(task_ids):
+            group = self._group_of.get(task_id)
+            if group is None:
+                self._queue.appendleft(task_id)
+            else:
+                self._pinned.setdefault(group, collections.deque()).appendleft(task_id)
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + sum(len(p) for p in self._pinned.values())
 
     @property
     def in_flight(self) -> int:
@@ -75,8 +106,10 @@ class Scheduler:
 
     # ---- workers ----------------------------------------------------------------------
 
-    def add_worker(self, worker_id: str, budget: Optional[int] = None) -> None:
-        self._workers[worker_id] = _Slots(budget=budget)
+    def add_worker(
+        self, worker_id: str, budget: Optional[int] = None, group: Optional[str] = None
+    ) -> None:
+        self._workers[worker_id] = _Slots(budget=budget, group=group)
 
     def workers(self) -> List[str]:
         return list(self._workers)
@@ -94,19 +127,32 @@ class Scheduler:
         worker gets a second) and return the new (worker_id, task_id) pairs in order."""
         placed: List[Tuple[str, int]] = []
         for depth in range(self.prefetch):
-            if not self._queue:
+            if not self._queue and not self._pinned:
                 break
             for worker_id, slots in self._workers.items():
-                if not self._queue:
-                    break
                 if len(slots.in_flight) > depth or slots.budget == 0:
                     continue
-                task_id = self._queue.popleft()
+                task_id = self._next_for(slots)
+                if task_id is None:
+                    if not self._queue and not self._pinned:
+                        break
+                    continue
                 slots.in_flight.append(task_id)
                 if slots.budget is not None:
                     slots.budget -= 1
                 placed.append((worker_id, task_id))
         return placed
+
+    def _next_for(self, slots: _Slots) -> Optional[int]:
+        """A task pinned to the worker's group first, else the next shared one."""
+        if slots.group is not None:
+            pinned = self._pinned.get(slots.group)
+            if pinned:
+                task_id = pinned.popleft()
+                if not pinned:
+                    del self._pinned[slots.group]
+                return task_id
+        return self._queue.popleft() if self._queue else None
 
     def steals(self) -> List[Tuple[str, int]]:
         """Prefetched tasks to ask back, as (worker_id, task_id): one for each idle worker
@@ -118,7 +164,11 @@ class Scheduler:
         asked: List[Tuple[str, int]] = []
         while idle > 0:
             waiting = {
-                worker_id: [t for t in list(slots.in_flight)[1:] if t not in self._revoking]
+                worker_id: [
+                    t
+                    for t in list(slots.in_flight)[1:]
+                    if t not in self._revoking and t not in self._group_of
+                ]
                 for worker_id, slots in self._workers.items()
             }
             victim = max(waiting, key=lambda w: len(waiting[w]), default=None)
@@ -138,7 +188,7 @@ class Scheduler:
             slots.in_flight.remove(task_id)
             if slots.budget is not None:
                 slots.budget += 1
-            self._queue.appendleft(task_id)
+            self._requeue_front([task_id])
 
     def complete(self, worker_id: str, task_id: int) -> None:
         slots = self._workers.get(worker_id)
@@ -147,7 +197,7 @@ class Scheduler:
                 slots.in_flight.remove(task_id)
             except ValueError:
                 pass
-        self._losses.pop(task_id, None)
+        self._forget(task_id)
         self._revoking.discard(task_id)
 
     def remove_worker(self, worker_id: str, *, charge: bool = True) -> Loss:
@@ -166,6 +216,6 @@ class Scheduler:
             self._losses[charged] = self._losses.get(charged, 0) + 1
             if self._losses[charged] > self.max_retries:
                 failed.append(tasks.pop(0))
-                self._losses.pop(charged, None)
-        self._queue.extendleft(reversed(tasks))
+                self._forget(charged)
+        self._requeue_front(tasks)
         return Loss(tuple(tasks), tuple(failed), charged)

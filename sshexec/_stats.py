@@ -41,10 +41,20 @@ def _mean(busy: float, done: int, failed: int) -> float:
 class WorkerStats:
     """One worker process: what it ran and what crossed its channel.
 
-    ``busy_seconds`` is measured on the worker around each call (unpickling the call,
-    running it, pickling the result); ``bytes_sent`` counts frames to the worker,
-    ``bytes_received`` frames from it; ``rtt_seconds`` is the latest ping to the worker
-    process (through SSH for remote hosts), None before the first answer.
+    Attributes:
+        worker_id: ``"host#N"``, as in logs and the ``[host:N]`` output prefix.
+        host: The host's label.
+        pid: The worker's process id on its host.
+        is_alive: False once the worker has ended (retired, replaced or lost).
+        tasks_done: Tasks that returned a result.
+        tasks_failed: Tasks that raised, or were lost with the worker past ``max_retries``.
+        tasks_retried: Tasks lost with this worker and run again elsewhere.
+        busy_seconds: Measured on the worker around each call (unpickling the call,
+            running it, pickling the result).
+        bytes_sent: Frame bytes sent to the worker.
+        bytes_received: Frame bytes received from it.
+        rtt_seconds: The latest ping to the worker process (through SSH for remote
+            hosts), None before the first answer.
     """
 
     worker_id: str
@@ -71,8 +81,17 @@ class WorkerStats:
 class HostStats:
     """One host: totals over every worker it ever ran, and its live worker count.
 
-    ``tasks_retried`` counts tasks this host lost with a worker and that were run
-    again; ``rtt_seconds`` is the median of its live workers' latest pings.
+    Attributes:
+        host: The host's label (``user@name:port`` as given).
+        workers: Live workers now.
+        tasks_done: Tasks that returned a result.
+        tasks_failed: Tasks that raised, or were lost past ``max_retries``.
+        tasks_retried: Tasks this host lost with a worker and that were run again.
+        busy_seconds: Sum of its workers' busy time.
+        bytes_sent: Frame bytes sent to its workers.
+        bytes_received: Frame bytes received from them.
+        rtt_seconds: Median of its live workers' latest pings; None when unknown.
+        error: Why the host was given up, or None.
     """
 
     host: str
@@ -99,6 +118,10 @@ class Stats:
     """What ``SSHPoolExecutor.stats()`` returns: a consistent snapshot, safe to keep.
 
     ``str(stats)`` (or ``stats.table()``) is a text table, one row per host.
+
+    Attributes:
+        hosts: Host label -> ``HostStats``.
+        workers: Worker id -> ``WorkerStats``, live workers and the latest ended ones.
     """
 
     hosts: Dict[str, HostStats] = field(default_factory=dict)
@@ -108,14 +131,17 @@ class Stats:
 
     @property
     def tasks_done(self) -> int:
+        """Tasks that returned a result, over all hosts."""
         return sum(h.tasks_done for h in self.hosts.values())
 
     @property
     def tasks_failed(self) -> int:
+        """Tasks that failed, over all hosts."""
         return sum(h.tasks_failed for h in self.hosts.values())
 
     @property
     def busy_seconds(self) -> float:
+        """Busy time of every worker, summed."""
         return sum(h.busy_seconds for h in self.hosts.values())
 
     def table(self, per_worker: bool = False) -> str:

@@ -17,7 +17,7 @@ import os
 import signal
 import subprocess
 import time
-from typing import Callable, Deque, List, Optional, Protocol
+from typing import Callable, Deque, List, Mapping, Optional, Protocol
 
 from . import _bootstrap
 from ._errors import WorkerStartupError
@@ -159,6 +159,14 @@ async def _no_start(channel: Channel, host: str, python: str, output: bytes) -> 
     how = await channel.exit_reason(timeout=2.0)
     stderr = channel.stderr_tail()
     detail = f"; stderr: {stderr[-600:]}" if stderr else ""
+    if how == f"exit status {_bootstrap.MISSING_CWD_EXIT}":
+        said = [x for x in stderr.splitlines() if x.startswith(_bootstrap.CWD_ERROR)]
+        return WorkerStartupError(
+            host,
+            "working directory",
+            said[-1][len("sshexec: ") :] if said else f"cannot change to it ({how})",
+            f"Create that directory on {host}, or fix Host(cwd=...) / the host file's cwd=.",
+        )
     if how == f"exit status {_bootstrap.MISSING_PYTHON_EXIT}":
         return WorkerStartupError(
             host,
@@ -278,16 +286,29 @@ class PipeChannel:
 class LocalTransport:
     """Workers as subprocesses of this machine: no SSH, the same bootstrap and frames."""
 
-    host = "local"
-
-    def __init__(self, python: Optional[str] = None) -> None:
-        self.python = python
+    def __init__(
+        self,
+        python: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        host: str = "local",
+    ) -> None:
+        self.python, self.host = python, host
+        self.env = dict(env or {})
+        self.cwd = os.path.expanduser(cwd) if cwd else None
 
     async def connect(self) -> None:
-        pass
+        if self.cwd is not None and not os.path.isdir(self.cwd):
+            raise WorkerStartupError(
+                self.host,
+                "working directory",
+                f"{self.cwd} does not exist or is not a directory on this machine",
+                "Create it, or fix Host(cwd=...) / the host file's cwd=.",
+            )
 
     async def open_channel(self, on_stderr: StderrSink) -> Channel:
         argv = _bootstrap.local_argv(self.python)
+        await self.connect()  # the directory may have gone since
         try:
             proc = subprocess.Popen(
                 argv,
@@ -295,7 +316,8 @@ class LocalTransport:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # Ctrl-C reaches the client, which then closes the workers
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                cwd=self.cwd,
             )
         except OSError as exc:
             raise WorkerStartupError(

@@ -9,7 +9,13 @@ beyond the stdlib, cloudpickle and msgpack (this file is shipped to nodes).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib.abc
+import importlib.util
+import io
+import linecache
+import logging
 import os
 import queue
 import socket
@@ -27,6 +33,7 @@ from . import _protocol as proto
 
 RESULT_OVERHEAD = 64  # msgpack envelope around a Done payload, generously
 EOF_GRACE_SECONDS = 2.0  # a task still running this long after the host vanished is abandoned
+FETCH_TIMEOUT = 60.0  # seconds to wait for the host to answer a Fetch
 
 
 def _claim_stdio() -> Tuple[int, int]:
@@ -110,6 +117,141 @@ class Namespaces:
             shared.update((k, v) for k, v in fresh.items() if k != "__builtins__")
 
 
+class FrameRaw(io.RawIOBase):
+    """``sys.stdout``/``sys.stderr`` of tasks: bytes become ``Output`` frames, so they reach
+    the client in order with the replies. If the frame channel is gone they go to fd 2."""
+
+    def __init__(self, worker: Worker, stream: int) -> None:
+        super().__init__()
+        self.worker, self.stream = worker, stream
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.stream  # C-level writes: fd 1 points at fd 2, which the host relays too
+
+    def write(self, data: Any) -> int:
+        chunk = bytes(data)
+        if chunk:
+            try:
+                self.worker.send(proto.Output(self.stream, chunk))
+            except OSError:
+                _write_all(2, chunk)
+        return len(chunk)
+
+
+def frame_stream(worker: Worker, stream: int) -> io.TextIOWrapper:
+    return io.TextIOWrapper(
+        io.BufferedWriter(FrameRaw(worker, stream)),
+        encoding="utf-8",
+        errors="backslashreplace",
+        line_buffering=True,
+    )
+
+
+class FrameLogHandler(logging.Handler):
+    """Sends each ``logging`` record of a task to the host as a ``Log`` frame."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__()
+        self.worker = worker
+        self.formatter: logging.Formatter = logging.Formatter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            exc_text = ""
+            if record.exc_info:
+                exc_text = self.formatter.formatException(record.exc_info)
+            if record.stack_info:
+                exc_text += ("\n" if exc_text else "") + self.formatter.formatStack(
+                    record.stack_info
+                )
+            self.worker.send(
+                proto.Log(
+                    record.name,
+                    record.levelno,
+                    record.getMessage(),
+                    record.pathname,
+                    record.lineno or 0,
+                    record.funcName or "",
+                    record.created,
+                    exc_text,
+                    record.threadName or "",
+                )
+            )
+        except Exception:  # logging's own policy: report on stderr, never raise
+            self.handleError(record)
+
+
+class SourceLoader(importlib.abc.Loader):
+    """Runs a module's source fetched from the client; tracebacks show its lines."""
+
+    def __init__(self, source: proto.Source) -> None:
+        self.source = source
+
+    def create_module(self, spec: Any) -> None:
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        origin = self.source.origin or f"<sshexec forwarded {self.source.name}>"
+        code = compile(self.source.code, origin, "exec", dont_inherit=True)
+        lines = self.source.code.splitlines(keepends=True)
+        linecache.cache[origin] = (len(self.source.code), None, lines, origin)
+        exec(code, module.__dict__)
+
+    def get_source(self, name: str) -> str:
+        return self.source.code
+
+    def is_package(self, name: str) -> bool:
+        return self.source.is_package
+
+
+class ClientFinder(importlib.abc.MetaPathFinder):
+    """Last on ``sys.meta_path``: a module this interpreter cannot import is asked for
+    from the client (pure-Python source only) and kept in ``sys.modules`` from then on."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.absent: Set[str] = set()
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname in self.absent:
+            return None
+        reply = self.worker.fetch(fullname)
+        if reply is None or reply.kind == "missing":
+            if reply is not None and reply.detail:
+                raise ModuleNotFoundError(self._where(fullname, reply.detail), name=fullname)
+            self.absent.add(fullname)
+            return None
+        if reply.kind == "compiled":
+            dist = reply.detail or fullname.partition(".")[0]
+            raise ModuleNotFoundError(
+                self._where(
+                    fullname,
+                    f"the client has it from package {dist!r}, which contains compiled code "
+                    f"({reply.origin or 'a C extension'}) that sshexec cannot forward. "
+                    f"Install it there: {sys.executable} -m pip install {dist}",
+                ),
+                name=fullname,
+            )
+        origin = reply.origin or None
+        spec = importlib.util.spec_from_loader(
+            fullname, SourceLoader(reply), origin=origin, is_package=reply.is_package
+        )
+        if spec is not None and origin:
+            spec.has_location = True  # sets __file__, as for a module imported from disk
+        return spec
+
+    def _where(self, fullname: str, why: str) -> str:
+        host = self.worker.worker_id.rsplit("#", 1)[0]
+        python = "%d.%d.%d" % sys.version_info[:3]
+        return (
+            f"No module named {fullname!r} on host {host} (hostname {self.worker.hostname}, "
+            f"interpreter {sys.executable}, Python {python}): {why}"
+        )
+
+
 class Worker:
     """Serves commands read from ``frames_in``, writing replies to ``frames_out``."""
 
@@ -126,6 +268,9 @@ class Worker:
         self.write_lock = threading.Lock()
         self.namespaces = Namespaces()
         self.max_frame = proto.DEFAULT_MAX_FRAME
+        self.sources: queue.SimpleQueue[Optional[proto.Source]] = queue.SimpleQueue()
+        self.fetch_lock = threading.Lock()
+        self.is_reading = True
 
     def send(self, message: proto.Message) -> None:
         frame = proto.encode(message)
@@ -159,16 +304,42 @@ class Worker:
                     if isinstance(message, proto.Revoke):
                         self.revoke(message.task_id)
                         continue
+                    if isinstance(message, proto.Ping):
+                        self.send(proto.Pong(message.nonce))
+                        continue
+                    if isinstance(message, proto.Source):
+                        self.sources.put(message)
+                        continue
                     if isinstance(message, proto.Run):
                         with self.claim_lock:
                             self.queued.add(message.task_id)
                     self.inbox.put(message)
         except (OSError, proto.FrameError) as exc:
             print(f"sshexec worker {self.worker_id}: command stream broken: {exc}", file=sys.stderr)
+        self.is_reading = False
+        self.sources.put(None)
         self.inbox.put(None)
         if exit_on_eof:
             time.sleep(self.eof_grace)
             os._exit(0)
+
+    def fetch(self, name: str) -> Optional[proto.Source]:
+        """Any thread: ask the host for a module's source; None if it cannot answer."""
+        with self.fetch_lock:
+            if not self.is_reading:
+                return None
+            self.send(proto.Fetch(name))
+            deadline = time.monotonic() + FETCH_TIMEOUT
+            while True:
+                try:
+                    reply = self.sources.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    return None
+                if reply is None:
+                    self.sources.put(None)  # the stream ended: every later fetch fails too
+                    return None
+                if reply.name == name:
+                    return reply
 
     def revoke(self, task_id: int) -> None:
         """Reader thread: give a queued task back at once; one already started runs on."""
@@ -197,6 +368,7 @@ class Worker:
                 return
             if isinstance(message, proto.Run) and not self.claim(message.task_id):
                 continue  # revoked while queued: the reader thread has answered
+            reply: proto.Message
             if isinstance(message, proto.Run):
                 reply = self.run(message.task_id, message.payload)
             elif isinstance(message, proto.Init):
@@ -212,6 +384,11 @@ class Worker:
     def initialize(self, init: proto.Init) -> proto.Message:
         self.worker_id = init.worker_id
         self.max_frame = init.max_frame
+        root = logging.getLogger()
+        root.addHandler(FrameLogHandler(self))
+        root.setLevel(init.log_level)
+        if init.forward_modules:
+            sys.meta_path.append(ClientFinder(self))
         if not init.initializer:
             return proto.Ready()
         try:
@@ -223,7 +400,12 @@ class Worker:
             return self.failure(proto.INIT_TASK_ID, exc, proto.STAGE_INIT)
         return proto.Ready()
 
-    def run(self, task_id: int, payload: bytes) -> proto.Message:
+    def run(self, task_id: int, payload: bytes) -> proto.Done | proto.Failed:
+        started = time.perf_counter()
+        reply = self._run(task_id, payload)
+        return dataclasses.replace(reply, seconds=time.perf_counter() - started)
+
+    def _run(self, task_id: int, payload: bytes) -> proto.Done | proto.Failed:
         stage = proto.STAGE_CALL
         try:
             fn, args, kwargs = cloudpickle.loads(payload)
@@ -270,11 +452,8 @@ class Worker:
 
 def main() -> None:
     frames_in, frames_out = _claim_stdio()
-    try:
-        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    except (AttributeError, ValueError):
-        pass
     worker = Worker(frames_in, frames_out)
+    sys.stdout, sys.stderr = frame_stream(worker, 1), frame_stream(worker, 2)
     threading.Thread(target=worker.read_commands, name="sshexec-reader", daemon=True).start()
     try:
         worker.serve()

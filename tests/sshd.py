@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,12 +132,21 @@ class SSHServer:
             if self.proc.poll() is not None:
                 log = (self.root / "sshd.log").read_text()
                 raise RuntimeError(f"sshd {self.name} exited at start: {log}")
-            try:
-                with socket.create_connection((self.address, self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.02)
+            if self.is_listening():
+                return self
+            time.sleep(0.02)
         raise RuntimeError(f"sshd {self.name} did not listen on port {self.port}")
+
+    def is_listening(self) -> bool:
+        if self.netns:  # asked from inside: the namespace's loopback is not reachable from here
+            probe = f"import socket; socket.create_connection(({self.address!r}, {self.port}), 0.5)"
+            found = subprocess.run([*self.prefix, sys.executable, "-c", probe], capture_output=True)
+            return found.returncode == 0
+        try:
+            with socket.create_connection((self.address, self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
 
     @property
     def prefix(self) -> List[str]:
@@ -168,8 +178,6 @@ class SSHServer:
 
 def executor_kwargs(servers: List[SSHServer], **extra: Any) -> Dict[str, Any]:
     """Keyword arguments for SSHPoolExecutor over these servers, as the test user."""
-    import sys
-
     client = servers[0].client
     kwargs: Dict[str, Any] = {
         "hosts": [s.spec for s in servers],

@@ -163,6 +163,17 @@ def test_check_silent_server_times_out(ssh_client: Client) -> None:
     assert f"no answer from 127.0.0.1 port {port} within 1.5 s" in result.stdout
 
 
+def test_check_reads_a_host_file(
+    sshd_pair: List[SSHServer], ssh_client: Client, tmp_path: Path
+) -> None:
+    host_file = tmp_path / "hosts.txt"
+    host_file.write_text(f"# the test cluster\n2/{sshd_pair[1].spec}\n1/:\n")
+    result = run_cli("check", "--hosts", f"@{host_file}", *ssh_args(ssh_client))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert table_row(result.stdout, sshd_pair[1].spec)[1:3] == ["yes", "known"]
+    assert "1 of 1 hosts usable" in result.stdout  # ":" (this machine) is not probed
+
+
 def test_check_needs_hosts() -> None:
     result = run_cli("check")
     assert result.returncode == 2 and "give hosts to check" in result.stderr
@@ -214,10 +225,6 @@ def test_map_bad_target(module_dir: Path) -> None:
     assert result.returncode == 1 and "No module named 'no_such_module_here'" in result.stderr
 
 
-@pytest.mark.xfail(
-    reason="needs module forwarding (issue #5 point 1): the module is not on the node",
-    strict=True,
-)
 def test_map_over_sshd(module_dir: Path, sshd_pair: List[SSHServer], ssh_client: Client) -> None:
     """The module exists only in a temporary directory on the client."""
     hosts = ",".join(s.spec for s in sshd_pair)
@@ -237,6 +244,20 @@ def test_map_over_sshd(module_dir: Path, sshd_pair: List[SSHServer], ssh_client:
     lines = result.stdout.splitlines()
     assert [line.split()[0] for line in lines] == [str(n) for n in range(30)]
     assert {line.split()[1] for line in lines} <= {"alpha", "beta"}
+    stdin = "".join(f"{n}\n" for n in range(1, 16))
+    result = run_cli(
+        "map",
+        "cli_tasks_mod:square",
+        "--hosts",
+        hosts,
+        *ssh_args(ssh_client),
+        cwd=module_dir,
+        stdin=stdin,
+    )
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [str(n * n) for n in range(1, 13)]
+    assert "line 13 failed" in result.stderr and "ValueError: unlucky 13" in result.stderr
+    assert 'cli_tasks_mod.py", line 6, in square' in result.stderr
 
 
 # --- demo ------------------------------------------------------------------------

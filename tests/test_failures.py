@@ -45,7 +45,10 @@ def test_call_that_cannot_pickle(executor: SSHPoolExecutor) -> None:
     assert executor.submit(tasks.square, 3).result(timeout=30) == 9
 
 
-def test_worker_cannot_unpickle_the_call(executor: SSHPoolExecutor, tmp_path: Path) -> None:
+def test_worker_cannot_unpickle_the_call(
+    make_executor: Callable[..., SSHPoolExecutor], tmp_path: Path
+) -> None:
+    executor = make_executor(forward_modules=False)  # with forwarding the module travels
     (tmp_path / "only_here_mod.py").write_text("def f():\n    return 1\n")
     sys.path.insert(0, str(tmp_path))
     try:

@@ -20,14 +20,20 @@ from sshexec._protocol import (
     Failed,
     FrameDecoder,
     FrameError,
+    Fetch,
     Hello,
     Init,
+    Log,
     Message,
+    Output,
+    Ping,
+    Pong,
     Ready,
     Revoke,
     Revoked,
     Run,
     Shutdown,
+    Source,
 )
 
 FUZZ = settings(
@@ -38,8 +44,8 @@ FUZZ = settings(
 )
 
 SAMPLES: List[Message] = [
-    Init("node1#3", b"", 1 << 30),
-    Init("nöde-ü#0", b"\x80\x04initializer\x00\xff", 1024),
+    Init("node1#3", b"", 1 << 30, True, 20),
+    Init("nöde-ü#0", b"\x80\x04initializer\x00\xff", 1024, False, 0),
     Run(1, b"\x80\x05payload"),
     Run(2**63 - 1, b""),
     Shutdown(),
@@ -62,6 +68,18 @@ SAMPLES: List[Message] = [
     Failed(10, "mod.Qual.Name", "", "", b"", "call"),
     Revoke(11),
     Revoked(2**40),
+    Done(12, b"r", 0.25),
+    Failed(13, "KeyError", "k", "tb", b"", "result", 1e-6),
+    Ping(1),
+    Pong(2**40),
+    Output(1, b"hello\n"),
+    Output(2, b"\xff partial"),
+    Log("my.mod", 20, "message \u00e9", "/p/m.py", 7, "fn", 1700000000.5, "", "MainThread"),
+    Log("", 40, "", "", 0, "", 0.0, "Traceback...\nValueError", ""),
+    Fetch("pkg.sub.mod"),
+    Source("pkg", "source", "/src/pkg/__init__.py", "x = 1\n", True, ""),
+    Source("numpy", "compiled", "numpy/core/_m.so", "", True, "numpy"),
+    Source("nope", "missing", "", "", False, ""),
 ]
 
 
@@ -308,9 +326,13 @@ def test_wrong_field_count(item: Any) -> None:
         [Run.TAG, 1.0, b""],
         [Run.TAG, None, b""],
         [Run.TAG, [1], b""],
-        [Init.TAG, b"node#0", b"", 1],
-        [Done.TAG, 1, {"k": 1}],
-        [Failed.TAG, 1, "T", "m", "tb", "not bytes", "run"],
+        [Init.TAG, b"node#0", b"", 1, True, 20],
+        [Init.TAG, "node#0", b"", 1, 1, 20],  # int is not a bool field
+        [Done.TAG, 1, {"k": 1}, 0.0],
+        [Done.TAG, 1, b"", "0.5"],
+        [Failed.TAG, 1, "T", "m", "tb", "not bytes", "run", 0.0],
+        [Output.TAG, "1", b""],
+        [Source.TAG, "m", "source", "", "", "yes", ""],
     ],
 )
 def test_wrong_field_types(item: Any) -> None:
@@ -382,7 +404,14 @@ def test_fuzz_random_bytes(chunks: List[bytes]) -> None:
 # Frames that start out valid, then get a few bytes overwritten: this reaches the
 # msgpack and schema checks far more often than uniformly random bytes do.
 _messages = st.one_of(
-    st.builds(Init, st.text(max_size=20), st.binary(max_size=40), st.integers(1, 2**32 - 1)),
+    st.builds(
+        Init,
+        st.text(max_size=20),
+        st.binary(max_size=40),
+        st.integers(1, 2**32 - 1),
+        st.booleans(),
+        st.integers(0, 50),
+    ),
     st.builds(Run, st.integers(-(2**63), 2**64 - 1), st.binary(max_size=40)),
     st.just(Shutdown()),
     st.builds(
@@ -397,7 +426,7 @@ _messages = st.one_of(
         st.text(max_size=30),
     ),
     st.just(Ready()),
-    st.builds(Done, st.integers(0, 2**32), st.binary(max_size=40)),
+    st.builds(Done, st.integers(0, 2**32), st.binary(max_size=40), st.floats(allow_nan=False)),
     st.builds(
         Failed,
         st.integers(0, 2**32),
@@ -409,6 +438,31 @@ _messages = st.one_of(
     ),
     st.builds(Revoke, st.integers(0, 2**63 - 1)),
     st.builds(Revoked, st.integers(0, 2**63 - 1)),
+    st.builds(Ping, st.integers(0, 2**63 - 1)),
+    st.builds(Pong, st.integers(0, 2**63 - 1)),
+    st.builds(Output, st.sampled_from([1, 2]), st.binary(max_size=40)),
+    st.builds(Fetch, st.text(max_size=30)),
+    st.builds(
+        Source,
+        st.text(max_size=10),
+        st.sampled_from(proto.SOURCE_KINDS),
+        st.text(max_size=20),
+        st.text(max_size=40),
+        st.booleans(),
+        st.text(max_size=10),
+    ),
+    st.builds(
+        Log,
+        st.text(max_size=10),
+        st.integers(0, 50),
+        st.text(max_size=30),
+        st.text(max_size=20),
+        st.integers(0, 10**6),
+        st.text(max_size=10),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=30),
+        st.text(max_size=10),
+    ),
 )
 
 
@@ -435,3 +489,10 @@ def test_fuzz_corrupted_frames(messages: List[Message], edits: List[Any]) -> Non
     except FrameError:
         return
     assert all(isinstance(m, proto._CLASSES) for m in out)
+
+
+def test_an_int_is_accepted_where_a_float_belongs() -> None:
+    # msgpack writes 0.0 as a float, but a peer that sends 0 for a duration is harmless
+    (message,) = decode_all(packed_frame([Done.TAG, 5, b"r", 2]))
+    assert message == Done(5, b"r", 2.0)
+    assert type(message.seconds) is float  # type: ignore[union-attr]

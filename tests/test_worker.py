@@ -92,7 +92,7 @@ class Host:
     def start(self, worker_id: str = "node1#0", initializer: bytes = b"") -> None:
         hello = self.receive()
         assert isinstance(hello, proto.Hello)
-        self.send(proto.Init(worker_id, initializer, proto.DEFAULT_MAX_FRAME))
+        self.send(proto.Init(worker_id, initializer, proto.DEFAULT_MAX_FRAME, True, 30))
 
     def run(self, task_id: int, payload: bytes) -> proto.Message:
         self.send(proto.Run(task_id, payload))
