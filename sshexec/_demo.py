@@ -69,5 +69,5 @@ def run_demo(
         if expected != total:
             print(f"error: one process counted {expected:,} primes, the pool {total:,}")
             return 1
-        print(f"one process: {one:.2f} s -> speedup {one / elapsed:.2f}x over one process")
+        print(f"one process: {one:.2f} s -> speedup {one / elapsed:.2f}x")
     return 0
