@@ -321,9 +321,7 @@ def test_second_run_hits_the_cache_and_runs_pure_python_msgpack(nodes: Any, home
     )
     payload = cloudpickle.dumps((eval, (probe,), {}))
     second.send(
-        _protocol.frames(
-            [_protocol.Init("local#0", b"", 1 << 20, True, 30), _protocol.Run(1, payload)]
-        )
+        _protocol.frames([_protocol.Init("local#0", b"", 1 << 20, True, 30), _protocol.Run(1, payload)])
     )
     assert second.read_message() == _protocol.Ready()
     done = second.read_message()

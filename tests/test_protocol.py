@@ -426,7 +426,9 @@ _messages = st.one_of(
         st.text(max_size=30),
     ),
     st.just(Ready()),
-    st.builds(Done, st.integers(0, 2**32), st.binary(max_size=40), st.floats(allow_nan=False)),
+    st.builds(
+        Done, st.integers(0, 2**32), st.binary(max_size=40), st.floats(allow_nan=False)
+    ),
     st.builds(
         Failed,
         st.integers(0, 2**32),
