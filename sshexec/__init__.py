@@ -19,6 +19,7 @@ from ._errors import (
 )
 from ._executor import SSHPoolExecutor
 from ._hosts import Host, parse_host, read_hosts
+from ._progress import progress
 from ._stats import HostStats, Stats, WorkerStats
 
 __version__ = "0.1.0"
@@ -39,5 +40,6 @@ __all__ = [
     "WorkerStats",
     "__version__",
     "parse_host",
+    "progress",
     "read_hosts",
 ]

@@ -1,0 +1,274 @@
+"""``sshexec check``: probe hosts over SSH and say exactly what to fix.
+
+Owns: one asyncssh probe per host (reachability, host key status looked up in
+known_hosts, which authentication worked, remote Python, cores, round-trip time,
+channel throughput), all hosts in parallel, each bounded by a timeout. The report
+and its fixes are in ``_checkreport``. Must not import: the executor or the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import shlex
+import socket
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import asyncssh
+
+from ._bootstrap import client_version, interpreters
+from ._checkreport import HostReport
+from ._hosts import Host
+from ._ssh import PREFERRED_CIPHERS
+
+RTT_ROUNDS = 9  # small echo round trips on one channel; the first warms up and is dropped
+THROUGHPUT_BYTES = 16 * 1024 * 1024
+THROUGHPUT_BUDGET = 3.0  # seconds: a slow link reports what it managed in this time
+PY_PROBE = (
+    "import os, sys; v = sys.version_info; "
+    "n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(); "
+    "print(v[0], v[1], sys.version.split()[0], sys.executable, n or 1)"
+)
+
+
+@dataclass
+class CheckSettings:
+    """What every probe uses: the command line's SSH options."""
+
+    timeout: float = 10.0
+    python: Optional[str] = None
+    known_hosts: Optional[str] = None
+    identities: Sequence[str] = ()
+    ssh_config: Sequence[str] = ()
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+class _AuthTracker(asyncssh.SSHClient):
+    """Offers the keys one by one, so the last one offered is the one that worked."""
+
+    def __init__(self, keys: List[Tuple[asyncssh.SSHKeyPair, str]]) -> None:
+        self._keys = list(keys)
+        self.offered: Optional[str] = None
+
+    def public_key_auth_requested(self) -> Optional[asyncssh.SSHKeyPair]:
+        if not self._keys:
+            return None
+        key, self.offered = self._keys.pop(0)
+        return key
+
+
+def _home(path: str) -> str:
+    home = os.path.expanduser("~")
+    return "~" + path[len(home) :] if path.startswith(home + os.sep) else path
+
+
+async def check_hosts(hosts: Sequence[Host], settings: CheckSettings) -> List[HostReport]:
+    """Probe every host at once; each report is complete within ``settings.timeout``."""
+    return list(await asyncio.gather(*(check_host(h, settings) for h in hosts)))
+
+
+async def check_host(host: Host, settings: CheckSettings) -> HostReport:
+    report = HostReport(host.label, host.hostname, host.port or 22, host.user)
+    try:
+        await asyncio.wait_for(_probe(host, settings, report), settings.timeout)
+    except asyncio.TimeoutError:
+        report.timed_out(settings.timeout)
+    except Exception as exc:  # an unforeseen asyncssh or OS error is reported, not raised
+        report.failed(f"{type(exc).__name__}: {exc}")
+    return report
+
+
+def _options(host: Host, settings: CheckSettings) -> Dict[str, Any]:
+    kwargs: Dict[str, Any] = {
+        "connect_timeout": settings.timeout,
+        "login_timeout": settings.timeout,
+        "password_auth": False,  # never wait at a prompt
+        "kbdint_auth": False,
+        "encryption_algs": PREFERRED_CIPHERS,  # what the workers' channels use
+    }
+    if host.port is not None:
+        kwargs["port"] = host.port
+    if host.user is not None:
+        kwargs["username"] = host.user
+    if settings.identities:
+        kwargs["client_keys"] = list(settings.identities)
+    if settings.ssh_config:
+        kwargs["config"] = list(settings.ssh_config)
+    if settings.known_hosts is not None:
+        kwargs["known_hosts"] = settings.known_hosts
+    kwargs.update(settings.extra)
+    kwargs.update(host.options)
+    return kwargs
+
+
+async def _probe(host: Host, settings: CheckSettings, report: HostReport) -> None:
+    kwargs = _options(host, settings)
+    options = asyncssh.SSHClientConnectionOptions(host=host.hostname, **kwargs)
+    report.hostname, report.port, report.user = options.host, options.port, options.username
+    report.stage = "connect"
+    try:
+        server_key = await asyncssh.get_server_host_key(
+            host.hostname, options.port, config=kwargs.get("config", ())
+        )
+    except socket.gaierror as exc:
+        report.unknown_name(str(exc.strerror or exc))
+        return
+    except ConnectionRefusedError:
+        report.refused()
+        return
+    except OSError as exc:
+        report.unreachable(str(exc.strerror or exc))
+        return
+    report.reachable = "yes"
+    if server_key is not None:
+        report.fingerprint = server_key.get_fingerprint("sha256")
+    report.known_hosts = _known_hosts_path(settings, options)
+    if not _host_key_known(report, server_key, options):
+        return
+    report.stage = "authentication"
+    keys = await _client_keys(options, settings)
+    tracker = _AuthTracker(keys)
+    try:
+        conn = await asyncssh.connect(
+            host.hostname,
+            **{**kwargs, "client_keys": None, "agent_path": None},
+            client_factory=lambda: tracker,
+        )
+    except asyncssh.PermissionDenied as exc:
+        identity = settings.identities[0] if len(settings.identities) == 1 else ""
+        report.auth_refused(exc.reason, [label for _, label in keys], identity)
+        return
+    except asyncssh.HostKeyNotVerifiable as exc:
+        report.host_key = "REFUSED"
+        report.problem(f"host key not accepted: {exc.reason}", "check the known_hosts entries")
+        return
+    try:
+        report.auth = f"publickey ({tracker.offered})" if tracker.offered else "none"
+        await _probe_session(conn, host.python or settings.python, report)
+    finally:
+        conn.close()
+
+
+def _known_hosts_path(settings: CheckSettings, options: Any) -> List[str]:
+    if settings.known_hosts is not None:
+        return [settings.known_hosts]
+    configured = options.known_hosts
+    if isinstance(configured, (list, tuple)) and configured:
+        return [os.path.expanduser(str(p)) for p in configured]
+    return [os.path.expanduser("~/.ssh/known_hosts")]
+
+
+def _host_key_known(report: HostReport, server_key: Any, options: Any) -> bool:
+    trusted: List[bytes] = []
+    for path in report.known_hosts:
+        try:
+            entries = asyncssh.read_known_hosts(path)
+        except (OSError, ValueError, asyncssh.Error):
+            continue
+        names = [options.host_key_alias or options.host]
+        for name in names:
+            matched = entries.match(name, "", options.port)
+            trusted += [k.public_data for k in matched[0]]
+    if server_key is not None and server_key.public_data in trusted:
+        report.host_key = "known"
+        return True
+    if trusted:
+        report.host_key_changed()
+    else:
+        report.host_key_unknown()
+    return False
+
+
+async def _client_keys(options: Any, settings: CheckSettings) -> List[Tuple[Any, str]]:
+    """The keys asyncssh would offer, agent first, each with a label for the table."""
+    keys: List[Tuple[Any, str]] = []
+    if options.agent_path:
+        try:
+            agent = await asyncssh.connect_agent(options.agent_path)
+            for key in await agent.get_keys(options.agent_identities):
+                fingerprint = asyncssh.import_public_key(key.public_data).get_fingerprint()
+                keys.append((key, f"agent: {key.get_comment() or fingerprint}"))
+        except (OSError, ValueError, asyncssh.Error):
+            pass  # no agent running: files only, as ssh does
+    paths = _key_paths(settings.identities)
+    for pair in options.client_keys or ():
+        label = paths.get(pair.public_data) or pair.get_comment() or "key"
+        keys.append((pair, label))
+    return keys
+
+
+def _key_paths(identities: Sequence[str]) -> Dict[bytes, str]:
+    """Public key -> the file it came from: -i files and ~/.ssh/id_*, read from their
+    ``.pub`` files (no passphrase needed)."""
+    found = [os.path.expanduser(p) for p in identities]
+    found += sorted(
+        p for p in glob.glob(os.path.expanduser("~/.ssh/id_*")) if not p.endswith(".pub")
+    )
+    paths: Dict[bytes, str] = {}
+    for path in found:
+        try:
+            public = asyncssh.read_public_key(path + ".pub").public_data
+        except (OSError, ValueError, asyncssh.Error):
+            continue
+        paths.setdefault(public, _home(path))
+    return paths
+
+
+async def _probe_session(
+    conn: asyncssh.SSHClientConnection, python: Optional[str], report: HostReport
+) -> None:
+    report.stage = "python"
+    wanted = client_version()
+    for candidate in interpreters(python):
+        command = f"{shlex.quote(candidate)} -c {shlex.quote(PY_PROBE)}"
+        result = await conn.run(command, check=False)
+        words = str(result.stdout or "").split()
+        if result.exit_status == 0 and len(words) == 5:
+            report.python = f"{words[2]} {words[3]}"
+            report.python_matches = f"{words[0]}.{words[1]}" == wanted
+            report.cores = words[4]
+            break
+    else:
+        report.python_missing(interpreters(python), wanted)
+        result = await conn.run("nproc || getconf _NPROCESSORS_ONLN", check=False)
+        report.cores = str(result.stdout or "").strip() or "-"
+    if report.python_matches is False:
+        report.python_mismatch(wanted)
+    report.stage = "round trips"
+    report.rtt_ms = await _round_trip_ms(conn)
+    report.stage = "throughput"
+    report.mb_per_s = await _throughput(conn)
+
+
+async def _round_trip_ms(conn: asyncssh.SSHClientConnection) -> float:
+    process = await conn.create_process("cat", encoding=None)
+    times: List[float] = []
+    try:
+        for _ in range(RTT_ROUNDS):
+            started = time.perf_counter()
+            process.stdin.write(b"ping\n")
+            await process.stdout.readexactly(5)
+            times.append(time.perf_counter() - started)
+    finally:
+        process.close()
+    return statistics.median(times[1:]) * 1000
+
+
+async def _throughput(conn: asyncssh.SSHClientConnection) -> float:
+    """MB/s received from the node: ``head -c 16MiB /dev/zero``, for at most a few seconds."""
+    process = await conn.create_process(f"head -c {THROUGHPUT_BYTES} /dev/zero", encoding=None)
+    received = 0
+    started = time.perf_counter()
+    try:
+        while time.perf_counter() - started < THROUGHPUT_BUDGET:
+            chunk = await process.stdout.read(1 << 20)
+            if not chunk:
+                break
+            received += len(chunk)
+    finally:
+        process.close()
+    return received / 1e6 / max(time.perf_counter() - started, 1e-9)

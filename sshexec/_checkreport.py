@@ -1,0 +1,185 @@
+"""What ``sshexec check`` found on each host, the table it prints, and the exact fix
+for every problem. Pure: no I/O beyond building strings. Must not import asyncssh.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+KNOWN_HOSTS = "~/.ssh/known_hosts"
+
+
+@dataclass
+class HostReport:
+    """One host's probe results; ``problems`` holds (what is wrong, how to fix it)."""
+
+    label: str
+    hostname: str
+    port: int
+    user: Optional[str]
+    stage: str = "connect"
+    reachable: str = "-"
+    host_key: str = "-"
+    fingerprint: str = ""
+    known_hosts: List[str] = field(default_factory=list)
+    auth: str = "-"
+    python: str = "-"
+    python_matches: Optional[bool] = None
+    cores: str = "-"
+    rtt_ms: Optional[float] = None
+    mb_per_s: Optional[float] = None
+    problems: List[Tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def is_usable(self) -> bool:
+        return not self.problems
+
+    @property
+    def target(self) -> str:
+        """How ssh-keygen and known_hosts name this host."""
+        return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
+
+    @property
+    def login(self) -> str:
+        return f"{self.user}@{self.hostname}" if self.user else self.hostname
+
+    def problem(self, what: str, fix: str) -> None:
+        self.problems.append((what, fix))
+
+    def _known_hosts_file(self) -> str:
+        path = self.known_hosts[0] if self.known_hosts else KNOWN_HOSTS
+        home = os.path.expanduser("~")
+        return "~" + path[len(home) :] if path.startswith(home + os.sep) else path
+
+    def refused(self) -> None:
+        self.reachable = "refused"
+        self.problem(
+            f"connection refused by {self.hostname} port {self.port}: nothing listens there",
+            f"check that sshd runs on {self.hostname} and listens on port {self.port} "
+            "(or pass the right port: host:PORT), and that no firewall rejects it",
+        )
+
+    def unreachable(self, reason: str) -> None:
+        self.reachable = "no"
+        self.problem(
+            f"cannot reach {self.hostname} port {self.port}: {reason}",
+            f"check the host name, that {self.hostname} is up, the port, and the "
+            "firewall/route between here and there",
+        )
+
+    def unknown_name(self, reason: str) -> None:
+        self.reachable = "no such host"
+        self.problem(
+            f"cannot resolve {self.hostname}: {reason}",
+            "check the spelling, DNS or /etc/hosts, or the Host/HostName in ~/.ssh/config",
+        )
+
+    def timed_out(self, timeout: float) -> None:
+        if self.stage == "connect":
+            self.reachable = "timeout"
+            self.problem(
+                f"no answer from {self.hostname} port {self.port} within {timeout:g} s",
+                f"check that {self.hostname} is up and the port is right; a firewall that "
+                "drops packets looks like this (or raise --timeout for a slow link)",
+            )
+        else:
+            self.problem(
+                f"the {self.stage} step did not finish within {timeout:g} s",
+                "the node or the link is very slow or overloaded; raise --timeout to see more",
+            )
+
+    def failed(self, reason: str) -> None:
+        self.problem(f"{self.stage} failed: {reason}", "run `ssh -v` to the host to see why")
+
+    def host_key_unknown(self) -> None:
+        self.host_key = "UNKNOWN"
+        path = self._known_hosts_file()
+        self.problem(
+            f"host key of {self.target} is not in {path}; the server offers {self.fingerprint}",
+            f"verify that fingerprint on the node (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`"
+            f" there), then: ssh-keyscan -p {self.port} {self.hostname} >> {path}",
+        )
+
+    def host_key_changed(self) -> None:
+        self.host_key = "CHANGED"
+        path = self._known_hosts_file()
+        self.problem(
+            f"host key of {self.target} has CHANGED: the server offers {self.fingerprint}, which "
+            f"is not the key recorded in {path}; someone could be intercepting the connection",
+            "find out why first (node reinstalled? new host keys?); only then: "
+            f"ssh-keygen -R '{self.target}'{_file_option(path)}; "
+            f"ssh-keyscan -p {self.port} {self.hostname} >> {path}",
+        )
+
+    def auth_refused(self, reason: str, offered: Sequence[str], identity: str = "") -> None:
+        self.auth = "REFUSED"
+        keys = ", ".join(offered) if offered else "no key at all (none found, no agent)"
+        key = f"-i {identity} " if identity else ""
+        self.problem(
+            f"{self.login} refused every key offered: {keys} ({reason})",
+            f"install your public key there: ssh-copy-id {key}-p {self.port} {self.login} "
+            "(and check the user name)",
+        )
+
+    def python_missing(self, tried: Sequence[str], wanted: str) -> None:
+        self.python = "missing"
+        self.problem(
+            f"no {' or '.join(tried)} on {self.hostname}",
+            f"install python{wanted} there (e.g. apt-get install python{wanted}), "
+            "or pass --python /path/to/python3 (a venv's bin/python works)",
+        )
+
+    def python_mismatch(self, wanted: str) -> None:
+        self.problem(
+            f"{self.hostname} runs Python {self.python.split()[0]}, this client runs {wanted}: "
+            "pickles need the same minor version",
+            f"install python{wanted} on {self.hostname}, or pass --python with the path of a "
+            f"Python {wanted} there",
+        )
+
+    def row(self) -> List[str]:
+        match = {None: "-", True: "yes", False: "NO"}[self.python_matches]
+        rtt = "-" if self.rtt_ms is None else f"{self.rtt_ms:.2f}"
+        speed = "-" if self.mb_per_s is None else f"{self.mb_per_s:.0f}"
+        return [
+            self.label,
+            self.reachable,
+            self.host_key,
+            self.auth,
+            self.python,
+            match,
+            self.cores,
+            rtt,
+            speed,
+        ]
+
+
+def _file_option(path: str) -> str:
+    return "" if path == KNOWN_HOSTS else f" -f {path}"
+
+
+HEADER = ["host", "reachable", "host key", "auth", "python", "match", "cores", "rtt ms", "MB/s"]
+
+
+def render(reports: Sequence[HostReport]) -> str:
+    """The table, then one block per problem with its fix, then a verdict line."""
+    rows = [HEADER, *(r.row() for r in reports)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
+    lines = []
+    for index, row in enumerate(rows):
+        cells = [c.ljust(w) if i < 6 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    broken = [r for r in reports if not r.is_usable]
+    for report in broken:
+        lines.append("")
+        for what, fix in report.problems:
+            lines.append(f"{report.label}: {what}")
+            lines.append(f"  fix: {fix}")
+    lines.append("")
+    usable = len(reports) - len(broken)
+    lines.append(f"{usable} of {len(reports)} hosts usable")
+    return "\n".join(lines)

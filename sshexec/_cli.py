@@ -1,0 +1,245 @@
+"""The ``sshexec`` command (also ``python -m sshexec``): ``check``, ``demo`` and ``map``.
+
+Owns: argument parsing, turning the common host options into ``SSHPoolExecutor``
+arguments, and ``sshexec map``. The probe is in ``_check``, the demo in ``_demo``.
+Must not import asyncssh at module level (only ``check`` needs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import os
+import sys
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Union
+
+from ._errors import SSHExecError
+from ._hosts import HOSTS_ENV
+
+DESCRIPTION = "Run Python functions on other machines over SSH."
+EXAMPLES = """\
+examples:
+  sshexec check me@node1 node2:2222        can these hosts run workers? what to fix
+  sshexec demo --hosts me@node1,node2      count primes on them, with per-host stats
+  seq 100 | sshexec map mymod:square --hosts @hosts.txt
+"""
+
+
+def _host_options(parser: argparse.ArgumentParser, workers: bool = True) -> None:
+    group = parser.add_argument_group("hosts and SSH")
+    group.add_argument(
+        "--hosts",
+        metavar="SPECS",
+        help="comma-separated [user@]host[:port], or @FILE for a host file "
+        f"(default: ${HOSTS_ENV}" + (", else local workers)" if workers else ")"),
+    )
+    if workers:
+        group.add_argument(
+            "--workers", type=int, metavar="N", help="total workers (default: cores)"
+        )
+    group.add_argument(
+        "--python", metavar="P", help="remote interpreter (default python3.X, python3)"
+    )
+    group.add_argument(
+        "--known-hosts", metavar="FILE", help="known_hosts file to check keys against"
+    )
+    group.add_argument(
+        "-i", "--identity", metavar="FILE", action="append", help="private key (repeatable)"
+    )
+    group.add_argument("-F", "--ssh-config", metavar="FILE", help="ssh config file to use")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sshexec",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    check = sub.add_parser("check", help="probe hosts and say what to fix")
+    check.add_argument("host", nargs="*", help="[user@]host[:port] (default: --hosts)")
+    check.add_argument(
+        "--timeout", type=float, default=10.0, metavar="S", help="per-host limit (default 10)"
+    )
+    _host_options(check, workers=False)
+
+    demo = sub.add_parser("demo", help="count primes over the hosts, with per-host stats")
+    demo.add_argument("--limit", type=int, default=3_000_000, help="count primes below this")
+    demo.add_argument("--block", type=int, default=50_000, help="numbers per task")
+    demo.add_argument(
+        "--no-serial",
+        dest="serial",
+        action="store_false",
+        help="skip the one-process run used for the speedup",
+    )
+    _host_options(demo)
+
+    run = sub.add_parser(
+        "map",
+        help="apply MODULE:FUNCTION to each line of stdin, results in order on stdout",
+        description="Apply MODULE:FUNCTION (imported from the current directory, like "
+        "python -m) to each line of stdin, newline stripped, across the workers; write "
+        "str(result) per line to stdout, in input order, as results arrive.",
+    )
+    run.add_argument("target", metavar="MODULE:FUNCTION")
+    run.add_argument("--chunksize", type=int, default=1, metavar="N", help="lines per task")
+    run.add_argument(
+        "--buffersize", type=int, default=1024, metavar="N", help="tasks in flight (default 1024)"
+    )
+    run.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="after a failure print an empty line and go on (exit status is still 1)",
+    )
+    _host_options(run)
+    return parser
+
+
+def split_hosts(value: Optional[str]) -> Union[str, List[str], None]:
+    """``--hosts``: None, a host file ``@path`` passed through unchanged, or a list."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.startswith("@"):
+        return value
+    return [h.strip() for h in value.split(",") if h.strip()]
+
+
+def executor_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    kwargs: Dict[str, Any] = {"hosts": split_hosts(args.hosts)}
+    if getattr(args, "workers", None) is not None:
+        kwargs["max_workers"] = args.workers
+    if args.python:
+        kwargs["python"] = args.python
+    if args.known_hosts:
+        kwargs["known_hosts"] = args.known_hosts
+    ssh_options: Dict[str, Any] = {}
+    if args.identity:
+        ssh_options["client_keys"] = list(args.identity)
+    if args.ssh_config:
+        ssh_options["config"] = [args.ssh_config]
+    if ssh_options:
+        kwargs["ssh_options"] = ssh_options
+    return kwargs
+
+
+def where(args: argparse.Namespace) -> str:
+    return args.hosts or os.environ.get(HOSTS_ENV, "").strip() or "local workers"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``sshexec`` console script and ``python -m sshexec``.
+
+    Returns:
+        The exit status: 0 on success, 1 when a host is unusable or a task failed,
+        2 for a usage error, 130 when interrupted.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check":
+            return _check(parser, args)
+        if args.command == "demo":
+            from ._demo import run_demo
+
+            return run_demo(executor_kwargs(args), where(args), args.limit, args.block, args.serial)
+        return run_map(args)
+    except KeyboardInterrupt:
+        print("sshexec: interrupted", file=sys.stderr)
+        return 130
+    except (SSHExecError, ValueError, TypeError, OSError) as exc:
+        print(f"sshexec {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from ._check import CheckSettings, check_hosts
+    from ._checkreport import render
+    from ._hosts import resolve_hosts
+
+    given: Union[str, List[str], None] = list(args.host) or args.hosts
+    hosts = [h for h in resolve_hosts(given) or [] if not h.is_local]  # ":" needs no check
+    if not hosts:
+        parser.error(f"check: give hosts to check (arguments, --hosts or ${HOSTS_ENV})")
+    if args.timeout <= 0:
+        parser.error("check: --timeout must be > 0")
+    settings = CheckSettings(
+        timeout=args.timeout,
+        python=args.python,
+        known_hosts=args.known_hosts,
+        identities=list(args.identity or ()),
+        ssh_config=[args.ssh_config] if args.ssh_config else [],
+    )
+    reports = asyncio.run(check_hosts(hosts, settings))
+    print(render(reports))
+    return 0 if all(r.is_usable for r in reports) else 1
+
+
+def load_function(target: str) -> Callable[[str], object]:
+    """``MODULE:FUNCTION`` (FUNCTION may be dotted), imported with the current directory
+    first on ``sys.path``, as ``python -m`` does."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected MODULE:FUNCTION, got {target!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{target} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def run_map(args: argparse.Namespace, stdin: Optional[IO[str]] = None) -> int:
+    import cloudpickle
+
+    from . import _mapcall
+    from ._executor import SSHPoolExecutor
+
+    if args.chunksize < 1 or args.buffersize < 1:
+        raise ValueError("--chunksize and --buffersize must be >= 1")
+    fn = load_function(args.target)
+    cloudpickle.register_pickle_by_value(_mapcall)  # nodes need no sshexec install
+    source = stdin if stdin is not None else sys.stdin
+    lines = (line[:-1] if line.endswith("\n") else line for line in source)
+    out, failures, number = sys.stdout, 0, 0
+    with SSHPoolExecutor(**executor_kwargs(args)) as executor:
+        results = executor.map(
+            _mapcall.call_line,
+            itertools.repeat(fn),
+            lines,
+            chunksize=args.chunksize,
+            buffersize=args.buffersize,
+        )
+        try:
+            for number, (ok, text) in enumerate(results, 1):
+                if ok:
+                    out.write(text + "\n")
+                else:
+                    failures += 1
+                    print(f"sshexec map: line {number} failed {text}", file=sys.stderr, end="")
+                    if not args.keep_going:
+                        break
+                    out.write("\n")
+                out.flush()
+        except Exception as exc:  # the call could not run at all (lost worker, no module)
+            cause = exc.__cause__
+            detail = f"\n{cause}" if cause is not None else ""
+            print(
+                f"sshexec map: line {number + 1}: {type(exc).__name__}: {exc}{detail}",
+                file=sys.stderr,
+            )
+            failures += 1
+        finally:
+            getattr(results, "close", lambda: None)()  # cancels what was submitted ahead
+            executor.shutdown(wait=True, cancel_futures=True)
+    if failures and args.keep_going:
+        print(f"sshexec map: {failures} of {number} lines failed", file=sys.stderr)
+    return 1 if failures else 0
