@@ -22,7 +22,7 @@ from ._hosts import Host, parse_host, read_hosts
 from ._progress import progress
 from ._stats import HostStats, Stats, WorkerStats
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BrokenPool",

@@ -7,7 +7,8 @@ Data flow (every step after the first runs on the executor's loop thread)::
                                           ──Run frames, coalesced per worker──▶ Channel.write
     worker: Run ──▶ fn(*args) ──▶ Done | Failed
     _read_replies(link) ──FrameDecoder──▶ _on_reply ──▶ Future.set_result / set_exception
-                                                    └──▶ Scheduler.complete ──▶ _dispatch
+                                             │      └──▶ Scheduler.complete ──▶ _dispatch
+                                             └─ Output/Log/Fetch/Pong ──▶ link.on_side_message
     EOF / protocol error ──▶ _on_lost ──▶ Scheduler.remove_worker: requeue or WorkerLostError
                                      └──▶ _start_worker(host) as a replacement
 

@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.abc
-import importlib.util
-import io
-import linecache
 import logging
 import os
 import queue
@@ -30,6 +26,7 @@ import cloudpickle
 import msgpack
 
 from . import _protocol as proto
+from ._remote_io import ClientFinder, FrameLogHandler, _write_all, frame_stream
 
 RESULT_OVERHEAD = 64  # msgpack envelope around a Done payload, generously
 EOF_GRACE_SECONDS = 2.0  # a task still running this long after the host vanished is abandoned
@@ -50,12 +47,6 @@ def _cpu_count() -> int:
     if getaffinity is not None:
         return len(getaffinity(0))
     return os.cpu_count() or 1
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _type_name(exc: BaseException) -> str:
@@ -115,141 +106,6 @@ class Namespaces:
         for fresh in adopted:
             shared = self.modules.setdefault(fresh.get("__name__", ""), {})
             shared.update((k, v) for k, v in fresh.items() if k != "__builtins__")
-
-
-class FrameRaw(io.RawIOBase):
-    """``sys.stdout``/``sys.stderr`` of tasks: bytes become ``Output`` frames, so they reach
-    the client in order with the replies. If the frame channel is gone they go to fd 2."""
-
-    def __init__(self, worker: Worker, stream: int) -> None:
-        super().__init__()
-        self.worker, self.stream = worker, stream
-
-    def writable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        return self.stream  # C-level writes: fd 1 points at fd 2, which the host relays too
-
-    def write(self, data: Any) -> int:
-        chunk = bytes(data)
-        if chunk:
-            try:
-                self.worker.send(proto.Output(self.stream, chunk))
-            except OSError:
-                _write_all(2, chunk)
-        return len(chunk)
-
-
-def frame_stream(worker: Worker, stream: int) -> io.TextIOWrapper:
-    return io.TextIOWrapper(
-        io.BufferedWriter(FrameRaw(worker, stream)),
-        encoding="utf-8",
-        errors="backslashreplace",
-        line_buffering=True,
-    )
-
-
-class FrameLogHandler(logging.Handler):
-    """Sends each ``logging`` record of a task to the host as a ``Log`` frame."""
-
-    def __init__(self, worker: Worker) -> None:
-        super().__init__()
-        self.worker = worker
-        self.formatter: logging.Formatter = logging.Formatter()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            exc_text = ""
-            if record.exc_info:
-                exc_text = self.formatter.formatException(record.exc_info)
-            if record.stack_info:
-                exc_text += ("\n" if exc_text else "") + self.formatter.formatStack(
-                    record.stack_info
-                )
-            self.worker.send(
-                proto.Log(
-                    record.name,
-                    record.levelno,
-                    record.getMessage(),
-                    record.pathname,
-                    record.lineno or 0,
-                    record.funcName or "",
-                    record.created,
-                    exc_text,
-                    record.threadName or "",
-                )
-            )
-        except Exception:  # logging's own policy: report on stderr, never raise
-            self.handleError(record)
-
-
-class SourceLoader(importlib.abc.Loader):
-    """Runs a module's source fetched from the client; tracebacks show its lines."""
-
-    def __init__(self, source: proto.Source) -> None:
-        self.source = source
-
-    def create_module(self, spec: Any) -> None:
-        return None
-
-    def exec_module(self, module: types.ModuleType) -> None:
-        origin = self.source.origin or f"<sshexec forwarded {self.source.name}>"
-        code = compile(self.source.code, origin, "exec", dont_inherit=True)
-        lines = self.source.code.splitlines(keepends=True)
-        linecache.cache[origin] = (len(self.source.code), None, lines, origin)
-        exec(code, module.__dict__)
-
-    def get_source(self, name: str) -> str:
-        return self.source.code
-
-    def is_package(self, name: str) -> bool:
-        return self.source.is_package
-
-
-class ClientFinder(importlib.abc.MetaPathFinder):
-    """Last on ``sys.meta_path``: a module this interpreter cannot import is asked for
-    from the client (pure-Python source only) and kept in ``sys.modules`` from then on."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.absent: Set[str] = set()
-
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname in self.absent:
-            return None
-        reply = self.worker.fetch(fullname)
-        if reply is None or reply.kind == "missing":
-            if reply is not None and reply.detail:
-                raise ModuleNotFoundError(self._where(fullname, reply.detail), name=fullname)
-            self.absent.add(fullname)
-            return None
-        if reply.kind == "compiled":
-            dist = reply.detail or fullname.partition(".")[0]
-            raise ModuleNotFoundError(
-                self._where(
-                    fullname,
-                    f"the client has it from package {dist!r}, which contains compiled code "
-                    f"({reply.origin or 'a C extension'}) that sshexec cannot forward. "
-                    f"Install it there: {sys.executable} -m pip install {dist}",
-                ),
-                name=fullname,
-            )
-        origin = reply.origin or None
-        spec = importlib.util.spec_from_loader(
-            fullname, SourceLoader(reply), origin=origin, is_package=reply.is_package
-        )
-        if spec is not None and origin:
-            spec.has_location = True  # sets __file__, as for a module imported from disk
-        return spec
-
-    def _where(self, fullname: str, why: str) -> str:
-        host = self.worker.worker_id.rsplit("#", 1)[0]
-        python = "%d.%d.%d" % sys.version_info[:3]
-        return (
-            f"No module named {fullname!r} on host {host} (hostname {self.worker.hostname}, "
-            f"interpreter {sys.executable}, Python {python}): {why}"
-        )
 
 
 class Worker:

@@ -215,6 +215,7 @@ def test_bundle_contents() -> None:
     here = Path(_bootstrap.__file__).parent
     assert archive.read("sshexec/_protocol.py") == (here / "_protocol.py").read_bytes()
     assert archive.read("sshexec/_worker.py") == (here / "_worker.py").read_bytes()
+    assert archive.read("sshexec/_remote_io.py") == (here / "_remote_io.py").read_bytes()
     assert "sshexec/__init__.py" in names
     assert not any(n.startswith("sshexec/") and "_executor" in n for n in names)
     for needed in (
