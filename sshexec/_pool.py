@@ -303,7 +303,8 @@ class Pool:
             return
         self.scheduler.complete(link.worker_id, message.task_id)
         link.counters.busy_seconds += message.seconds
-        self._tune(link, message.seconds)
+        mean = self._task_time.get(link.worker_id, message.seconds)
+        self._task_time[link.worker_id] = mean + (message.seconds - mean) * 0.2
         if isinstance(message, proto.Done):
             link.counters.tasks_done += 1
         else:
@@ -314,16 +315,13 @@ class Pool:
         settle(task, message, link.worker_id)
         log.debug("task done task=%d worker=%s", task.task_id, link.worker_id)
 
-    def _tune(self, link: WorkerLink, seconds: float) -> None:
-        """Adaptive prefetch: hold enough tasks at the worker to cover its round trip."""
-        worker_id = link.worker_id
+    def _tune(self, link: WorkerLink) -> None:
+        """Adaptive prefetch, once per chunk of replies: hold enough tasks at the worker to
+        cover its round trip (re-measured every PING_EVERY s) at its mean task time."""
+        worker_id, rtt = link.worker_id, link.counters.rtt_seconds
         mean = self._task_time.get(worker_id)
-        mean = seconds if mean is None else mean + (seconds - mean) * 0.2
-        self._task_time[worker_id] = mean
-        rtt = link.counters.rtt_seconds
-        if rtt is not None:
-            depth = depth_for(rtt, mean, self._payload_mean)
-            self.scheduler.set_depth(worker_id, depth)
+        if rtt is not None and mean is not None:
+            self.scheduler.set_depth(worker_id, depth_for(rtt, mean, self._payload_mean))
         now = asyncio.get_running_loop().time()
         if not link.pings and now - self._pinged.get(worker_id, 0.0) > PING_EVERY:
             self._pinged[worker_id] = now
@@ -339,6 +337,8 @@ class Pool:
             return
         if link.is_alive and not link.is_closing and self.scheduler.is_spent(link.worker_id):
             self._spawn(self._retire(link))  # max_tasks_per_child reached
+        if link.is_alive:
+            self._tune(link)
         self._dispatch_soon()
         self._note_idle()
 
