@@ -292,8 +292,7 @@ class SSHPoolExecutor(Executor):
             if self._pool.broken is not None:
                 raise self._pool.broken
             if failure is None:
-                task = Task(next(self._task_ids), payload, future, group=group)
-                runtime.loop.call_soon_threadsafe(self._pool.enqueue, task)
+                runtime.post(Task(next(self._task_ids), payload, future, group=group))
         if failure is not None:
             future.set_exception(failure)
         return future

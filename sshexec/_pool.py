@@ -44,7 +44,7 @@ from ._links import (
     snapshot,
 )
 from ._output import OutputRouter
-from ._scheduler import Scheduler
+from ._scheduler import Scheduler, depth_for
 from ._stats import Stats
 from ._transport import Channel, Transport
 
@@ -53,6 +53,7 @@ log = logging.getLogger("sshexec.pool")
 MAX_START_FAILURES = 3  # consecutive failed starts (other than connecting) before giving up
 MAX_BACKOFF = 10.0  # seconds between reconnect attempts to a host that is down
 # Startup failures that retrying cannot fix.
+PING_EVERY = 1.0  # seconds between round-trip measurements of a busy worker
 FATAL_STAGES = frozenset({"host key", "authentication", "interpreter", "version", "initializer"})
 
 
@@ -89,6 +90,9 @@ class Pool:
         self._background: Set[asyncio.Task[Any]] = set()
         self._channels: Set[Channel] = set()  # every worker channel ever opened: closed at the end
         self._dispatch_pending = False
+        self._task_time: Dict[str, float] = {}  # worker id -> moving mean of Done.seconds
+        self._pinged: Dict[str, float] = {}  # worker id -> loop time of its latest ping
+        self._payload_mean = 0.0  # moving mean of Run payload sizes (bytes)
         self._idle = asyncio.Event()
         self._idle.set()
         self.final_stats: Optional[Stats] = None  # set when aclose() is done
@@ -211,14 +215,17 @@ class Pool:
 
     # ---- tasks --------------------------------------------------------------------------
 
-    def enqueue(self, task: Task) -> None:
-        if self.broken is not None:
-            fail(task.future, self.broken)
-            return
-        self.tasks[task.task_id] = task
-        self._idle.clear()
-        self.scheduler.submit(task.task_id, task.group)
-        self._dispatch_soon()
+    def enqueue_many(self, tasks: List[Task]) -> None:
+        """Queue newly submitted tasks and send them out now (no extra loop pass)."""
+        for task in tasks:
+            if self.broken is not None:
+                fail(task.future, self.broken)
+                continue
+            self.tasks[task.task_id] = task
+            self.scheduler.submit(task.task_id, task.group)
+        if self.tasks:
+            self._idle.clear()
+            self._dispatch()
 
     def cancel_queued(self) -> None:
         """shutdown(cancel_futures=True): cancel every task not yet sent to a worker."""
@@ -247,6 +254,7 @@ class Pool:
                 self.scheduler.complete(worker_id, task_id)
                 continue
             log.debug("dispatch task=%d worker=%s", task_id, worker_id)
+            self._payload_mean += (len(task.payload) - self._payload_mean) * 0.1
             batches.setdefault(worker_id, []).append(proto.Run(task_id, task.payload))
         for worker_id, task_id in self.scheduler.steals():
             log.debug("revoke task=%d worker=%s", task_id, worker_id)
@@ -296,6 +304,8 @@ class Pool:
             return
         self.scheduler.complete(link.worker_id, message.task_id)
         link.counters.busy_seconds += message.seconds
+        mean = self._task_time.get(link.worker_id, message.seconds)
+        self._task_time[link.worker_id] = mean + (message.seconds - mean) * 0.2
         if isinstance(message, proto.Done):
             link.counters.tasks_done += 1
         else:
@@ -305,6 +315,18 @@ class Pool:
             return
         settle(task, message, link.worker_id)
         log.debug("task done task=%d worker=%s", task.task_id, link.worker_id)
+
+    def _tune(self, link: WorkerLink) -> None:
+        """Adaptive prefetch, once per chunk of replies: hold enough tasks at the worker to
+        cover its round trip (re-measured every PING_EVERY s) at its mean task time."""
+        worker_id, rtt = link.worker_id, link.counters.rtt_seconds
+        mean = self._task_time.get(worker_id)
+        if rtt is not None and mean is not None:
+            self.scheduler.set_depth(worker_id, depth_for(rtt, mean, self._payload_mean))
+        now = asyncio.get_running_loop().time()
+        if not link.pings and now - self._pinged.get(worker_id, 0.0) > PING_EVERY:
+            self._pinged[worker_id] = now
+            link.ping()
 
     async def stats(self, refresh: float) -> Stats:
         """A snapshot, after pinging every worker (waiting up to ``refresh`` s)."""
@@ -316,6 +338,8 @@ class Pool:
             return
         if link.is_alive and not link.is_closing and self.scheduler.is_spent(link.worker_id):
             self._spawn(self._retire(link))  # max_tasks_per_child reached
+        if link.is_alive:
+            self._tune(link)
         self._dispatch_soon()
         self._note_idle()
 
@@ -338,6 +362,8 @@ class Pool:
         expected = link.is_closing or link.init_failed
         how = reason or await link.channel.exit_reason(2.0)
         loss = self.scheduler.remove_worker(link.worker_id, charge=not expected)
+        self._task_time.pop(link.worker_id, None)
+        self._pinged.pop(link.worker_id, None)
         self.output.close(link.worker_id)
         if loss.charged is not None and loss.charged in loss.requeued:
             link.counters.tasks_retried += 1

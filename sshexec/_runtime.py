@@ -3,7 +3,8 @@
 Owns: one daemon thread per executor running its asyncio loop (``sshexec-loop-<n>``),
 the shutdown sequence run on it, and the interpreter-exit hook over every live
 loop. Holds no reference to an executor. Must not import: asyncssh, or know
-about transports, frames or tasks beyond the pool's ``aclose``.
+about transports, frames or tasks beyond handing them to the pool (``post``) and
+the pool's ``aclose``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import logging
 import os
 import threading
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Optional, Set
+from typing import TYPE_CHECKING, Any, List, Optional, Set
 
 if TYPE_CHECKING:
+    from ._links import Task
     from ._pool import Pool
 
 log = logging.getLogger("sshexec.executor")
@@ -45,6 +47,7 @@ class Runtime:
         self.closing: Optional[Future[None]] = None
         self.lock = threading.Lock()  # the only lock: guards the flags below
         self.is_shut_down = False
+        self._posted: List[Task] = []  # submitted, not yet handed to the pool (under lock)
         self.thread.start()
         _live.add(self)
 
@@ -73,6 +76,19 @@ class Runtime:
 
     def on_loop_thread(self) -> bool:
         return threading.current_thread() is self.thread
+
+    def post(self, task: Task) -> None:
+        """Hand a task to the pool; call with ``lock`` held. Tasks posted before the loop
+        thread gets to them travel together: one loop wake-up per batch, not per task."""
+        self._posted.append(task)
+        if len(self._posted) == 1:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            tasks, self._posted = self._posted, []
+        assert self.pool is not None
+        self.pool.enqueue_many(tasks)
 
     def call(self, coro: Any, timeout: float) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

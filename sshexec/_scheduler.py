@@ -1,7 +1,8 @@
 """Pure placement policy: which task goes to which worker, and what a lost worker costs.
 
 Owns: the queue of task ids, each worker's in-flight slots (``prefetch`` deep,
-so a worker always has its next task before finishing the current one), task
+so a worker always has its next task before finishing the current one; deeper per
+worker when the pool asks, see ``set_depth``), task
 budgets for ``max_tasks_per_child``, and retry accounting. Must not import:
 asyncio, Futures, clocks, I/O or logging; it sees task ids and worker ids only.
 """
@@ -18,6 +19,7 @@ class _Slots:
     in_flight: Deque[int] = field(default_factory=collections.deque)  # dispatch order == run order
     budget: Optional[int] = None  # tasks it may still be given (max_tasks_per_child)
     group: Optional[str] = None  # its host: tasks pinned to the group run only there
+    depth: int = 1  # tasks it may hold at once (the pool deepens it for long round trips)
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,18 @@ class Loss:
     requeued: Tuple[int, ...]  # back in the queue (not charged, or still under max_retries)
     failed: Tuple[int, ...]  # out of retries: the caller fails their Futures
     charged: Optional[int]  # the task that was running when the worker died, if any
+
+
+MAX_DEPTH = 64  # tasks in flight per worker, at most
+IN_FLIGHT_BYTES = 32 << 20  # deepening stops when a worker would hold more payload than this
+
+
+def depth_for(rtt: float, task_seconds: float, payload_bytes: float) -> int:
+    """Tasks a worker should hold so it never waits for the next one: enough to cover a
+    round trip at its task time, plus one, within MAX_DEPTH and IN_FLIGHT_BYTES."""
+    wanted = int(rtt / max(task_seconds, 1e-5)) + 2
+    by_bytes = int(IN_FLIGHT_BYTES // max(payload_bytes, 1.0))
+    return max(1, min(wanted, MAX_DEPTH, by_bytes))
 
 
 class Scheduler:
@@ -109,7 +123,17 @@ class Scheduler:
     def add_worker(
         self, worker_id: str, budget: Optional[int] = None, group: Optional[str] = None
     ) -> None:
-        self._workers[worker_id] = _Slots(budget=budget, group=group)
+        self._workers[worker_id] = _Slots(budget=budget, group=group, depth=self.prefetch)
+
+    def set_depth(self, worker_id: str, depth: int) -> None:
+        """Let the worker hold up to ``depth`` tasks (never fewer than ``prefetch``): more
+        when its round trip is long next to its task time, so its link never idles."""
+        slots = self._workers.get(worker_id)
+        if slots is not None:
+            slots.depth = max(self.prefetch, depth)
+
+    def depth(self, worker_id: str) -> int:
+        return self._workers[worker_id].depth
 
     def workers(self) -> List[str]:
         return list(self._workers)
@@ -126,11 +150,21 @@ class Scheduler:
         """Fill free slots breadth-first (every idle worker gets one task before any
         worker gets a second) and return the new (worker_id, task_id) pairs in order."""
         placed: List[Tuple[str, int]] = []
-        for depth in range(self.prefetch):
+        if not self._queue and not self._pinned:
+            return placed
+        room = [
+            (worker_id, slots)
+            for worker_id, slots in self._workers.items()
+            if len(slots.in_flight) < slots.depth and slots.budget != 0
+        ]
+        if not room:
+            return placed
+        lowest = min(len(slots.in_flight) for _, slots in room)
+        for depth in range(lowest, max(slots.depth for _, slots in room)):
             if not self._queue and not self._pinned:
                 break
-            for worker_id, slots in self._workers.items():
-                if len(slots.in_flight) > depth or slots.budget == 0:
+            for worker_id, slots in room:
+                if len(slots.in_flight) > depth or depth >= slots.depth or slots.budget == 0:
                     continue
                 task_id = self._next_for(slots)
                 if task_id is None:

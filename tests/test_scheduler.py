@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sshexec._scheduler import Loss, Scheduler
+from sshexec._scheduler import IN_FLIGHT_BYTES, MAX_DEPTH, Loss, Scheduler, depth_for
 
 
 def scheduler_with(
@@ -51,6 +51,31 @@ def test_prefetch_caps_tasks_per_worker() -> None:
     sched.complete("alpha#0", 0)
     assert sched.assignments() == [("alpha#0", 2)]
     assert sched.load("alpha#0") == 2
+
+
+def test_set_depth_deepens_one_worker_breadth_first() -> None:
+    sched = scheduler_with("alpha#0", "beta#0", prefetch=1, tasks=6)
+    sched.set_depth("alpha#0", 4)
+    assert sched.depth("alpha#0") == 4 and sched.depth("beta#0") == 1
+    placed = sched.assignments()
+    # every worker gets its first task before alpha gets its deeper ones
+    assert placed[:2] == [("alpha#0", 0), ("beta#0", 1)]
+    assert placed[2:] == [("alpha#0", 2), ("alpha#0", 3), ("alpha#0", 4)]
+    assert (sched.load("alpha#0"), sched.load("beta#0"), sched.queued) == (4, 1, 1)
+    sched.set_depth("alpha#0", 0)  # never below prefetch
+    assert sched.depth("alpha#0") == 1
+    sched.set_depth("gone#0", 5)  # unknown worker: ignored
+    sched.complete("beta#0", 1)
+    assert sched.assignments() == [("beta#0", 5)]  # alpha is over its new depth
+
+
+def test_depth_for_covers_the_round_trip() -> None:
+    assert depth_for(rtt=0.05, task_seconds=0.01, payload_bytes=100) == 7
+    assert depth_for(rtt=0.0001, task_seconds=0.05, payload_bytes=100) == 2
+    assert depth_for(rtt=0.5, task_seconds=0.0, payload_bytes=100) == MAX_DEPTH
+    big = IN_FLIGHT_BYTES // 3
+    assert depth_for(rtt=0.5, task_seconds=0.001, payload_bytes=big) == 3
+    assert depth_for(rtt=0.5, task_seconds=0.001, payload_bytes=IN_FLIGHT_BYTES * 4) == 1
 
 
 def test_prefetch_one_means_one_task_at_a_time() -> None:
