@@ -1,6 +1,8 @@
 """Summarise a py-spy raw profile (``-f raw``): self and inclusive % per process and thread."""
 
-import collections, re, sys
+import collections
+import re
+import sys
 
 path = sys.argv[1]
 top = int(sys.argv[2]) if len(sys.argv) > 2 else 12

@@ -212,7 +212,7 @@ def test_pipelined_runs_reply_in_order(ready: Host) -> None:
 
 def test_replies_to_queued_runs_share_writes(ready: Host, monkeypatch: pytest.MonkeyPatch) -> None:
     writes: List[int] = []
-    real_write_all = _worker._write_all
+    real_write_all = _worker._write_all  # type: ignore[attr-defined]
 
     def counting(fd: int, data: bytes) -> None:
         writes.append(len(data))
