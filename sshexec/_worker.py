@@ -31,8 +31,6 @@ from ._remote_io import ClientFinder, FrameLogHandler, _write_all, frame_stream
 RESULT_OVERHEAD = 64  # msgpack envelope around a Done payload, generously
 EOF_GRACE_SECONDS = 2.0  # a task still running this long after the host vanished is abandoned
 FETCH_TIMEOUT = 60.0  # seconds to wait for the host to answer a Fetch
-HOLD_SECONDS = 0.002  # a reply held back to share a write waits at most about this long
-HOLD_BYTES = 1 << 16  # held replies are written once they add up to this
 
 
 def _claim_stdio() -> Tuple[int, int]:
@@ -129,54 +127,11 @@ class Worker:
         self.sources: queue.SimpleQueue[Optional[proto.Source]] = queue.SimpleQueue()
         self.fetch_lock = threading.Lock()
         self.is_reading = True
-        self.held: List[bytes] = []  # frames not yet written (under write_lock)
-        self.held_bytes, self.held_since = 0, 0.0
-        self.flush_due = threading.Event()
-        self.flusher: Optional[threading.Thread] = None
 
-    def send(self, message: proto.Message, hold: bool = False) -> None:
-        """Write a frame, after any replies held back before it. ``hold`` (main thread,
-        more work queued): keep it to share one write with the next replies; held frames
-        go out within about HOLD_SECONDS (the flusher thread) or with the next send."""
+    def send(self, message: proto.Message) -> None:
+        frame = proto.encode(message)
         with self.write_lock:  # the reader thread answers Revoke while a task runs
-            self.held.append(proto.encode(message))
-            self.held_bytes += len(self.held[-1])
-            if not hold or self.held_bytes >= HOLD_BYTES:
-                self._flush_held()
-            elif len(self.held) == 1:
-                self.held_since = time.monotonic()
-                if self.flusher is None:
-                    self.flusher = threading.Thread(
-                        target=self._flush_later, name="sshexec-flusher", daemon=True
-                    )
-                    self.flusher.start()
-                self.flush_due.set()
-            elif time.monotonic() - self.held_since >= HOLD_SECONDS:
-                self._flush_held()
-
-    def _flush_held(self) -> None:  # with write_lock held
-        data = self.held[0] if len(self.held) == 1 else b"".join(self.held)
-        self.held.clear()
-        self.held_bytes = 0
-        _write_all(self.frames_out, data)
-
-    def _flush_later(self) -> None:
-        """Flusher thread: writes replies held longer than HOLD_SECONDS."""
-        while self.flusher is not None:
-            self.flush_due.wait()
-            self.flush_due.clear()
-            time.sleep(HOLD_SECONDS)
-            with self.write_lock:
-                if self.held and time.monotonic() - self.held_since >= HOLD_SECONDS * 0.9:
-                    try:
-                        self._flush_held()
-                    except OSError:  # the channel is gone; the main thread reports it
-                        self.held.clear()
-
-    def flush(self) -> None:
-        with self.write_lock:
-            if self.held:
-                self._flush_held()
+            _write_all(self.frames_out, frame)
 
     def hello(self) -> proto.Hello:
         return proto.Hello(
@@ -263,19 +218,7 @@ class Worker:
     def serve(self) -> None:
         """Main thread: answer Init and Run in order until Shutdown or EOF."""
         self.send(self.hello())
-        try:
-            self._serve()
-        finally:
-            self.flush()
-            flusher, self.flusher = self.flusher, None
-            if flusher is not None:  # ends it
-                self.flush_due.set()
-                flusher.join(1.0)
-
-    def _serve(self) -> None:
         while True:
-            if self.held and self.inbox.empty():
-                self.flush()  # nothing more to run: the replies go out before we wait
             message = self.inbox.get()
             if message is None or isinstance(message, proto.Shutdown):
                 return
@@ -290,7 +233,7 @@ class Worker:
                 print(f"sshexec worker: unexpected {type(message).__name__}", file=sys.stderr)
                 continue
             self._flush_output()
-            self.send(reply, hold=isinstance(reply, proto.Done) and not self.inbox.empty())
+            self.send(reply)
             if isinstance(reply, proto.Failed) and reply.task_id == proto.INIT_TASK_ID:
                 return  # as ProcessPoolExecutor: a worker whose initializer failed serves nothing
 

@@ -18,7 +18,6 @@ import msgpack
 import pytest
 
 from sshexec import _protocol as proto
-from sshexec import _worker
 from sshexec._worker import Worker, process_chunk
 
 from . import tasks
@@ -208,32 +207,6 @@ def test_pipelined_runs_reply_in_order(ready: Host) -> None:
     assert [(r.task_id, cloudpickle.loads(r.payload)) for r in replies] == [  # type: ignore[union-attr]
         (i, i * i) for i in range(1, 21)
     ]
-
-
-def test_replies_to_queued_runs_share_writes(ready: Host, monkeypatch: pytest.MonkeyPatch) -> None:
-    writes: List[int] = []
-    real_write_all = _worker._write_all  # type: ignore[attr-defined]
-
-    def counting(fd: int, data: bytes) -> None:
-        writes.append(len(data))
-        real_write_all(fd, data)
-
-    monkeypatch.setattr(_worker, "_write_all", counting)
-    runs = 50
-    ready.send(*(proto.Run(i, call(tasks.square, i)) for i in range(1, runs + 1)))
-    replies = [ready.receive() for _ in range(runs)]
-    assert [r.task_id for r in replies] == list(range(1, runs + 1))  # type: ignore[union-attr]
-    assert len(writes) < runs // 2  # held back while more Runs were queued, written together
-
-
-def test_a_held_reply_is_written_while_the_next_task_runs(ready: Host) -> None:
-    ready.send(proto.Run(1, call(tasks.square, 3)), proto.Run(2, call(time.sleep, 1.0)))
-    started = time.monotonic()
-    first = ready.receive(timeout=0.5)  # not after the 1 s task: the flusher writes it
-    assert isinstance(first, proto.Done) and first.task_id == 1
-    assert time.monotonic() - started < 0.5
-    second = ready.receive()
-    assert isinstance(second, proto.Done) and second.task_id == 2
 
 
 def test_raising_callable_returns_failed(ready: Host) -> None:
