@@ -80,6 +80,8 @@ class WorkerLink:
     reader: Optional[asyncio.Task[None]] = None
     counters: Counters = field(default_factory=Counters)
     pings: Dict[int, float] = field(default_factory=dict)  # nonce -> loop time sent
+    task_time: Optional[float] = None  # moving mean of Done.seconds (adaptive prefetch)
+    pinged_at: float = 0.0  # loop time of the latest ping_if_due() ping
 
     @property
     def pid(self) -> int:
@@ -107,6 +109,17 @@ class WorkerLink:
     def send(self, data: bytes) -> None:
         self.counters.bytes_sent += len(data)
         self.channel.write(data)
+
+    def note_task_time(self, seconds: float) -> None:
+        mean = seconds if self.task_time is None else self.task_time
+        self.task_time = mean + (seconds - mean) * 0.2
+
+    def ping_if_due(self, every: float) -> None:
+        """Measure the round trip again if none is under way and the last is ``every`` s old."""
+        now = asyncio.get_running_loop().time()
+        if not self.pings and now - self.pinged_at > every:
+            self.pinged_at = now
+            self.ping()
 
     def ping(self) -> None:
         nonce = next(_nonces)

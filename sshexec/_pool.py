@@ -52,8 +52,8 @@ log = logging.getLogger("sshexec.pool")
 
 MAX_START_FAILURES = 3  # consecutive failed starts (other than connecting) before giving up
 MAX_BACKOFF = 10.0  # seconds between reconnect attempts to a host that is down
-# Startup failures that retrying cannot fix.
 PING_EVERY = 1.0  # seconds between round-trip measurements of a busy worker
+# Startup failures that retrying cannot fix.
 FATAL_STAGES = frozenset({"host key", "authentication", "interpreter", "version", "initializer"})
 
 
@@ -90,8 +90,6 @@ class Pool:
         self._background: Set[asyncio.Task[Any]] = set()
         self._channels: Set[Channel] = set()  # every worker channel ever opened: closed at the end
         self._dispatch_pending = False
-        self._task_time: Dict[str, float] = {}  # worker id -> moving mean of Done.seconds
-        self._pinged: Dict[str, float] = {}  # worker id -> loop time of its latest ping
         self._payload_mean = 0.0  # moving mean of Run payload sizes (bytes)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -304,8 +302,7 @@ class Pool:
             return
         self.scheduler.complete(link.worker_id, message.task_id)
         link.counters.busy_seconds += message.seconds
-        mean = self._task_time.get(link.worker_id, message.seconds)
-        self._task_time[link.worker_id] = mean + (message.seconds - mean) * 0.2
+        link.note_task_time(message.seconds)
         if isinstance(message, proto.Done):
             link.counters.tasks_done += 1
         else:
@@ -319,14 +316,10 @@ class Pool:
     def _tune(self, link: WorkerLink) -> None:
         """Adaptive prefetch, once per chunk of replies: hold enough tasks at the worker to
         cover its round trip (re-measured every PING_EVERY s) at its mean task time."""
-        worker_id, rtt = link.worker_id, link.counters.rtt_seconds
-        mean = self._task_time.get(worker_id)
+        rtt, mean = link.counters.rtt_seconds, link.task_time
         if rtt is not None and mean is not None:
-            self.scheduler.set_depth(worker_id, depth_for(rtt, mean, self._payload_mean))
-        now = asyncio.get_running_loop().time()
-        if not link.pings and now - self._pinged.get(worker_id, 0.0) > PING_EVERY:
-            self._pinged[worker_id] = now
-            link.ping()
+            self.scheduler.set_depth(link.worker_id, depth_for(rtt, mean, self._payload_mean))
+        link.ping_if_due(PING_EVERY)
 
     async def stats(self, refresh: float) -> Stats:
         """A snapshot, after pinging every worker (waiting up to ``refresh`` s)."""
@@ -362,8 +355,6 @@ class Pool:
         expected = link.is_closing or link.init_failed
         how = reason or await link.channel.exit_reason(2.0)
         loss = self.scheduler.remove_worker(link.worker_id, charge=not expected)
-        self._task_time.pop(link.worker_id, None)
-        self._pinged.pop(link.worker_id, None)
         self.output.close(link.worker_id)
         if loss.charged is not None and loss.charged in loss.requeued:
             link.counters.tasks_retried += 1
