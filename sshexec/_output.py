@@ -27,6 +27,11 @@ def prefix(worker_id: str) -> str:
     return f"[{host}:{index}]" if host else f"[{worker_id}]"
 
 
+def host_of(worker_id: str) -> str:
+    """``host#3`` -> ``host``: the ``host`` attribute of records from that worker."""
+    return worker_id.rpartition("#")[0] or worker_id
+
+
 class OutputRouter:
     """Whole lines per worker and stream, in the order each worker wrote them."""
 
@@ -66,7 +71,6 @@ class OutputRouter:
         logger = logging.getLogger(message.name)
         if not logger.isEnabledFor(message.levelno):
             return
-        host = worker_id.rpartition("#")[0] or worker_id
         record = logging.makeLogRecord(
             {
                 "name": message.name,
@@ -83,7 +87,7 @@ class OutputRouter:
                 "msecs": (message.created - int(message.created)) * 1000,
                 "exc_text": message.exc_text or None,
                 "threadName": message.thread_name,
-                "host": host,
+                "host": host_of(worker_id),
                 "worker": worker_id,
             }
         )
@@ -92,10 +96,13 @@ class OutputRouter:
     def _emit(self, worker_id: str, stream: int, line: bytes) -> None:
         text = line.decode("utf-8", "replace")
         if self.mode == "logging":
-            host = worker_id.rpartition("#")[0] or worker_id
             level = logging.WARNING if stream == 2 else logging.INFO
             remote_log.log(
-                level, "%s %s", prefix(worker_id), text, extra={"host": host, "worker": worker_id}
+                level,
+                "%s %s",
+                prefix(worker_id),
+                text,
+                extra={"host": host_of(worker_id), "worker": worker_id},
             )
             return
         out: Optional[TextIO] = sys.stderr if stream == 2 else sys.stdout
