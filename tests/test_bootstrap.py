@@ -307,12 +307,31 @@ def test_first_run_takes_the_bundle_and_fills_the_cache(nodes: Any, home: Path) 
     finish(node)
 
 
-def test_second_run_hits_the_cache_and_runs_pure_python_msgpack(nodes: Any, home: Path) -> None:
+def fake_packages(root: Path) -> Path:
+    """A msgpack too old for the protocol and a cloudpickle of another version."""
+    for name, text in (
+        ("msgpack", "version = (0, 6, 2)\n"),
+        ("cloudpickle", "__version__ = '0.0'\n"),
+    ):
+        (root / name).mkdir(parents=True)
+        (root / name / "__init__.py").write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("node_has", ["same-packages", "no-site-packages", "other-versions"])
+def test_second_run_hits_the_cache_and_picks_the_codec(
+    nodes: Any, home: Path, tmp_path: Path, node_has: str
+) -> None:
     first = nodes(home)
     hand_over_bundle(first)
     finish(first)
 
-    second = nodes(home)
+    argv, env = [sys.executable, "-c", loader()], None
+    if node_has == "no-site-packages":
+        argv.insert(1, "-S")
+    elif node_has == "other-versions":
+        env = dict(os.environ, PYTHONPATH=str(fake_packages(tmp_path / "old")))
+    second = nodes(home, argv, env=env)
     assert second.answer() == HAVE  # nothing more is sent before the Hello
     check_hello(second.read_message(), second)
     probe = (
@@ -329,11 +348,14 @@ def test_second_run_hits_the_cache_and_runs_pure_python_msgpack(nodes: Any, home
     assert second.read_message() == _protocol.Ready()
     done = second.read_message()
     assert isinstance(done, _protocol.Done) and done.task_id == 1
-    assert cloudpickle.loads(done.payload) == (
-        "msgpack.fallback",  # the C extension never ships
-        "sshexec-bundle/sshexec/__init__.py",  # imported from the bundle, not this checkout
-        "sshexec-bundle/cloudpickle/__init__.py",
-    )
+    unpacker, worker, pickler = cloudpickle.loads(done.payload)
+    assert worker == "sshexec-bundle/sshexec/__init__.py"  # the bundle's, never this checkout
+    if node_has == "same-packages":
+        # the node's own compiled msgpack and identical cloudpickle, byte-code cached
+        assert unpacker == msgpack.Unpacker.__module__ == "msgpack._cmsgpack"
+        assert pickler == cloudpickle.__spec__.origin
+    else:  # the C extension never ships: the bundle's pure-Python copies run
+        assert (unpacker, pickler) == ("msgpack.fallback", "sshexec-bundle/cloudpickle/__init__.py")
     second.send(_protocol.encode(_protocol.Shutdown()))
     assert second.wait() == 0, second.stderr
 
