@@ -106,9 +106,11 @@ class WorkerLink:
             return False
         return True
 
-    def send(self, data: bytes) -> None:
-        self.counters.bytes_sent += len(data)
-        self.channel.write(data)
+    def send(self, *pieces: bytes) -> None:
+        """Write buffers back to back (a big tail stays its own buffer, never joined)."""
+        for data in pieces:
+            self.counters.bytes_sent += len(data)
+            self.channel.write(data)
 
     def note_task_time(self, seconds: float) -> None:
         mean = seconds if self.task_time is None else self.task_time

@@ -258,7 +258,7 @@ class Pool:
             log.debug("revoke task=%d worker=%s", task_id, worker_id)
             batches.setdefault(worker_id, []).append(proto.Revoke(task_id))
         for worker_id, messages in batches.items():
-            self.links[worker_id].send(proto.frames(messages))  # one write per worker
+            self.links[worker_id].send(*proto.frame_pieces(messages))  # few writes per worker
         self._note_idle()
 
     async def _read_replies(self, link: WorkerLink, decoder: proto.FrameDecoder) -> None:

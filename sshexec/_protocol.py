@@ -1,6 +1,8 @@
 """Frame codec and message classes shared by the host and the worker.
 
-Owns: the frame layout (4-byte big-endian length + msgpack array ``[tag, ...]``),
+Owns: the frame layout (two 4-byte big-endian lengths, head and tail; the head is a
+msgpack array ``[tag, ...]``; the tail is the raw bytes of a message's ``TAIL`` field,
+the pickled call or result, so big payloads are never packed, joined or unpacked),
 the message dataclasses, ``PROTOCOL_VERSION``, frame limits and the start marker.
 Must not import: asyncio, cloudpickle, or anything beyond the stdlib and msgpack,
 because this module is shipped to nodes inside the bootstrap bundle. It does no
@@ -11,18 +13,19 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Dict, Final, Iterator, List, Tuple, Type, Union
+from typing import Any, ClassVar, Dict, Final, Iterable, Iterator, List, Tuple, Type, Union
 
 import msgpack
 
-PROTOCOL_VERSION: Final = 4
+PROTOCOL_VERSION: Final = 5
 # 2: Failed.stage, Revoke/Revoked; 3: Init.max_frame; 4: Init.forward_modules/log_level,
-# Done/Failed.seconds, Ping/Pong, Output, Log, Fetch/Source
+# Done/Failed.seconds, Ping/Pong, Output, Log, Fetch/Source; 5: head/tail frames
 # Written by the worker right before its first frame; whatever precedes it on
 # stdout (a chatty .bashrc, a motd) is shell chatter, not protocol.
 START_MARKER: Final = b"\x00\x1fSSHEXEC-START-1\x1f\x00"
-HEADER: Final = struct.Struct(">I")
-MAX_FRAME_LIMIT: Final = (1 << 32) - 1  # the length field's own ceiling
+HEADER: Final = struct.Struct(">II")  # head length, tail length
+MAX_FRAME_LIMIT: Final = (1 << 32) - 1  # head + tail: the largest frame a decoder accepts
+BIG_TAIL: Final = 1 << 16  # tails from this size are written and kept as separate buffers
 DEFAULT_MAX_FRAME: Final = 1 << 30  # 1 GiB; larger calls or results are refused
 INIT_TASK_ID: Final = 0  # Failed(task_id=0) reports a failed initializer
 
@@ -47,8 +50,9 @@ class Init:
 @dataclass(frozen=True)
 class Run:
     TAG: ClassVar[int] = 2
+    TAIL: ClassVar[str] = "payload"
     task_id: int
-    payload: bytes  # cloudpickle of (fn, args, kwargs); opaque here
+    payload: bytes  # cloudpickle of (fn, args, kwargs); opaque here (a bytearray when big)
 
 
 @dataclass(frozen=True)
@@ -112,8 +116,9 @@ class Ready:
 @dataclass(frozen=True)
 class Done:
     TAG: ClassVar[int] = 12
+    TAIL: ClassVar[str] = "payload"
     task_id: int
-    payload: bytes  # cloudpickle of the result
+    payload: bytes  # cloudpickle of the result (a bytearray when big)
     # time the worker spent on it (unpickle, call, pickle); metadata, not compared
     seconds: float = field(default=0.0, compare=False)
 
@@ -216,28 +221,68 @@ _CLASSES: Final[Tuple[Type[Any], ...]] = (
     Fetch,
 )
 _TYPES: Final = {"int": int, "str": str, "bytes": bytes, "bool": bool, "float": float}
-# tag -> (class, expected field types), built once from the dataclass annotations
-_SCHEMA: Final[Dict[int, Tuple[Type[Any], Tuple[type, ...]]]] = {
-    cls.TAG: (cls, tuple(_TYPES[str(f.type)] for f in fields(cls))) for cls in _CLASSES
-}
+# tag -> (class, expected field types of the head, index of the tail field or -1)
+_SCHEMA: Final[Dict[int, Tuple[Type[Any], Tuple[type, ...], int]]] = {}
+for _cls in _CLASSES:
+    _names = [f.name for f in fields(_cls)]
+    _tail = getattr(_cls, "TAIL", None)
+    _SCHEMA[_cls.TAG] = (
+        _cls,
+        tuple(_TYPES[str(f.type)] for f in fields(_cls) if f.name != _tail),
+        _names.index(_tail) if _tail else -1,
+    )
+
+
+def encode_parts(message: Message) -> Tuple[bytes, bytes]:
+    """``message`` as (header + head, tail): the frame is the two written back to back."""
+    tail_name = getattr(message, "TAIL", None)
+    values = [message.TAG]
+    tail = b""
+    for f in fields(message):
+        if f.name == tail_name:
+            tail = getattr(message, f.name)
+        else:
+            values.append(getattr(message, f.name))
+    head: bytes = msgpack.packb(values, use_bin_type=True)
+    return HEADER.pack(len(head), len(tail)) + head, tail
 
 
 def encode(message: Message) -> bytes:
-    """One complete frame for ``message``."""
-    body: bytes = msgpack.packb(
-        [message.TAG, *(getattr(message, f.name) for f in fields(message))],
-        use_bin_type=True,
-    )
-    return HEADER.pack(len(body)) + body
+    """One complete frame for ``message``, as one buffer."""
+    head, tail = encode_parts(message)
+    return head + tail if tail else head
 
 
-def _build(item: Any) -> Message:
+def frame_pieces(messages: Iterable[Message]) -> List[bytes]:
+    """Several frames as few buffers to write in order: small frames joined, each big
+    tail (``BIG_TAIL`` and over) left as it is, uncopied."""
+    pieces: List[bytes] = []
+    small: List[bytes] = []
+    for message in messages:
+        head, tail = encode_parts(message)
+        small.append(head)
+        if len(tail) >= BIG_TAIL:
+            pieces += (b"".join(small), tail)
+            small = []
+        elif tail:
+            small.append(tail)
+    if small:
+        pieces.append(b"".join(small))
+    return pieces
+
+
+def frames(messages: Iterable[Message]) -> bytes:
+    """Several frames coalesced into one buffer."""
+    return b"".join(frame_pieces(messages))
+
+
+def _build(item: Any, tail: bytes) -> Message:
     if not isinstance(item, list) or not item or type(item[0]) is not int:
         raise FrameError("frame is not a [tag, ...] array")
     entry = _SCHEMA.get(item[0])
     if entry is None:
         raise FrameError(f"unknown message tag {item[0]!r}")
-    cls, types = entry
+    cls, types, tail_at = entry
     values = item[1:]
     if len(values) != len(types):
         raise FrameError(f"{cls.__name__} needs {len(types)} fields, got {len(values)}")
@@ -247,6 +292,10 @@ def _build(item: Any) -> Message:
                 values[index] = float(value)
                 continue
             raise FrameError(f"{cls.__name__} field has type {type(value).__name__}")
+    if tail_at >= 0:
+        values.insert(tail_at, tail)
+    elif tail:
+        raise FrameError(f"{cls.__name__} has no tail, got {len(tail)} bytes")
     message: Message = cls(*values)
     return message
 
@@ -255,7 +304,8 @@ class FrameDecoder:
     """Incremental decoder: ``feed()`` bytes, iterate ``messages()``, ``end()`` at EOF.
 
     The claimed length of a frame is checked against ``max_frame`` before any of
-    its body is buffered, and nothing is ever allocated from the claim itself.
+    its body is buffered, and nothing is ever allocated from the claim itself. A big
+    tail is gathered in a bytearray of its own, which becomes the message's field.
     """
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
@@ -265,10 +315,21 @@ class FrameDecoder:
         self._buffer = bytearray()
         self._pos = 0  # start of the unread part of _buffer
         self._broken = False
+        self._head: Any = None  # the decoded head of a frame whose big tail is arriving
+        self._tail = bytearray()
+        self._tail_size = 0
 
     def feed(self, data: bytes) -> None:
         if self._broken:
             raise FrameError("decoder already failed")
+        if self._head is not None:
+            take = self._tail_size - len(self._tail)
+            if len(data) <= take:
+                self._tail += data
+                return
+            view = memoryview(data)
+            self._tail += view[:take]
+            data = view[take:]  # type: ignore[assignment]
         self._buffer += data
 
     def messages(self) -> Iterator[Message]:
@@ -278,30 +339,56 @@ class FrameDecoder:
                 return
             yield message
 
+    def _fail(self, reason: str) -> FrameError:
+        self._broken = True
+        return FrameError(reason)
+
     def _next(self) -> Message | None:
         if self._broken:
             raise FrameError("decoder already failed")
+        if self._head is not None:
+            if len(self._tail) < self._tail_size:
+                return None
+            item, tail = self._head, self._tail
+            self._head, self._tail = None, bytearray()
+            return self._build(item, tail)
         buf, pos = self._buffer, self._pos
         if len(buf) - pos < HEADER.size:
             self._compact()
             return None
-        (length,) = HEADER.unpack_from(buf, pos)
-        if length > self.max_frame or length == 0:
-            self._broken = True
-            raise FrameError(f"frame of {length} bytes is outside 1..{self.max_frame}")
-        end = pos + HEADER.size + length
-        if len(buf) < end:
+        head_size, tail_size = HEADER.unpack_from(buf, pos)
+        if head_size + tail_size > self.max_frame or head_size == 0:
+            raise self._fail(
+                f"frame of {head_size + tail_size} bytes (head {head_size}, tail {tail_size}) "
+                f"is outside 1..{self.max_frame}"
+            )
+        start = pos + HEADER.size
+        end = start + head_size + tail_size
+        if len(buf) < (end if tail_size < BIG_TAIL else start + head_size):
             self._compact()
             return None
-        body = bytes(memoryview(buf)[pos + HEADER.size : end])
-        self._pos = end
+        item = self._unpack(bytes(memoryview(buf)[start : start + head_size]))
+        if tail_size < BIG_TAIL:
+            self._pos = end
+            return self._build(item, bytes(memoryview(buf)[start + head_size : end]))
+        self._build(item, b"")  # a bad head fails now, not after its tail
+        if _SCHEMA[item[0]][2] < 0:
+            raise self._fail(f"{_SCHEMA[item[0]][0].__name__} has no tail, got {tail_size} bytes")
+        self._head, self._tail_size = item, tail_size  # gather the tail apart
+        self._tail = bytearray(memoryview(buf)[start + head_size : min(end, len(buf))])
+        self._pos = min(end, len(buf))
+        self._compact()
+        return self._next()
+
+    def _unpack(self, head: bytes) -> Any:
         try:
-            item = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
+            return msgpack.unpackb(head, raw=False, use_list=True, strict_map_key=True)
         except Exception as exc:  # msgpack raises several unrelated types on garbage
-            self._broken = True
-            raise FrameError(f"frame body is not msgpack: {type(exc).__name__}: {exc}") from exc
+            raise self._fail(f"frame head is not msgpack: {type(exc).__name__}: {exc}") from exc
+
+    def _build(self, item: Any, tail: bytes) -> Message:
         try:
-            return _build(item)
+            return _build(item, tail)
         except FrameError:
             self._broken = True
             raise
@@ -313,14 +400,9 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer) - self._pos
+        return len(self._buffer) - self._pos + len(self._tail)
 
     def end(self) -> None:
         """Call at EOF: a partial frame left over means the stream was cut short."""
-        if self.buffered:
+        if self.buffered or self._head is not None:
             raise FrameError(f"stream ended inside a frame ({self.buffered} bytes left over)")
-
-
-def frames(messages: List[Message]) -> bytes:
-    """Several frames coalesced into one write."""
-    return b"".join(encode(m) for m in messages)

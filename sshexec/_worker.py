@@ -129,9 +129,13 @@ class Worker:
         self.is_reading = True
 
     def send(self, message: proto.Message) -> None:
-        frame = proto.encode(message)
+        head, tail = proto.encode_parts(message)
+        if len(tail) < proto.BIG_TAIL:
+            head, tail = head + tail, b""
         with self.write_lock:  # the reader thread answers Revoke while a task runs
-            _write_all(self.frames_out, frame)
+            _write_all(self.frames_out, head)
+            if tail:  # a big result is written from where it lies, never joined
+                _write_all(self.frames_out, tail)
 
     def hello(self) -> proto.Hello:
         return proto.Hello(

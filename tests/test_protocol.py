@@ -102,12 +102,31 @@ def decode_chunks(chunks: List[bytes]) -> List[Message]:
     return out
 
 
-def raw_frame(body: bytes) -> bytes:
-    return HEADER.pack(len(body)) + body
+def raw_frame(head: bytes, tail: bytes = b"") -> bytes:
+    return HEADER.pack(len(head), len(tail)) + head + tail
 
 
-def packed_frame(item: Any) -> bytes:
-    return raw_frame(msgpack.packb(item, use_bin_type=True))
+def packed_frame(item: Any, tail: bytes = b"") -> bytes:
+    return raw_frame(msgpack.packb(item, use_bin_type=True), tail)
+
+
+def head_fields(message: Message) -> List[Any]:
+    """What the head array holds: the tag, then every field but the tail."""
+    tail = getattr(message, "TAIL", None)
+    return [
+        message.TAG,
+        *(getattr(message, f.name) for f in dataclasses.fields(message) if f.name != tail),
+    ]
+
+
+BIG = proto.BIG_TAIL
+BIG_SAMPLES: List[Message] = [
+    Run(21, bytes(range(256)) * (BIG // 256) + b"end"),
+    Ready(),
+    Done(22, b"\x00" * BIG, 0.5),
+    Done(23, b"\xff" * (3 * BIG + 7)),
+    Pong(5),
+]
 
 
 def first_error(data: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> FrameError:
@@ -129,10 +148,12 @@ def test_samples_cover_every_message_class() -> None:
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
 def test_round_trip_each_message(message: Message) -> None:
     frame = proto.encode(message)
-    (length,) = HEADER.unpack_from(frame)
-    assert length == len(frame) - HEADER.size
-    body = msgpack.unpackb(frame[HEADER.size :], raw=False)
-    assert body == [message.TAG, *dataclasses.astuple(message)]
+    head_size, tail_size = HEADER.unpack_from(frame)
+    assert HEADER.size + head_size + tail_size == len(frame)
+    head = msgpack.unpackb(frame[HEADER.size : HEADER.size + head_size], raw=False)
+    assert head == head_fields(message)
+    tail = getattr(message, getattr(message, "TAIL", ""), b"")
+    assert frame[HEADER.size + head_size :] == tail
     (decoded,) = decode_all(frame)
     assert decoded == message
     assert type(decoded) is type(message)
@@ -142,6 +163,52 @@ def test_frames_coalesces_several_messages() -> None:
     data = proto.frames(SAMPLES)
     assert data == b"".join(proto.encode(m) for m in SAMPLES)
     assert decode_all(data) == SAMPLES
+    assert len(proto.frame_pieces(SAMPLES)) == 1
+
+
+def test_big_tails_are_written_as_they_are() -> None:
+    pieces = proto.frame_pieces(BIG_SAMPLES)
+    # head of the Run | its tail | Ready + Done's head | tail | head | tail | Pong
+    assert len(pieces) == 7
+    for at, message in ((1, BIG_SAMPLES[0]), (3, BIG_SAMPLES[2]), (5, BIG_SAMPLES[3])):
+        assert pieces[at] is message.payload  # type: ignore[attr-defined]
+    assert b"".join(pieces) == b"".join(proto.encode(m) for m in BIG_SAMPLES)
+
+
+def test_big_tails_in_chunks_of_every_size() -> None:
+    stream = proto.frames(BIG_SAMPLES)
+    for size in (1 << 20, BIG + 1, BIG, BIG - 1, 4096, 1000, 7, 1):
+        chunks = [stream[i : i + size] for i in range(0, len(stream), size)]
+        decoded = decode_chunks(chunks)
+        assert decoded == BIG_SAMPLES, f"chunks of {size}"
+        assert [type(getattr(m, "payload", b"")) for m in decoded] == [
+            bytearray,
+            bytes,
+            bytearray,
+            bytearray,
+            bytes,
+        ]
+
+
+def test_big_tail_split_around_its_edges() -> None:
+    stream = proto.frames(BIG_SAMPLES[:3])
+    first = len(proto.encode(BIG_SAMPLES[0]))
+    head = first - len(BIG_SAMPLES[0].payload)  # type: ignore[attr-defined]
+    for edge in (HEADER.size, head, first):
+        for cut in range(edge - 3, edge + 4):
+            assert decode_chunks([stream[:cut], stream[cut:]]) == BIG_SAMPLES[:3], cut
+
+
+def test_a_tail_on_a_message_without_one_is_refused() -> None:
+    for tail in (b"x", b"x" * BIG):
+        assert "has no tail" in str(first_error(packed_frame([Pong.TAG, 1], tail)))
+
+
+def test_a_bad_head_before_a_big_tail_fails_at_once() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(packed_frame([Run.TAG, "1"], b"x" * BIG)[: HEADER.size + 8])
+    with pytest.raises(FrameError, match="field has type"):
+        list(decoder.messages())
 
 
 def test_messages_are_frozen() -> None:
@@ -204,19 +271,23 @@ def test_max_frame_is_validated() -> None:
     assert FrameDecoder().max_frame == DEFAULT_MAX_FRAME
 
 
-def test_frame_at_max_frame_is_accepted() -> None:
-    frame = proto.encode(Done(1, b"x" * 50))
+@pytest.mark.parametrize("tail", [50, BIG])
+def test_frame_at_max_frame_is_accepted(tail: int) -> None:
+    frame = proto.encode(Done(1, b"x" * tail))
     size = len(frame) - HEADER.size
-    assert decode_all(frame, max_frame=size) == [Done(1, b"x" * 50)]
+    assert decode_all(frame, max_frame=size) == [Done(1, b"x" * tail)]
     error = first_error(frame, max_frame=size - 1)
     assert str(size) in str(error)
 
 
-@pytest.mark.parametrize("claimed", [DEFAULT_MAX_FRAME + 1, MAX_FRAME_LIMIT])
-def test_oversize_frame_is_refused_from_its_header_alone(claimed: int) -> None:
-    # Only the 4-byte header has arrived: the refusal must not wait for (or buffer) a body.
+@pytest.mark.parametrize(
+    "head, tail", [(DEFAULT_MAX_FRAME + 1, 0), (1, DEFAULT_MAX_FRAME), (MAX_FRAME_LIMIT, 0)]
+)
+def test_oversize_frame_is_refused_from_its_header_alone(head: int, tail: int) -> None:
+    # Only the 8-byte header has arrived: the refusal must not wait for (or buffer) a body.
+    claimed = head + tail
     decoder = FrameDecoder()
-    decoder.feed(HEADER.pack(claimed))
+    decoder.feed(HEADER.pack(head, tail))
     tracemalloc.start()
     try:
         with pytest.raises(FrameError, match=str(claimed)):
@@ -230,32 +301,38 @@ def test_oversize_frame_is_refused_from_its_header_alone(claimed: int) -> None:
 
 def test_oversize_frame_breaks_the_decoder() -> None:
     decoder = FrameDecoder(max_frame=16)
-    decoder.feed(HEADER.pack(17) + b"x" * 17)
+    decoder.feed(HEADER.pack(17, 0) + b"x" * 17)
     with pytest.raises(FrameError):
         list(decoder.messages())
     with pytest.raises(FrameError, match="already failed"):
         decoder.feed(proto.encode(Ready()))
 
 
-def test_claimed_length_is_never_allocated_while_waiting() -> None:
+@pytest.mark.parametrize("in_tail", [False, True])
+def test_claimed_length_is_never_allocated_while_waiting(in_tail: bool) -> None:
     # A legal but huge claim (exactly max_frame) with a few body bytes: memory follows
-    # what was received, not what was claimed.
+    # what was received, not what was claimed, for a head as for a big tail.
+    head = msgpack.packb([Done.TAG, 1, 0.0])
     decoder = FrameDecoder()
     tracemalloc.start()
     try:
-        decoder.feed(HEADER.pack(DEFAULT_MAX_FRAME) + b"\x00" * 1000)
+        if in_tail:
+            data = HEADER.pack(len(head), DEFAULT_MAX_FRAME - len(head)) + head + b"\x00" * 1000
+        else:
+            data = HEADER.pack(DEFAULT_MAX_FRAME, 0) + b"\x00" * 1000
+        decoder.feed(data)
         assert list(decoder.messages()) == []
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20
-    assert decoder.buffered == HEADER.size + 1000
+    assert decoder.buffered == (1000 if in_tail else HEADER.size + 1000)
     with pytest.raises(FrameError, match="ended inside a frame"):
         decoder.end()
 
 
 def test_zero_length_frame() -> None:
-    error = first_error(HEADER.pack(0))
+    error = first_error(HEADER.pack(0, 0))
     assert "0 bytes" in str(error)
 
 
@@ -304,8 +381,7 @@ def test_wrong_tag_or_shape(item: Any) -> None:
     "item",
     [
         [Run.TAG],
-        [Run.TAG, 1],
-        [Run.TAG, 1, b"", b""],
+        [Run.TAG, 1, b""],  # the payload travels as the tail, not in the head
         [Shutdown.TAG, 1],
         [Ready.TAG, None],
         [Hello.TAG, *dataclasses.astuple(SAMPLES[5])[:-1]],
@@ -320,16 +396,16 @@ def test_wrong_field_count(item: Any) -> None:
 @pytest.mark.parametrize(
     "item",
     [
-        [Run.TAG, "1", b""],
-        [Run.TAG, 1, "payload"],  # str where bytes belong (use_bin_type keeps them apart)
-        [Run.TAG, True, b""],  # bool is not an int field
-        [Run.TAG, 1.0, b""],
-        [Run.TAG, None, b""],
-        [Run.TAG, [1], b""],
+        [Run.TAG, "1"],
+        [Init.TAG, "node#0", "init", 1, True, 20],  # str where bytes belong (use_bin_type)
+        [Run.TAG, True],  # bool is not an int field
+        [Run.TAG, 1.0],
+        [Run.TAG, None],
+        [Run.TAG, [1]],
         [Init.TAG, b"node#0", b"", 1, True, 20],
         [Init.TAG, "node#0", b"", 1, 1, 20],  # int is not a bool field
-        [Done.TAG, 1, {"k": 1}, 0.0],
-        [Done.TAG, 1, b"", "0.5"],
+        [Done.TAG, {"k": 1}, 0.0],
+        [Done.TAG, 1, "0.5"],
         [Failed.TAG, 1, "T", "m", "tb", "not bytes", "run", 0.0],
         [Output.TAG, "1", b""],
         [Source.TAG, "m", "source", "", "", "yes", ""],
@@ -493,6 +569,6 @@ def test_fuzz_corrupted_frames(messages: List[Message], edits: List[Any]) -> Non
 
 def test_an_int_is_accepted_where_a_float_belongs() -> None:
     # msgpack writes 0.0 as a float, but a peer that sends 0 for a duration is harmless
-    (message,) = decode_all(packed_frame([Done.TAG, 5, b"r", 2]))
+    (message,) = decode_all(packed_frame([Done.TAG, 5, 2], b"r"))
     assert message == Done(5, b"r", 2.0)
     assert type(message.seconds) is float

@@ -333,7 +333,7 @@ def test_eof_ends_serve(ready: Host) -> None:
 
 
 def test_broken_command_stream_ends_serve(ready: Host, capsys: pytest.CaptureFixture[str]) -> None:
-    ready.send_raw(proto.HEADER.pack(4) + b"\xc1\xc1\xc1\xc1")
+    ready.send_raw(proto.HEADER.pack(4, 0) + b"\xc1\xc1\xc1\xc1")
     assert ready.served()
     ready.reader.join(TIMEOUT)
     assert not ready.reader.is_alive()
