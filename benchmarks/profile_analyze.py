@@ -13,7 +13,7 @@ for line in open(path):
     frames = stack.split(";")
     procs = [f for f in frames if f.startswith("process ")]
     frames = [f for f in frames if not f.startswith("process ")]
-    p = procs[-1]
+    p = procs[-1] if procs else "profile_target (recorded without --subprocesses)"
     kind = "client" if "profile_target" in p else ("worker" if "python" in p else p[:60])
     thread = (
         "loop"

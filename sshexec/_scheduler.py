@@ -36,11 +36,19 @@ IN_FLIGHT_BYTES = 32 << 20  # deepening stops when a worker would hold more payl
 
 
 def depth_for(rtt: float, task_seconds: float, payload_bytes: float) -> int:
-    """Tasks a worker should hold so it never waits for the next one: enough to cover a
-    round trip at its task time, plus one, within MAX_DEPTH and IN_FLIGHT_BYTES."""
-    wanted = int(rtt / max(task_seconds, 1e-5)) + 2
+    """Tasks a worker should hold so it never waits for the next one: a deep worker is
+    refilled only once half its tasks are done (see ``refill_at``), so the half must
+    cover a round trip at its task time; within MAX_DEPTH and IN_FLIGHT_BYTES."""
+    wanted = int(2 * rtt / max(task_seconds, 1e-5)) + 2
     by_bytes = int(IN_FLIGHT_BYTES // max(payload_bytes, 1.0))
     return max(1, min(wanted, MAX_DEPTH, by_bytes))
+
+
+def refill_at(depth: int) -> int:
+    """A worker holding ``depth`` tasks gets more once it holds this many or fewer: half
+    empty for a deep worker, so new tasks go out many to a write (one SSH packet, one
+    read on the worker) instead of one per finished task; one free slot for depth <= 3."""
+    return depth - max(1, depth // 2)
 
 
 class Scheduler:
@@ -155,7 +163,7 @@ class Scheduler:
         room = [
             (worker_id, slots)
             for worker_id, slots in self._workers.items()
-            if len(slots.in_flight) < slots.depth and slots.budget != 0
+            if len(slots.in_flight) <= refill_at(slots.depth) and slots.budget != 0
         ]
         if not room:
             return placed

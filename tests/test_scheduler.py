@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sshexec._scheduler import IN_FLIGHT_BYTES, MAX_DEPTH, Loss, Scheduler, depth_for
+from sshexec._scheduler import IN_FLIGHT_BYTES, MAX_DEPTH, Loss, Scheduler, depth_for, refill_at
 
 
 def scheduler_with(
@@ -69,8 +69,21 @@ def test_set_depth_deepens_one_worker_breadth_first() -> None:
     assert sched.assignments() == [("beta#0", 5)]  # alpha is over its new depth
 
 
+def test_a_deep_worker_is_refilled_half_at_a_time() -> None:
+    assert [refill_at(d) for d in (1, 2, 3, 4, 5, 8, 64)] == [0, 1, 2, 2, 3, 4, 32]
+    sched = scheduler_with("alpha#0", prefetch=8, max_retries=0, tasks=20)
+    assert [t for _, t in sched.assignments()] == list(range(8))
+    for done in range(3):
+        sched.complete("alpha#0", done)
+        assert sched.assignments() == []  # still more than half full: nothing sent yet
+    sched.complete("alpha#0", 3)
+    # half empty: topped up to its depth in one go (one write, one packet)
+    assert [t for _, t in sched.assignments()] == [8, 9, 10, 11]
+    assert sched.load("alpha#0") == 8
+
+
 def test_depth_for_covers_the_round_trip() -> None:
-    assert depth_for(rtt=0.05, task_seconds=0.01, payload_bytes=100) == 7
+    assert depth_for(rtt=0.05, task_seconds=0.01, payload_bytes=100) == 12  # 2 x 5 + 2
     assert depth_for(rtt=0.0001, task_seconds=0.05, payload_bytes=100) == 2
     assert depth_for(rtt=0.5, task_seconds=0.0, payload_bytes=100) == MAX_DEPTH
     big = IN_FLIGHT_BYTES // 3
