@@ -41,7 +41,7 @@ from ._pool import Pool
 from ._protocol import DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT
 from ._runtime import Runtime, is_exiting
 from ._stats import Stats
-from ._worker import process_chunk
+from ._worker import process_chunk, split_call
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -270,12 +270,21 @@ class SSHPoolExecutor(Executor):
         return self._submit(fn, args, kwargs, None)
 
     def _submit(
-        self, fn: Callable[..., T], args: Any, kwargs: Any, group: Optional[str]
+        self,
+        fn: Callable[..., T],
+        args: Any,
+        kwargs: Any,
+        group: Optional[str],
+        pickled_fn: Optional[bytes] = None,
     ) -> Future[T]:
+        """``pickled_fn``: ``fn`` already pickled (by ``map``, once for all its items)."""
         future: Future[T] = Future()
         failure: Optional[BaseException] = None
         try:
-            payload = cloudpickle.dumps((fn, args, kwargs))
+            if pickled_fn is None:
+                payload = cloudpickle.dumps((fn, args, kwargs))
+            else:
+                payload = split_call(pickled_fn, args)
         except Exception as exc:  # an unpicklable call fails its own Future, not the pool
             payload, failure = b"", exc
         if failure is None and len(payload) > self._max_frame - FRAME_OVERHEAD:
@@ -338,8 +347,12 @@ class SSHPoolExecutor(Executor):
         buffersize: Optional[int],
     ) -> Iterator[T]:
         window = buffersize if buffersize is not None else sys.maxsize
+        try:  # once for every item; a function that cannot be pickled fails each Future
+            pickled_fn: Optional[bytes] = cloudpickle.dumps(fn)
+        except Exception:
+            pickled_fn = None
         futures: Deque[Future[T]] = collections.deque(
-            self.submit(fn, *args) for args in itertools.islice(calls, window)
+            self._submit(fn, args, {}, None, pickled_fn) for args in itertools.islice(calls, window)
         )
         executor = weakref.ref(self)  # an abandoned iterator must not keep the executor alive
         runtime = self._runtime
@@ -353,7 +366,7 @@ class SSHPoolExecutor(Executor):
                         owner = executor()
                         args = next(calls, None) if owner is not None else None
                         if owner is not None and args is not None:
-                            futures.append(owner.submit(fn, *args))
+                            futures.append(owner._submit(fn, args, {}, None, pickled_fn))
                         del owner
                     if runtime.on_loop_thread():
                         raise RuntimeError(

@@ -276,7 +276,7 @@ def frames(messages: Iterable[Message]) -> bytes:
     return b"".join(frame_pieces(messages))
 
 
-def _build(item: Any, tail: bytes) -> Message:
+def _build(item: Any, tail: Union[bytes, bytearray]) -> Message:
     if not isinstance(item, list) or not item or type(item[0]) is not int:
         raise FrameError("frame is not a [tag, ...] array")
     entry = _SCHEMA.get(item[0])
@@ -386,7 +386,7 @@ class FrameDecoder:
         except Exception as exc:  # msgpack raises several unrelated types on garbage
             raise self._fail(f"frame head is not msgpack: {type(exc).__name__}: {exc}") from exc
 
-    def _build(self, item: Any, tail: bytes) -> Message:
+    def _build(self, item: Any, tail: Union[bytes, bytearray]) -> Message:
         try:
             return _build(item, tail)
         except FrameError:

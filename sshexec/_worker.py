@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import logging
 import os
+import pickle
 import queue
 import socket
 import sys
@@ -59,6 +60,33 @@ def _type_name(exc: BaseException) -> str:
 def process_chunk(fn: Callable[..., Any], chunk: Iterable[Tuple[Any, ...]]) -> List[Any]:
     """Runs one ``map`` chunk on the worker: ``fn`` applied to each argument tuple."""
     return [fn(*args) for args in chunk]
+
+
+SPLIT_CALL = b"S"  # a Run payload holding the function and its arguments as two pickles
+_PLAIN_TYPES = frozenset((int, float, str, bytes, bool, type(None)))
+
+
+def split_call(pickled_fn: bytes, args: Tuple[Any, ...]) -> bytes:
+    """Host side: a Run payload from a function pickled once (``map``) and one item's
+    arguments: ``b"S"`` + 4-byte length of ``pickled_fn`` + it + pickle of ``(args, {})``.
+    Arguments of plain built-in types skip cloudpickle's slower pickler."""
+    if all(type(arg) in _PLAIN_TYPES for arg in args):
+        call = pickle.dumps((args, {}), protocol=cloudpickle.DEFAULT_PROTOCOL)
+    else:
+        call = cloudpickle.dumps((args, {}))
+    return SPLIT_CALL + len(pickled_fn).to_bytes(4, "big") + pickled_fn + call
+
+
+def load_call(payload: bytes) -> Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]:
+    """Worker side: ``(fn, args, kwargs)`` from a Run payload, one pickle or a split call."""
+    if payload[:1] != SPLIT_CALL:
+        fn, args, kwargs = cloudpickle.loads(payload)
+        return fn, args, kwargs
+    view = memoryview(payload)
+    end = 5 + int.from_bytes(view[1:5], "big")
+    fn = cloudpickle.loads(view[5:end])
+    args, kwargs = cloudpickle.loads(view[end:])
+    return fn, args, kwargs
 
 
 def _by_value_globals(obj: Any) -> Optional[Dict[str, Any]]:
@@ -268,7 +296,7 @@ class Worker:
     def _run(self, task_id: int, payload: bytes) -> proto.Done | proto.Failed:
         stage = proto.STAGE_CALL
         try:
-            fn, args, kwargs = cloudpickle.loads(payload)
+            fn, args, kwargs = load_call(payload)
             del payload
             shared = self.namespaces.adopt((fn, *args))
             stage = proto.STAGE_RUN

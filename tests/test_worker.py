@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import select
@@ -18,7 +19,7 @@ import msgpack
 import pytest
 
 from sshexec import _protocol as proto
-from sshexec._worker import Worker, process_chunk
+from sshexec._worker import Worker, load_call, process_chunk, split_call
 
 from . import tasks
 
@@ -121,9 +122,19 @@ class Host:
 
 @pytest.fixture
 def host() -> Iterator[Host]:
+    # Init installs a FrameLogHandler on the root logger and a ClientFinder on
+    # sys.meta_path, as it should in a worker process; here the worker shares the test
+    # process, so both are taken back. Left behind, the handler wrote later tests' log
+    # records as frames to its closed pipe's fd number, reused by then (e.g. by capfd).
+    root = logging.getLogger()
+    handlers, level, finders = root.handlers[:], root.level, sys.meta_path[:]
     h = Host()
-    yield h
-    h.close()
+    try:
+        yield h
+        h.close()
+    finally:
+        root.handlers[:], sys.meta_path[:] = handlers, finders
+        root.setLevel(level)
 
 
 @pytest.fixture
@@ -199,6 +210,29 @@ def test_run_returns_done_with_the_pickled_result(ready: Host) -> None:
     assert isinstance(done, proto.Done)
     assert done.task_id == 7
     assert cloudpickle.loads(done.payload) == 42
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(2, 40), (1.5, "s", b"b", None, True), (lambda: 7, [1, 2]), ()],
+    ids=["ints", "plain-types", "lambda-and-list", "no-args"],
+)
+def test_a_split_call_carries_the_function_pickled_once(args: Any) -> None:
+    pickled_fn = cloudpickle.dumps(tasks.add)
+    payload = split_call(pickled_fn, args)
+    assert payload[:1] == b"S" and pickled_fn in payload
+    fn, loaded, kwargs = load_call(payload)
+    assert fn(2, b=40) == 42 and kwargs == {}  # tests.tasks travels by value: a copy
+    assert [a() if callable(a) else a for a in loaded] == [a() if callable(a) else a for a in args]
+    assert load_call(bytearray(payload))[0](1, 2) == 3  # big payloads arrive as bytearray
+    fn, loaded, kwargs = load_call(call(tasks.add, 1, b=2))  # the one-pickle form
+    assert fn(*loaded, **kwargs) == 3 and (loaded, kwargs) == ((1,), {"b": 2})
+
+
+def test_run_takes_a_split_call(ready: Host) -> None:
+    by_value = cloudpickle.dumps(lambda a, b: (a, b))  # defined here: pickled by value
+    done = ready.run(8, split_call(by_value, ("x", 3)))
+    assert isinstance(done, proto.Done) and cloudpickle.loads(done.payload) == ("x", 3)
 
 
 def test_pipelined_runs_reply_in_order(ready: Host) -> None:
