@@ -32,14 +32,20 @@ _nonces = itertools.count(1)
 log = logging.getLogger("sshexec.pool")
 
 
-@dataclass
 class Task:
-    task_id: int
-    payload: bytes
-    future: Future[Any]
-    is_started: bool = False
-    losses: List[Tuple[str, str]] = field(default_factory=list)  # (worker_id, how it died)
-    group: Optional[str] = None  # run only on this host (run_on_hosts)
+    """One submitted call until its Future is settled. Slotted, with no list until a
+    loss: thousands wait at once in a big ``map``, and every container object each one
+    holds is more work for the client's garbage collector."""
+
+    __slots__ = ("future", "group", "is_started", "losses", "payload", "task_id")
+
+    def __init__(
+        self, task_id: int, payload: bytes, future: Future[Any], group: Optional[str] = None
+    ) -> None:
+        self.task_id, self.payload, self.future = task_id, payload, future
+        self.group = group  # run only on this host (run_on_hosts)
+        self.is_started = False
+        self.losses: Tuple[Tuple[str, str], ...] = ()  # (worker_id, how it died)
 
 
 @dataclass

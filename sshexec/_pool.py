@@ -366,7 +366,7 @@ class Pool:
             if tail:
                 described += f" (last stderr: {tail[-1][:200]})"
             if loss.charged is not None and loss.charged in self.tasks:
-                self.tasks[loss.charged].losses.append((link.worker_id, described))
+                self.tasks[loss.charged].losses += ((link.worker_id, described),)
             doomed = list(loss.failed) + (
                 self.scheduler.drain_queue() if self.is_terminating else []
             )

@@ -233,17 +233,23 @@ for _cls in _CLASSES:
     )
 
 
+# class -> (names of its head fields, name of its tail field or ""), for encode_parts
+_LAYOUT: Final[Dict[type, Tuple[Tuple[str, ...], str]]] = {
+    cls: (
+        tuple(f.name for f in fields(cls) if f.name != getattr(cls, "TAIL", "")),
+        getattr(cls, "TAIL", ""),
+    )
+    for cls in _CLASSES
+}
+
+
 def encode_parts(message: Message) -> Tuple[bytes, bytes]:
     """``message`` as (header + head, tail): the frame is the two written back to back."""
-    tail_name = getattr(message, "TAIL", None)
-    values = [message.TAG]
-    tail = b""
-    for f in fields(message):
-        if f.name == tail_name:
-            tail = getattr(message, f.name)
-        else:
-            values.append(getattr(message, f.name))
-    head: bytes = msgpack.packb(values, use_bin_type=True)
+    names, tail_name = _LAYOUT[type(message)]
+    tail: bytes = getattr(message, tail_name) if tail_name else b""
+    head: bytes = msgpack.packb(
+        [message.TAG, *[getattr(message, name) for name in names]], use_bin_type=True
+    )
     return HEADER.pack(len(head), len(tail)) + head, tail
 
 
