@@ -15,7 +15,6 @@ import logging
 import os
 import pickle
 import queue
-import socket
 import sys
 import threading
 import time
@@ -143,7 +142,7 @@ class Worker:
         self.frames_in, self.frames_out, self.eof_grace = frames_in, frames_out, eof_grace
         self.inbox: queue.SimpleQueue[Optional[proto.Message]] = queue.SimpleQueue()
         self.worker_id = "?"
-        self.hostname = socket.gethostname()
+        self.hostname = os.uname().nodename  # socket.gethostname() without importing socket
         # A Run is "queued" from the reader thread until the main thread claims it; Revoke
         # moves it to "revoked" so the main thread skips it. Both under claim_lock.
         self.queued: Set[int] = set()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.util
 import io
+import marshal
 import os
 import re
 import select
@@ -227,8 +229,15 @@ def test_bundle_contents() -> None:
         "msgpack/ext.py",
     ):
         assert needed in names, needed
-    assert all(n.endswith(".py") for n in names), names  # no .so, .pyd, .pyx or .pyc
+    sources = [n for n in names if n.endswith(".py")]
+    # beside each source, its code for this interpreter; no .so, .pyd, .pyx
+    assert sorted(names) == sorted(sources + [n + "c" for n in sources]), names
     assert not [n for n in names if "_cmsgpack" in n or "__pycache__" in n]
+    for name in sources:
+        compiled = archive.read(name + "c")
+        assert compiled[:4] == importlib.util.MAGIC_NUMBER
+        code = marshal.loads(compiled[4:])
+        assert code.co_filename == "sshexec-bundle/" + name
     for info in archive.infolist():
         assert info.date_time == (2020, 1, 1, 0, 0, 0)
 
@@ -358,6 +367,42 @@ def test_second_run_hits_the_cache_and_picks_the_codec(
         assert (unpacker, pickler) == ("msgpack.fallback", "sshexec-bundle/cloudpickle/__init__.py")
     second.send(_protocol.encode(_protocol.Shutdown()))
     assert second.wait() == 0, second.stderr
+
+
+@pytest.mark.parametrize("magic", ["this-python", "another-python"])
+def test_the_bundle_code_runs_uncompiled_when_the_magic_matches(
+    nodes: Any, home: Path, monkeypatch: pytest.MonkeyPatch, magic: str
+) -> None:
+    real = _bootstrap._compiled
+
+    def marked(name: str, source: bytes) -> bytes:  # code that says it was not compiled
+        compiled = real(name, source + b"\nFROM_BUNDLE_CODE = True\n")
+        return compiled if magic == "this-python" else b"\x00\x00\r\n" + compiled[4:]
+
+    caches = (_bootstrap.bundle, _bootstrap.bundle_hash, _bootstrap.stage1_code)
+    monkeypatch.setattr(_bootstrap, "_compiled", marked)
+    for cached in caches:
+        cached.cache_clear()
+    try:
+        node = nodes(home)
+        hand_over_bundle(node)
+        probe = "hasattr(__import__('sshexec._worker').__dict__['_worker'], 'FROM_BUNDLE_CODE')"
+        node.send(
+            _protocol.frames(
+                [
+                    _protocol.Init("local#0", b"", 1 << 20, True, 30),
+                    _protocol.Run(1, cloudpickle.dumps((eval, (probe,), {}))),
+                ]
+            )
+        )
+        assert node.read_message() == _protocol.Ready()
+        done = node.read_message()
+        assert isinstance(done, _protocol.Done), done
+        assert cloudpickle.loads(done.payload) is (magic == "this-python")
+        finish(node)
+    finally:
+        for cached in caches:
+            cached.cache_clear()
 
 
 def test_tampered_cache_file_is_not_used(nodes: Any, home: Path) -> None:
