@@ -171,7 +171,7 @@ def bundle() -> bytes:
         ("sshexec/__init__.py", _BUNDLE_INIT.encode()),
         ("sshexec/_public.py", (here / "__init__.py").read_bytes()),
     ]
-    for name in ("_protocol.py", "_worker.py", "_remote_io.py"):
+    for name in ("_protocol.py", "_calls.py", "_worker.py", "_remote_io.py"):
         entries.append((f"sshexec/{name}", (here / name).read_bytes()))
     for module in (cloudpickle, msgpack):
         entries.extend((name, path.read_bytes()) for name, path in _package_files(module))

@@ -34,6 +34,7 @@ from typing import (
 
 import cloudpickle
 
+from . import _calls
 from ._hosts import build_transports, resolve_hosts
 from ._links import STARTUP_TIMEOUT, Task, snapshot
 from ._output import OutputRouter
@@ -41,7 +42,7 @@ from ._pool import Pool
 from ._protocol import DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT
 from ._runtime import Runtime, is_exiting
 from ._stats import Stats
-from ._worker import process_chunk, split_call
+from ._worker import process_chunk
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -280,16 +281,18 @@ class SSHPoolExecutor(Executor):
         """``pickled_fn``: ``fn`` already pickled (by ``map``, once for all its items)."""
         future: Future[T] = Future()
         failure: Optional[BaseException] = None
+        payload: _calls.Payload = ((), b"")
         try:
             if pickled_fn is None:
-                payload = cloudpickle.dumps((fn, args, kwargs))
+                payload = _calls.call_payload(fn, args, kwargs)
             else:
-                payload = split_call(pickled_fn, args)
+                payload = _calls.split_call(pickled_fn, args)
         except Exception as exc:  # an unpicklable call fails its own Future, not the pool
-            payload, failure = b"", exc
-        if failure is None and len(payload) > self._max_frame - FRAME_OVERHEAD:
+            failure = exc
+        size = _calls.size(payload) + len(payload[1])
+        if failure is None and size > self._max_frame - FRAME_OVERHEAD:
             failure = ValueError(
-                f"the pickled call is {len(payload)} bytes, over max_frame={self._max_frame}; "
+                f"the pickled call is {size} bytes, over max_frame={self._max_frame}; "
                 "send less data per call or raise max_frame"
             )
         runtime = self._runtime

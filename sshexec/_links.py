@@ -14,11 +14,11 @@ import collections
 import dataclasses
 import itertools
 import logging
-import pickle
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
+from . import _calls
 from . import _protocol as proto
 from ._errors import ResultDecodeError, WorkerStartupError, rebuild
 from ._forward import describe, find_source
@@ -37,12 +37,18 @@ class Task:
     loss: thousands wait at once in a big ``map``, and every container object each one
     holds is more work for the client's garbage collector."""
 
-    __slots__ = ("future", "group", "is_started", "losses", "payload", "task_id")
+    __slots__ = ("buffers", "future", "group", "is_started", "losses", "payload", "size", "task_id")
 
     def __init__(
-        self, task_id: int, payload: bytes, future: Future[Any], group: Optional[str] = None
+        self,
+        task_id: int,
+        payload: _calls.Payload,
+        future: Future[Any],
+        group: Optional[str] = None,
     ) -> None:
-        self.task_id, self.payload, self.future = task_id, payload, future
+        self.task_id, self.future = task_id, future
+        self.payload, self.buffers = payload  # pickle stream + out-of-band buffers, sizes
+        self.size = _calls.size(payload)
         self.group = group  # run only on this host (run_on_hosts)
         self.is_started = False
         self.losses: Tuple[Tuple[str, str], ...] = ()  # (worker_id, how it died)
@@ -112,7 +118,7 @@ class WorkerLink:
             return False
         return True
 
-    def send(self, *pieces: bytes) -> None:
+    def send(self, *pieces: proto.Buffer) -> None:
         """Write buffers back to back (a big tail stays its own buffer, never joined)."""
         for data in pieces:
             self.counters.bytes_sent += len(data)
@@ -202,7 +208,7 @@ def settle(task: Task, reply: proto.Done | proto.Failed, worker_id: str) -> None
         task.future.set_exception(rebuild(reply, worker_id))
         return
     try:
-        result = pickle.loads(reply.payload)
+        result = _calls.loads(reply.payload, reply.buffers)
     except BaseException as exc:  # e.g. its class is not importable here; even SystemExit
         error = ResultDecodeError(
             f"task {task.task_id}: the result from worker {worker_id} cannot be "

@@ -252,8 +252,8 @@ class Pool:
                 self.scheduler.complete(worker_id, task_id)
                 continue
             log.debug("dispatch task=%d worker=%s", task_id, worker_id)
-            self._payload_mean += (len(task.payload) - self._payload_mean) * 0.1
-            batches.setdefault(worker_id, []).append(proto.Run(task_id, task.payload))
+            self._payload_mean += (task.size - self._payload_mean) * 0.1
+            batches.setdefault(worker_id, []).append(proto.Run(task_id, task.payload, task.buffers))
         for worker_id, task_id in self.scheduler.steals():
             log.debug("revoke task=%d worker=%s", task_id, worker_id)
             batches.setdefault(worker_id, []).append(proto.Revoke(task_id))

@@ -30,6 +30,11 @@ DEFAULT_MAX_FRAME: Final = 1 << 30  # 1 GiB; larger calls or results are refused
 INIT_TASK_ID: Final = 0  # Failed(task_id=0) reports a failed initializer
 
 
+Buffer = Union[bytes, bytearray, memoryview]
+Pieces = Tuple[Buffer, ...]  # a tail given as buffers to write one after another
+Tail = Union[bytes, bytearray, Pieces]  # received: bytes, or a bytearray when big
+
+
 class FrameError(ValueError):
     """The byte stream is not a valid sshexec frame stream (the host turns it into ProtocolError)."""
 
@@ -52,7 +57,10 @@ class Run:
     TAG: ClassVar[int] = 2
     TAIL: ClassVar[str] = "payload"
     task_id: int
-    payload: bytes  # cloudpickle of (fn, args, kwargs); opaque here (a bytearray when big)
+    # the pickled call, then its out-of-band buffers; opaque here (a bytearray when big).
+    # To encode, it may also be a tuple of buffers (Pieces), written one after another.
+    payload: Tail
+    buffers: bytes = b""  # sizes of the out-of-band buffers ending the payload (BUFFER_SIZE)
 
 
 @dataclass(frozen=True)
@@ -118,9 +126,10 @@ class Done:
     TAG: ClassVar[int] = 12
     TAIL: ClassVar[str] = "payload"
     task_id: int
-    payload: bytes  # cloudpickle of the result (a bytearray when big)
+    payload: Tail  # the pickled result, then its out-of-band buffers (as Run.payload)
     # time the worker spent on it (unpickle, call, pickle); metadata, not compared
     seconds: float = field(default=0.0, compare=False)
+    buffers: bytes = b""  # sizes of the out-of-band buffers ending the payload
 
 
 @dataclass(frozen=True)
@@ -221,6 +230,7 @@ _CLASSES: Final[Tuple[Type[Any], ...]] = (
     Fetch,
 )
 _TYPES: Final = {"int": int, "str": str, "bytes": bytes, "bool": bool, "float": float}
+_TYPES["Tail"] = bytes  # a tail field: bytes or bytearray as received (see FrameDecoder)
 # tag -> (class, expected field types of the head, index of the tail field or -1)
 _SCHEMA: Final[Dict[int, Tuple[Type[Any], Tuple[type, ...], int]]] = {}
 for _cls in _CLASSES:
@@ -243,35 +253,44 @@ _LAYOUT: Final[Dict[type, Tuple[Tuple[str, ...], str]]] = {
 }
 
 
-def encode_parts(message: Message) -> Tuple[bytes, bytes]:
-    """``message`` as (header + head, tail): the frame is the two written back to back."""
+BUFFER_SIZE: Final = struct.Struct(">Q")  # one out-of-band buffer's size in ``buffers``
+
+
+def tail_pieces(tail: Union[Buffer, Pieces]) -> Pieces:
+    return tail if isinstance(tail, tuple) else (tail,)
+
+
+def encode_parts(message: Message) -> Tuple[bytes, Pieces]:
+    """``message`` as (header + head, tail pieces): the frame is them back to back."""
     names, tail_name = _LAYOUT[type(message)]
-    tail: bytes = getattr(message, tail_name) if tail_name else b""
+    tail = tail_pieces(getattr(message, tail_name)) if tail_name else ()
     head: bytes = msgpack.packb(
         [message.TAG, *[getattr(message, name) for name in names]], use_bin_type=True
     )
-    return HEADER.pack(len(head), len(tail)) + head, tail
+    size = sum(len(piece) for piece in tail) if len(tail) != 1 else len(tail[0])
+    return HEADER.pack(len(head), size) + head, tail
 
 
 def encode(message: Message) -> bytes:
     """One complete frame for ``message``, as one buffer."""
     head, tail = encode_parts(message)
-    return head + tail if tail else head
+    return b"".join((head, *tail)) if tail else head
 
 
-def frame_pieces(messages: Iterable[Message]) -> List[bytes]:
+def frame_pieces(messages: Iterable[Message]) -> List[Buffer]:
     """Several frames as few buffers to write in order: small frames joined, each big
-    tail (``BIG_TAIL`` and over) left as it is, uncopied."""
-    pieces: List[bytes] = []
-    small: List[bytes] = []
+    tail piece (``BIG_TAIL`` and over) left as it is, uncopied."""
+    pieces: List[Buffer] = []
+    small: List[Buffer] = []
     for message in messages:
         head, tail = encode_parts(message)
         small.append(head)
-        if len(tail) >= BIG_TAIL:
-            pieces += (b"".join(small), tail)
-            small = []
-        elif tail:
-            small.append(tail)
+        for piece in tail:
+            if len(piece) >= BIG_TAIL:
+                pieces += (b"".join(small), piece)
+                small = []
+            elif piece:
+                small.append(piece)
     if small:
         pieces.append(b"".join(small))
     return pieces

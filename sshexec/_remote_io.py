@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ._worker import Worker
 
 
-def _write_all(fd: int, data: bytes) -> None:  # also the worker's frame writer
+def _write_all(fd: int, data: proto.Buffer) -> None:  # also the worker's frame writer
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

@@ -18,6 +18,7 @@ import asyncssh
 
 from . import _bootstrap
 from ._errors import WorkerStartupError
+from ._protocol import Buffer
 from ._transport import READ_SIZE, Channel, StderrSink, StderrTail, describe_exit
 
 log = logging.getLogger("sshexec.ssh")
@@ -99,9 +100,9 @@ class SSHChannel:
         except (asyncssh.Error, OSError):
             return b""
 
-    def write(self, data: bytes) -> None:
-        try:
-            self.process.stdin.write(data)
+    def write(self, data: Buffer) -> None:
+        try:  # the client's pieces are bytes already; asyncssh wants bytes
+            self.process.stdin.write(data if isinstance(data, bytes) else bytes(data))
         except (asyncssh.Error, OSError):
             pass  # the read side sees the channel end and reports it
 

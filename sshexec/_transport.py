@@ -21,7 +21,7 @@ from typing import Callable, Deque, List, Mapping, Optional, Protocol
 
 from . import _bootstrap
 from ._errors import WorkerStartupError
-from ._protocol import START_MARKER
+from ._protocol import START_MARKER, Buffer
 
 log = logging.getLogger("sshexec.pool")
 
@@ -40,7 +40,7 @@ class Channel(Protocol):
     async def read(self) -> bytes:
         """Next chunk of the worker's stdout; ``b""`` at EOF."""
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: Buffer) -> None: ...
 
     async def drain(self) -> None: ...
 
@@ -229,7 +229,7 @@ class PipeChannel:
         except OSError:
             return b""
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Buffer) -> None:
         assert self._writer is not None
         if not self._writer.is_closing():
             self._writer.write(data)

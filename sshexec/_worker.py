@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import logging
 import os
-import pickle
 import queue
 import sys
 import threading
@@ -25,6 +24,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 import cloudpickle
 import msgpack
 
+from . import _calls
 from . import _protocol as proto
 from ._remote_io import ClientFinder, FrameLogHandler, _write_all, frame_stream
 
@@ -59,33 +59,6 @@ def _type_name(exc: BaseException) -> str:
 def process_chunk(fn: Callable[..., Any], chunk: Iterable[Tuple[Any, ...]]) -> List[Any]:
     """Runs one ``map`` chunk on the worker: ``fn`` applied to each argument tuple."""
     return [fn(*args) for args in chunk]
-
-
-SPLIT_CALL = b"S"  # a Run payload holding the function and its arguments as two pickles
-_PLAIN_TYPES = frozenset((int, float, str, bytes, bool, type(None)))
-
-
-def split_call(pickled_fn: bytes, args: Tuple[Any, ...]) -> bytes:
-    """Host side: a Run payload from a function pickled once (``map``) and one item's
-    arguments: ``b"S"`` + 4-byte length of ``pickled_fn`` + it + pickle of ``(args, {})``.
-    Arguments of plain built-in types skip cloudpickle's slower pickler."""
-    if all(type(arg) in _PLAIN_TYPES for arg in args):
-        call = pickle.dumps((args, {}), protocol=cloudpickle.DEFAULT_PROTOCOL)
-    else:
-        call = cloudpickle.dumps((args, {}))
-    return SPLIT_CALL + len(pickled_fn).to_bytes(4, "big") + pickled_fn + call
-
-
-def load_call(payload: bytes) -> Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]:
-    """Worker side: ``(fn, args, kwargs)`` from a Run payload, one pickle or a split call."""
-    if payload[:1] != SPLIT_CALL:
-        fn, args, kwargs = cloudpickle.loads(payload)
-        return fn, args, kwargs
-    view = memoryview(payload)
-    end = 5 + int.from_bytes(view[1:5], "big")
-    fn = cloudpickle.loads(view[5:end])
-    args, kwargs = cloudpickle.loads(view[end:])
-    return fn, args, kwargs
 
 
 def _by_value_globals(obj: Any) -> Optional[Dict[str, Any]]:
@@ -156,13 +129,10 @@ class Worker:
         self.is_reading = True
 
     def send(self, message: proto.Message) -> None:
-        head, tail = proto.encode_parts(message)
-        if len(tail) < proto.BIG_TAIL:
-            head, tail = head + tail, b""
+        pieces = proto.frame_pieces([message])  # a big result is written from where it lies
         with self.write_lock:  # the reader thread answers Revoke while a task runs
-            _write_all(self.frames_out, head)
-            if tail:  # a big result is written from where it lies, never joined
-                _write_all(self.frames_out, tail)
+            for piece in pieces:
+                _write_all(self.frames_out, piece)
 
     def hello(self) -> proto.Hello:
         return proto.Hello(
@@ -257,7 +227,7 @@ class Worker:
                 continue  # revoked while queued: the reader thread has answered
             reply: proto.Message
             if isinstance(message, proto.Run):
-                reply = self.run(message.task_id, message.payload)
+                reply = self.run(message.task_id, message.payload, message.buffers)
             elif isinstance(message, proto.Init):
                 reply = self.initialize(message)
             else:
@@ -287,15 +257,17 @@ class Worker:
             return self.failure(proto.INIT_TASK_ID, exc, proto.STAGE_INIT)
         return proto.Ready()
 
-    def run(self, task_id: int, payload: bytes) -> proto.Done | proto.Failed:
+    def run(
+        self, task_id: int, payload: proto.Tail, buffers: bytes = b""
+    ) -> proto.Done | proto.Failed:
         started = time.perf_counter()
-        reply = self._run(task_id, payload)
+        reply = self._run(task_id, payload, buffers)
         return dataclasses.replace(reply, seconds=time.perf_counter() - started)
 
-    def _run(self, task_id: int, payload: bytes) -> proto.Done | proto.Failed:
+    def _run(self, task_id: int, payload: proto.Tail, buffers: bytes) -> proto.Done | proto.Failed:
         stage = proto.STAGE_CALL
         try:
-            fn, args, kwargs = load_call(payload)
+            fn, args, kwargs = _calls.load_call(payload, buffers)
             del payload
             shared = self.namespaces.adopt((fn, *args))
             stage = proto.STAGE_RUN
@@ -303,14 +275,15 @@ class Worker:
             del fn, args, kwargs
             self.namespaces.keep(shared)
             stage = proto.STAGE_RESULT
-            data = cloudpickle.dumps(result)
+            data, sizes = _calls.dumps(result, copy=False)  # big buffers sent from where they lie
             del result
-            if len(data) > self.max_frame - RESULT_OVERHEAD:
+            size = sum(len(piece) for piece in data)
+            if size > self.max_frame - RESULT_OVERHEAD - len(sizes):
                 raise ValueError(
-                    f"the pickled result is {len(data)} bytes, over max_frame={self.max_frame}; "
+                    f"the pickled result is {size} bytes, over max_frame={self.max_frame}; "
                     "return less data per task or raise max_frame"
                 )
-            return proto.Done(task_id, data)
+            return proto.Done(task_id, data, buffers=sizes)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt too, as ProcessPoolExecutor
             return self.failure(task_id, exc, stage)
 

@@ -18,6 +18,11 @@ def add(a: Any, b: Any = 0) -> Any:
     return a + b
 
 
+def nbytes(data: Any) -> int:
+    """Size of a bytes-like or numpy argument."""
+    return int(getattr(data, "nbytes", None) or len(data))
+
+
 def where(x: Any = None) -> Tuple[str, int, Any]:
     """Which host (sshd's SSHEXEC_TEST_HOST, or 'local') and pid ran this."""
     return os.environ.get("SSHEXEC_TEST_HOST", "local"), os.getpid(), x

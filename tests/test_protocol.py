@@ -48,6 +48,7 @@ SAMPLES: List[Message] = [
     Init("nöde-ü#0", b"\x80\x04initializer\x00\xff", 1024, False, 0),
     Run(1, b"\x80\x05payload"),
     Run(2**63 - 1, b""),
+    Run(3, b"\x80\x05stream" + b"B" * 9, (9).to_bytes(8, "big")),  # one out-of-band buffer
     Shutdown(),
     Hello(
         protocol=proto.PROTOCOL_VERSION,
@@ -69,6 +70,7 @@ SAMPLES: List[Message] = [
     Revoke(11),
     Revoked(2**40),
     Done(12, b"r", 0.25),
+    Done(14, b"s" + b"B" * 20, 0.5, (8).to_bytes(8, "big") + (12).to_bytes(8, "big")),
     Failed(13, "KeyError", "k", "tb", b"", "result", 1e-6),
     Ping(1),
     Pong(2**40),
@@ -120,13 +122,10 @@ def head_fields(message: Message) -> List[Any]:
 
 
 BIG = proto.BIG_TAIL
-BIG_SAMPLES: List[Message] = [
-    Run(21, bytes(range(256)) * (BIG // 256) + b"end"),
-    Ready(),
-    Done(22, b"\x00" * BIG, 0.5),
-    Done(23, b"\xff" * (3 * BIG + 7)),
-    Pong(5),
-]
+BIG_RUN = Run(21, bytes(range(256)) * (BIG // 256) + b"end")
+BIG_DONE = Done(22, b"\x00" * BIG, 0.5)
+BIG_DONE_3 = Done(23, b"\xff" * (3 * BIG + 7))
+BIG_SAMPLES: List[Message] = [BIG_RUN, Ready(), BIG_DONE, BIG_DONE_3, Pong(5)]
 
 
 def first_error(data: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> FrameError:
@@ -170,8 +169,8 @@ def test_big_tails_are_written_as_they_are() -> None:
     pieces = proto.frame_pieces(BIG_SAMPLES)
     # head of the Run | its tail | Ready + Done's head | tail | head | tail | Pong
     assert len(pieces) == 7
-    for at, message in ((1, BIG_SAMPLES[0]), (3, BIG_SAMPLES[2]), (5, BIG_SAMPLES[3])):
-        assert pieces[at] is message.payload  # type: ignore[attr-defined]
+    for at, message in ((1, BIG_RUN), (3, BIG_DONE), (5, BIG_DONE_3)):
+        assert pieces[at] is message.payload
     assert b"".join(pieces) == b"".join(proto.encode(m) for m in BIG_SAMPLES)
 
 
@@ -193,7 +192,7 @@ def test_big_tails_in_chunks_of_every_size() -> None:
 def test_big_tail_split_around_its_edges() -> None:
     stream = proto.frames(BIG_SAMPLES[:3])
     first = len(proto.encode(BIG_SAMPLES[0]))
-    head = first - len(BIG_SAMPLES[0].payload)  # type: ignore[attr-defined]
+    head = first - len(BIG_RUN.payload)
     for edge in (HEADER.size, head, first):
         for cut in range(edge - 3, edge + 4):
             assert decode_chunks([stream[:cut], stream[cut:]]) == BIG_SAMPLES[:3], cut
@@ -206,7 +205,7 @@ def test_a_tail_on_a_message_without_one_is_refused() -> None:
 
 def test_a_bad_head_before_a_big_tail_fails_at_once() -> None:
     decoder = FrameDecoder()
-    decoder.feed(packed_frame([Run.TAG, "1"], b"x" * BIG)[: HEADER.size + 8])
+    decoder.feed(packed_frame([Run.TAG, "1", b""], b"x" * BIG)[: HEADER.size + 8])
     with pytest.raises(FrameError, match="field has type"):
         list(decoder.messages())
 
@@ -312,7 +311,7 @@ def test_oversize_frame_breaks_the_decoder() -> None:
 def test_claimed_length_is_never_allocated_while_waiting(in_tail: bool) -> None:
     # A legal but huge claim (exactly max_frame) with a few body bytes: memory follows
     # what was received, not what was claimed, for a head as for a big tail.
-    head = msgpack.packb([Done.TAG, 1, 0.0])
+    head = msgpack.packb([Done.TAG, 1, 0.0, b""])
     decoder = FrameDecoder()
     tracemalloc.start()
     try:
@@ -381,7 +380,7 @@ def test_wrong_tag_or_shape(item: Any) -> None:
     "item",
     [
         [Run.TAG],
-        [Run.TAG, 1, b""],  # the payload travels as the tail, not in the head
+        [Run.TAG, 1, b"", b""],  # the payload travels as the tail, not in the head
         [Shutdown.TAG, 1],
         [Ready.TAG, None],
         [Hello.TAG, *dataclasses.astuple(SAMPLES[5])[:-1]],
@@ -396,16 +395,17 @@ def test_wrong_field_count(item: Any) -> None:
 @pytest.mark.parametrize(
     "item",
     [
-        [Run.TAG, "1"],
+        [Run.TAG, "1", b""],
         [Init.TAG, "node#0", "init", 1, True, 20],  # str where bytes belong (use_bin_type)
-        [Run.TAG, True],  # bool is not an int field
-        [Run.TAG, 1.0],
-        [Run.TAG, None],
-        [Run.TAG, [1]],
+        [Run.TAG, True, b""],  # bool is not an int field
+        [Run.TAG, 1.0, b""],
+        [Run.TAG, None, b""],
+        [Run.TAG, [1], b""],
+        [Run.TAG, 1, "sizes"],
         [Init.TAG, b"node#0", b"", 1, True, 20],
         [Init.TAG, "node#0", b"", 1, 1, 20],  # int is not a bool field
-        [Done.TAG, {"k": 1}, 0.0],
-        [Done.TAG, 1, "0.5"],
+        [Done.TAG, {"k": 1}, 0.0, b""],
+        [Done.TAG, 1, "0.5", b""],
         [Failed.TAG, 1, "T", "m", "tb", "not bytes", "run", 0.0],
         [Output.TAG, "1", b""],
         [Source.TAG, "m", "source", "", "", "yes", ""],
@@ -569,6 +569,6 @@ def test_fuzz_corrupted_frames(messages: List[Message], edits: List[Any]) -> Non
 
 def test_an_int_is_accepted_where_a_float_belongs() -> None:
     # msgpack writes 0.0 as a float, but a peer that sends 0 for a duration is harmless
-    (message,) = decode_all(packed_frame([Done.TAG, 5, 2], b"r"))
+    (message,) = decode_all(packed_frame([Done.TAG, 5, 2, b""], b"r"))
     assert message == Done(5, b"r", 2.0)
     assert type(message.seconds) is float

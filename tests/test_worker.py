@@ -16,10 +16,12 @@ from typing import Any, Callable, Iterator, List, Optional
 
 import cloudpickle
 import msgpack
+import numpy
 import pytest
 
 from sshexec import _protocol as proto
-from sshexec._worker import Worker, load_call, process_chunk, split_call
+from sshexec._calls import loads, split_call
+from sshexec._worker import Worker, process_chunk
 
 from . import tasks
 
@@ -212,27 +214,16 @@ def test_run_returns_done_with_the_pickled_result(ready: Host) -> None:
     assert cloudpickle.loads(done.payload) == 42
 
 
-@pytest.mark.parametrize(
-    "args",
-    [(2, 40), (1.5, "s", b"b", None, True), (lambda: 7, [1, 2]), ()],
-    ids=["ints", "plain-types", "lambda-and-list", "no-args"],
-)
-def test_a_split_call_carries_the_function_pickled_once(args: Any) -> None:
-    pickled_fn = cloudpickle.dumps(tasks.add)
-    payload = split_call(pickled_fn, args)
-    assert payload[:1] == b"S" and pickled_fn in payload
-    fn, loaded, kwargs = load_call(payload)
-    assert fn(2, b=40) == 42 and kwargs == {}  # tests.tasks travels by value: a copy
-    assert [a() if callable(a) else a for a in loaded] == [a() if callable(a) else a for a in args]
-    assert load_call(bytearray(payload))[0](1, 2) == 3  # big payloads arrive as bytearray
-    fn, loaded, kwargs = load_call(call(tasks.add, 1, b=2))  # the one-pickle form
-    assert fn(*loaded, **kwargs) == 3 and (loaded, kwargs) == ((1,), {"b": 2})
-
-
 def test_run_takes_a_split_call(ready: Host) -> None:
     by_value = cloudpickle.dumps(lambda a, b: (a, b))  # defined here: pickled by value
-    done = ready.run(8, split_call(by_value, ("x", 3)))
-    assert isinstance(done, proto.Done) and cloudpickle.loads(done.payload) == ("x", 3)
+    array = numpy.arange(1 << 16, dtype=numpy.float64)
+    pieces, sizes = split_call(by_value, ("x", array))
+    assert len(pieces) == 2 and len(sizes) == 8  # the array travels out of band
+    ready.send(proto.Run(8, pieces, sizes))
+    done = ready.receive()
+    assert isinstance(done, proto.Done) and len(done.buffers) == 8  # and comes back so
+    text, back = loads(done.payload, done.buffers)
+    assert text == "x" and numpy.array_equal(back, array)
 
 
 def test_pipelined_runs_reply_in_order(ready: Host) -> None:

@@ -1,0 +1,109 @@
+"""How calls and results become Run/Done payloads and back, on both ends.
+
+Owns: the payload layout. A payload is a pickle stream followed by the
+out-of-band buffers it refers to (pickle protocol 5: a numpy array's memory,
+a bytearray), whose sizes travel in the message's ``buffers`` field; a call is
+either one pickle of ``(fn, args, kwargs)`` or a *split call* (``map``: the
+function pickled once, then each item's arguments). Shipped to nodes. Must not
+import: any sshexec module except ``_protocol``, or anything beyond the stdlib
+and cloudpickle.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, Callable, Dict, List, Tuple
+
+import cloudpickle
+
+from . import _protocol as proto
+
+OUT_OF_BAND_MIN = 1 << 16  # smaller buffers are cheaper to copy into the pickle
+SPLIT_CALL = b"S"  # a payload holding the function and its arguments as two pickles
+_PLAIN_TYPES = frozenset((int, float, str, bytes, bool, type(None)))
+
+Payload = Tuple[proto.Pieces, bytes]  # (pickle stream + buffers, their packed sizes)
+Call = Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]
+
+
+def dumps(obj: Any, *, copy: bool, plain: bool = False, prefix: bytes = b"") -> Payload:
+    """Pickle ``obj`` with its big contiguous buffers left out of the stream.
+
+    ``copy``: take a snapshot of each buffer (the client, whose caller may change an
+    array after ``submit`` returns) or send it from where it lies (the worker, whose
+    result is not touched again). ``plain``: ``obj`` holds only built-in scalars, so the
+    standard pickler does (much faster than cloudpickle's). ``prefix`` goes before the
+    stream (a split call's pickled function)."""
+    buffers: List[proto.Buffer] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: it goes in the stream
+            return True
+        if raw.nbytes < OUT_OF_BAND_MIN:
+            return True
+        buffers.append(bytes(raw) if copy else raw)
+        return False
+
+    if plain:
+        stream = pickle.dumps(obj, protocol=5)
+    else:
+        stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
+    sizes = b"".join(proto.BUFFER_SIZE.pack(len(b)) for b in buffers)
+    return (prefix + stream if prefix else stream, *buffers), sizes
+
+
+def _split(payload: proto.Tail, sizes: bytes) -> Tuple[memoryview, List[memoryview]]:
+    """(pickle stream, out-of-band buffers) as views of one received payload."""
+    if isinstance(payload, tuple):  # not sent yet (an in-process worker's own message)
+        payload = b"".join(payload)
+    view = memoryview(payload)
+    if not sizes:
+        return view, []
+    if len(sizes) % proto.BUFFER_SIZE.size:
+        raise ValueError(f"buffer sizes field of {len(sizes)} bytes")
+    lengths = [size for (size,) in proto.BUFFER_SIZE.iter_unpack(sizes)]
+    at = len(view) - sum(lengths)
+    if at < 0:
+        raise ValueError("the payload is shorter than its out-of-band buffers")
+    buffers = []
+    for length in lengths:
+        buffers.append(view[at : at + length])
+        at += length
+    return view[: len(view) - sum(lengths)], buffers
+
+
+def loads(payload: proto.Tail, sizes: bytes = b"") -> Any:
+    """The object of a payload; its big buffers stay views of ``payload`` (no copy)."""
+    stream, buffers = _split(payload, sizes)
+    return pickle.loads(stream, buffers=buffers)
+
+
+def call_payload(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Payload:
+    """Client: a ``submit``'s payload, one pickle of ``(fn, args, kwargs)``."""
+    return dumps((fn, args, kwargs), copy=True)
+
+
+def split_call(pickled_fn: bytes, args: Tuple[Any, ...]) -> Payload:
+    """Client: a ``map`` item's payload from its function pickled once: ``b"S"`` +
+    4-byte length of ``pickled_fn`` + it + the pickle of ``(args, {})``."""
+    prefix = SPLIT_CALL + len(pickled_fn).to_bytes(4, "big") + pickled_fn
+    plain = all(type(arg) in _PLAIN_TYPES for arg in args)
+    return dumps((args, {}), copy=True, plain=plain, prefix=prefix)
+
+
+def load_call(payload: proto.Tail, sizes: bytes = b"") -> Call:
+    """Worker: ``(fn, args, kwargs)`` from a Run payload, either layout."""
+    stream, buffers = _split(payload, sizes)
+    if stream[:1] != SPLIT_CALL:
+        fn, args, kwargs = pickle.loads(stream, buffers=buffers)
+        return fn, args, kwargs
+    end = 5 + int.from_bytes(stream[1:5], "big")
+    fn = pickle.loads(stream[5:end])
+    args, kwargs = pickle.loads(stream[end:], buffers=buffers)
+    return fn, args, kwargs
+
+
+def size(payload: Payload) -> int:
+    return sum(len(piece) for piece in payload[0])

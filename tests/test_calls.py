@@ -1,0 +1,118 @@
+"""Payloads: split calls, and out-of-band buffers (pickle protocol 5) that skip copies."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import cloudpickle
+import pytest
+
+from sshexec import SSHPoolExecutor
+from sshexec._calls import (
+    OUT_OF_BAND_MIN,
+    call_payload,
+    dumps,
+    load_call,
+    loads,
+    size,
+    split_call,
+)
+
+from . import tasks
+
+numpy = pytest.importorskip("numpy")  # in the test extra: this never skips in CI
+
+BIG = OUT_OF_BAND_MIN * 4
+
+
+def joined(payload: Any) -> bytearray:
+    """The payload as the receiving decoder hands it over: one bytearray."""
+    pieces, _ = payload
+    return bytearray(b"".join(pieces))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(2, 40), (1.5, "s", b"b", None, True), (lambda: 7, [1, 2]), ()],
+    ids=["ints", "plain-types", "lambda-and-list", "no-args"],
+)
+def test_a_split_call_carries_the_function_pickled_once(args: Any) -> None:
+    pickled_fn = cloudpickle.dumps(tasks.add)
+    payload = split_call(pickled_fn, args)
+    stream = payload[0][0]
+    assert stream[:1] == b"S" and pickled_fn in stream and payload[1] == b""
+    fn, loaded, kwargs = load_call(joined(payload))
+    assert fn(2, b=40) == 42 and kwargs == {}  # tests.tasks travels by value: a copy
+    assert [a() if callable(a) else a for a in loaded] == [a() if callable(a) else a for a in args]
+    fn, loaded, kwargs = load_call(bytes(joined(call_payload(tasks.add, (1,), {"b": 2}))))
+    assert fn(*loaded, **kwargs) == 3 and (loaded, kwargs) == ((1,), {"b": 2})  # one pickle
+
+
+def test_a_big_array_argument_is_a_snapshot_outside_the_pickle() -> None:
+    array = numpy.arange(BIG, dtype=numpy.uint8)
+    pieces, sizes = call_payload(tasks.nbytes, (array,), {})
+    assert len(pieces) == 2 and len(sizes) == 8
+    assert isinstance(pieces[1], bytes) and len(pieces[1]) == array.nbytes
+    assert len(pieces[0]) < 1000  # the stream holds no array data
+    array[:] = 0  # the caller changes its array after submit: what was sent stays
+    _fn, (sent,), _ = load_call(joined((pieces, sizes)), sizes)
+    assert sent[1] == 1 and sent.sum() > 0
+    assert size((pieces, sizes)) == len(pieces[0]) + array.nbytes
+
+
+def test_a_big_result_leaves_from_where_it_lies_and_lands_without_a_copy() -> None:
+    result = numpy.arange(BIG // 8, dtype=numpy.float64)
+    pieces, sizes = dumps(result, copy=False)
+    assert isinstance(pieces[1], memoryview)
+    assert numpy.shares_memory(numpy.frombuffer(pieces[1], dtype=numpy.float64), result)
+    received = joined((pieces, sizes))
+    back = loads(received, sizes)
+    assert numpy.array_equal(back, result) and back.flags.writeable
+    back[0] = 42.0  # the array is a view of the received buffer: no copy was made
+    assert (
+        numpy.frombuffer(received, dtype=numpy.float64, offset=len(received) - result.nbytes)[0]
+        == 42.0
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        numpy.arange(16, dtype=numpy.int64),  # small: copied into the stream
+        numpy.arange(BIG, dtype=numpy.uint8)[::2],  # not contiguous: in the stream too
+        numpy.asfortranarray(numpy.arange(BIG // 8, dtype=numpy.float64).reshape(-1, 4)),
+        bytearray(BIG),
+        [numpy.ones(BIG // 8), numpy.zeros(BIG // 8)],  # two buffers, in order
+    ],
+    ids=["small", "strided", "fortran-order", "bytearray", "two-arrays"],
+)
+def test_buffers_round_trip_in_and_out_of_band(value: Any) -> None:
+    payload = dumps(value, copy=False)
+    back = loads(joined(payload), payload[1])
+    if isinstance(value, list):
+        assert len(payload[1]) == 16
+        assert all(numpy.array_equal(a, b) for a, b in zip(back, value))
+    elif isinstance(value, bytearray):  # pickle writes it in band (only PickleBuffers go out)
+        assert back == value and payload[1] == b"" and len(payload[0]) == 1
+    else:
+        assert numpy.array_equal(back, value)
+        if not value.flags.c_contiguous and value.flags.f_contiguous:
+            assert back.flags.f_contiguous  # Fortran order survives
+
+
+def test_sizes_that_do_not_fit_the_payload_are_refused() -> None:
+    with pytest.raises(ValueError, match="buffer sizes"):
+        loads(b"x" * 10, b"\x00" * 7)
+    with pytest.raises(ValueError, match="shorter"):
+        loads(b"x" * 10, (100).to_bytes(8, "big"))
+
+
+@pytest.mark.timeout(120)
+def test_big_arrays_both_ways_through_a_pool(make_executor: Callable[..., SSHPoolExecutor]) -> None:
+    executor = make_executor(max_workers=1)
+    array = numpy.random.default_rng(7).standard_normal(3 * BIG)
+    assert executor.submit(tasks.nbytes, array).result(timeout=60) == array.nbytes
+    doubled = executor.submit(numpy.multiply, array, 2.0).result(timeout=60)
+    assert numpy.array_equal(doubled, array * 2.0) and doubled.flags.writeable
+    results = list(executor.map(numpy.negative, [array, array[::3]]))
+    assert numpy.array_equal(results[0], -array) and numpy.array_equal(results[1], -array[::3])
