@@ -74,11 +74,15 @@ def test_host_comes_back_after_a_drop(start_server: StartServer) -> None:
     server = start_server("phoenix")
     with SSHPoolExecutor(2, **server.executor_kwargs(max_retries=2)) as executor:
         assert executor.submit(tasks.square, 2).result(timeout=30) == 4
+        deadline = time.monotonic() + 30  # both workers up: none is mid-start at the drop
+        while len(executor._pool.links) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
         server.drop_connections()
         server.stop()
         futures = [executor.submit(tasks.sleep_then, 0.1, i) for i in range(6)]
         time.sleep(1.5)  # reconnect attempts fail meanwhile
-        assert not any(f.done() for f in futures)
+        done = [f.exception() or f.result() for f in futures if f.done()]
+        assert not done, f"settled while the host was down: {done!r}"
         server.start()  # same port, same host key
         assert [f.result(timeout=60) for f in futures] == list(range(6))
 
