@@ -37,6 +37,7 @@ import cloudpickle
 from . import _calls
 from ._hosts import build_transports, resolve_hosts
 from ._links import STARTUP_TIMEOUT, Task, snapshot
+from ._mapresults import MapItem, MapResults
 from ._output import OutputRouter
 from ._pool import Pool
 from ._protocol import DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT
@@ -268,7 +269,8 @@ class SSHPoolExecutor(Executor):
             RuntimeError: After ``shutdown()``.
             BrokenPool: When no usable worker is left on any host.
         """
-        return self._submit(fn, args, kwargs, None)
+        future: Future[T] = self._submit(fn, args, kwargs, None)
+        return future
 
     def _submit(
         self,
@@ -277,9 +279,11 @@ class SSHPoolExecutor(Executor):
         kwargs: Any,
         group: Optional[str],
         pickled_fn: Optional[bytes] = None,
-    ) -> Future[T]:
-        """``pickled_fn``: ``fn`` already pickled (by ``map``, once for all its items)."""
-        future: Future[T] = Future()
+        item: Optional[MapItem] = None,
+    ) -> Any:
+        """A Future, or for ``map`` ``item``, its slot; ``pickled_fn``: ``fn`` already
+        pickled (by ``map``, once for all its items)."""
+        future: Any = Future() if item is None else item
         failure: Optional[BaseException] = None
         payload: _calls.Payload = ((), b"")
         try:
@@ -350,26 +354,30 @@ class SSHPoolExecutor(Executor):
         buffersize: Optional[int],
     ) -> Iterator[T]:
         window = buffersize if buffersize is not None else sys.maxsize
-        try:  # once for every item; a function that cannot be pickled fails each Future
+        try:  # once for every item; a function that cannot be pickled fails each item
             pickled_fn: Optional[bytes] = cloudpickle.dumps(fn)
         except Exception:
             pickled_fn = None
-        futures: Deque[Future[T]] = collections.deque(
-            self._submit(fn, args, {}, None, pickled_fn) for args in itertools.islice(calls, window)
+        shared = MapResults()  # one condition for all items: no Future per item
+        futures: Deque[MapItem] = collections.deque(
+            self._submit(fn, args, {}, None, pickled_fn, MapItem(shared))
+            for args in itertools.islice(calls, window)
         )
         executor = weakref.ref(self)  # an abandoned iterator must not keep the executor alive
         runtime = self._runtime
         del self
 
         def results() -> Iterator[T]:
-            timed_out: List[Future[T]] = []
+            timed_out: List[MapItem] = []
             try:
                 while futures:
                     if buffersize is not None:
                         owner = executor()
                         args = next(calls, None) if owner is not None else None
                         if owner is not None and args is not None:
-                            futures.append(owner._submit(fn, args, {}, None, pickled_fn))
+                            futures.append(
+                                owner._submit(fn, args, {}, None, pickled_fn, MapItem(shared))
+                            )
                         del owner
                     if runtime.on_loop_thread():
                         raise RuntimeError(
@@ -441,7 +449,7 @@ def _flatten(chunks: Iterator[List[T]]) -> Iterator[T]:
             yield chunk.pop()
 
 
-def _result_or_cancel(future: Future[T], timeout: Optional[float]) -> T:
+def _result_or_cancel(future: Any, timeout: Optional[float]) -> Any:
     try:
         try:
             return future.result(timeout)

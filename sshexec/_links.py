@@ -16,12 +16,13 @@ import itertools
 import logging
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple, Union
 
 from . import _calls
 from . import _protocol as proto
 from ._errors import ResultDecodeError, WorkerStartupError, rebuild
 from ._forward import describe, find_source
+from ._mapresults import MapItem
 from ._output import OutputRouter
 from ._stats import Counters, HostStats, Stats, WorkerStats, median_rtt
 from ._transport import Channel, Transport, handshake
@@ -30,6 +31,9 @@ STARTUP_TIMEOUT = 60.0  # bootstrap + Hello, per worker (includes shipping the b
 KEEP_GONE_WORKERS = 32  # per host: stats of this many ended workers are kept
 _nonces = itertools.count(1)
 log = logging.getLogger("sshexec.pool")
+
+
+TaskFuture = Union["Future[Any]", MapItem]  # a submit's Future, or a map item's slot
 
 
 class Task:
@@ -43,7 +47,7 @@ class Task:
         self,
         task_id: int,
         payload: _calls.Payload,
-        future: Future[Any],
+        future: TaskFuture,
         group: Optional[str] = None,
     ) -> None:
         self.task_id, self.future = task_id, future
@@ -220,7 +224,7 @@ def settle(task: Task, reply: proto.Done | proto.Failed, worker_id: str) -> None
         task.future.set_result(result)
 
 
-def fail(future: Future[Any], exc: BaseException) -> None:
+def fail(future: TaskFuture, exc: BaseException) -> None:
     """Fail a Future the pool gives up on, unless it is done or was cancelled."""
     if future.done():
         return
