@@ -2,7 +2,7 @@
 
 ``sshexec-ssh`` (workers over SSH to loopback sshd processes), ``sshexec-local``
 (``hosts=None``), ``ppe`` (``ProcessPoolExecutor``, default start method) and
-``ppe-spawn`` (start-up only), plus ``loky`` and ``dask`` when importable, and
+``ppe-spawn`` (start-up only), plus ``loky``, ``dask`` and ``execnet`` when importable, and
 two pseudo-contenders that workloads special-case: ``raw`` (a bare asyncssh
 channel) and ``serial`` (one process, the CPU-bound baseline).
 """
@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 
 from sshexec import SSHPoolExecutor
 
+from .execnet_peer import ExecnetExecutor
 from .sshd import ADDRESS, Client
 from .tasks import run_chunk
 
@@ -222,6 +223,19 @@ def build(
         )
     else:
         notes.append("dask skipped: distributed not installed (pip install -e '.[bench]')")
+    if client is not None and ports and (version := importable("execnet")) is not None:
+        root = client.key.parent
+        found.append(
+            Contender(
+                "execnet",
+                f"execnet {version} over ssh ({WORKERS} gateways via the ssh client, "
+                "pipelined send/receive loops; no numpy)",
+                "execnet",
+                lambda: ExecnetExecutor(client, ports, WORKERS, root),
+            )
+        )
+    elif client is not None and ports:
+        notes.append("execnet skipped: not installed (pip install -e '.[bench]')")
     if client is not None and ports:
         found.append(
             Contender(

@@ -156,6 +156,13 @@ def targets(samples: Samples, sections: Dict[str, Dict[str, Any]]) -> List[Tuple
             True,
             "\u00d7",
         )
+    check(
+        "SSH: map chunksize=1 ahead of execnet over ssh",
+        ratio(samples, "map1", "sshexec-ssh", "execnet"),
+        1.0,
+        True,
+        "\u00d7",
+    )
     for key, what in (("arg_in", "argument"), ("result_out", "result")):
         for raw_key, peer in ((key, "raw one-way"), ("echo", "raw cat echo")):
             mine = median(samples.get(key, {}).get("sshexec-ssh", []))

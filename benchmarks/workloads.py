@@ -186,13 +186,13 @@ class Workload:
 
 
 WORKLOADS = (
-    Workload("map1", map1, ("sshexec", "ppe", "loky", "dask")),
-    Workload("map256", map256, ("sshexec", "ppe", "loky"), chunked=True),
-    Workload("roundtrip", roundtrip, ("sshexec", "ppe", "loky", "dask", "raw")),
-    Workload("payload", payload, ("sshexec", "ppe", "loky", "dask", "raw")),
+    Workload("map1", map1, ("sshexec", "ppe", "loky", "dask", "execnet")),
+    Workload("map256", map256, ("sshexec", "ppe", "loky", "execnet"), chunked=True),
+    Workload("roundtrip", roundtrip, ("sshexec", "ppe", "loky", "dask", "execnet", "raw")),
+    Workload("payload", payload, ("sshexec", "ppe", "loky", "dask", "execnet", "raw")),
     Workload("numpy", numpy_payload, ("sshexec", "ppe", "loky", "dask"), needs_numpy=True),
-    Workload("startup", startup, ("sshexec", "ppe", "loky", "dask", "raw")),
-    Workload("cpu", cpu, ("sshexec", "ppe", "loky", "dask", "serial"), chunked=False),
+    Workload("startup", startup, ("sshexec", "ppe", "loky", "dask", "execnet", "raw")),
+    Workload("cpu", cpu, ("sshexec", "ppe", "loky", "dask", "execnet", "serial")),
 )
 
 
