@@ -1,18 +1,16 @@
 """``SSHPoolExecutor``: the public executor, its arguments and Futures.
 
-Owns: argument checks, pickling calls, task ids, Futures, the ``map`` iterator,
-and wiring the parts: transports from ``_hosts``, the loop thread from
+Owns: argument checks, pickling calls, task ids, Futures, starting ``map`` (its
+ordered results are ``_mapresults``'), and wiring the parts: transports from ``_hosts``, the loop thread from
 ``_runtime``, the ``Pool`` run on it, and the finalizer that shuts a forgotten
 executor down. Must not touch: bytes, frames, asyncssh, or placement.
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures as cf
 import itertools
 import logging
-import sys
 import time
 import weakref
 from concurrent.futures import Executor, Future
@@ -20,11 +18,9 @@ from typing import (
     TYPE_CHECKING,
     Any,
     Callable,
-    Deque,
     Dict,
     Iterable,
     Iterator,
-    List,
     Literal,
     Mapping,
     Optional,
@@ -37,7 +33,7 @@ import cloudpickle
 from . import _calls
 from ._hosts import build_transports, resolve_hosts
 from ._links import STARTUP_TIMEOUT, Task, snapshot
-from ._mapresults import MapItem, MapResults
+from ._mapresults import MapItem, MapResults, flatten, in_chunks, ordered_results
 from ._output import OutputRouter
 from ._pool import Pool
 from ._protocol import DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT
@@ -343,8 +339,8 @@ class SSHPoolExecutor(Executor):
         calls: Iterator[Tuple[Any, ...]] = zip(*iterables)
         if chunksize == 1:
             return self._map_futures(fn, calls, deadline, buffersize)
-        chunks = ((fn, chunk) for chunk in _chunks(calls, chunksize))
-        return _flatten(self._map_futures(process_chunk, chunks, deadline, buffersize))
+        chunks = ((fn, chunk) for chunk in in_chunks(calls, chunksize))
+        return flatten(self._map_futures(process_chunk, chunks, deadline, buffersize))
 
     def _map_futures(
         self,
@@ -353,52 +349,24 @@ class SSHPoolExecutor(Executor):
         deadline: Optional[float],
         buffersize: Optional[int],
     ) -> Iterator[T]:
-        window = buffersize if buffersize is not None else sys.maxsize
         try:  # once for every item; a function that cannot be pickled fails each item
             pickled_fn: Optional[bytes] = cloudpickle.dumps(fn)
         except Exception:
             pickled_fn = None
         shared = MapResults()  # one condition for all items: no Future per item
-        futures: Deque[MapItem] = collections.deque(
-            self._submit(fn, args, {}, None, pickled_fn, MapItem(shared))
-            for args in itertools.islice(calls, window)
-        )
         executor = weakref.ref(self)  # an abandoned iterator must not keep the executor alive
+
+        def submit(args: Tuple[Any, ...]) -> Optional[MapItem]:
+            owner = executor()
+            if owner is None:
+                return None
+            item: MapItem = owner._submit(fn, args, {}, None, pickled_fn, MapItem(shared))
+            return item
+
         runtime = self._runtime
-        del self
-
-        def results() -> Iterator[T]:
-            timed_out: List[MapItem] = []
-            try:
-                while futures:
-                    if buffersize is not None:
-                        owner = executor()
-                        args = next(calls, None) if owner is not None else None
-                        if owner is not None and args is not None:
-                            futures.append(
-                                owner._submit(fn, args, {}, None, pickled_fn, MapItem(shared))
-                            )
-                        del owner
-                    if runtime.on_loop_thread():
-                        raise RuntimeError(
-                            "map results cannot be waited for on the executor's loop thread"
-                        )
-                    left = None if deadline is None else deadline - time.monotonic()
-                    future = futures.popleft()
-                    try:
-                        box = [_result_or_cancel(future, left)]
-                    except cf.TimeoutError:
-                        timed_out.append(future)
-                        raise
-                    del future
-                    yield box.pop()  # no local keeps the result alive while suspended
-            finally:
-                for future in futures:
-                    future.cancel()
-                if timed_out:  # shutdown will not wait for the ones already running
-                    runtime.forget([f for f in timed_out + list(futures) if not f.done()])
-
-        return results()
+        return ordered_results(
+            submit, calls, deadline, buffersize, runtime.on_loop_thread, runtime.forget
+        )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; pending tasks finish (or are cancelled when
@@ -435,25 +403,3 @@ class SSHPoolExecutor(Executor):
         else:
             self._runtime.shutdown(wait=True, cancel_futures=True, bounded=True)
         return False
-
-
-def _chunks(calls: Iterator[Tuple[Any, ...]], size: int) -> Iterator[Tuple[Tuple[Any, ...], ...]]:
-    while chunk := tuple(itertools.islice(calls, size)):
-        yield chunk
-
-
-def _flatten(chunks: Iterator[List[T]]) -> Iterator[T]:
-    for chunk in chunks:
-        chunk.reverse()
-        while chunk:
-            yield chunk.pop()
-
-
-def _result_or_cancel(future: Any, timeout: Optional[float]) -> Any:
-    try:
-        try:
-            return future.result(timeout)
-        finally:
-            future.cancel()
-    finally:
-        del future  # drop the reference before the consumer sees the value

@@ -1,6 +1,8 @@
-"""Where ``map``'s items land: one small slot per item instead of a Future per item.
+"""``map``'s results: one small slot per item instead of a Future, yielded in order.
 
-Owns: ``MapItem``, which offers the part of the ``concurrent.futures.Future``
+Owns: ``ordered_results`` (the iterator ``map`` returns: input order, the deadline,
+``buffersize``'s lazy submission, cancelling what is left when it is closed),
+chunking helpers, and ``MapItem``, which offers the part of the ``concurrent.futures.Future``
 interface the pool drives (``set_running_or_notify_cancel``, ``set_result``,
 ``set_exception``, ``cancel``, ``done``, ``running``) and the ``result(timeout)``
 ``map``'s iterator waits on, with one lock and one condition for the whole ``map``
@@ -12,12 +14,16 @@ import: asyncio, or any sshexec module.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
+import itertools
+import sys
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Deque, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 PENDING, RUNNING, CANCELLED, FINISHED = range(4)
+T = TypeVar("T")
 
 
 class MapResults:
@@ -110,3 +116,74 @@ class MapItem:
 
     def _state_name(self) -> str:
         return ("pending", "running", "cancelled", "finished")[self.state]
+
+
+def ordered_results(
+    submit: Callable[[Tuple[Any, ...]], Optional[MapItem]],
+    calls: Iterator[Tuple[Any, ...]],
+    deadline: Optional[float],
+    buffersize: Optional[int],
+    on_loop_thread: Callable[[], bool],
+    forget: Callable[[Sequence[MapItem]], None],
+) -> Iterator[Any]:
+    """Submit the first ``buffersize`` calls (all without it), then yield results in
+    order, submitting one more per result taken. ``submit`` returns None once the
+    executor is gone; ``forget`` is told of running items nobody will wait for."""
+    window = buffersize if buffersize is not None else sys.maxsize
+    items: Deque[MapItem] = collections.deque()
+    for args in itertools.islice(calls, window):
+        item = submit(args)
+        assert item is not None  # the executor is alive while map() runs
+        items.append(item)
+
+    def results() -> Iterator[Any]:
+        timed_out: List[MapItem] = []
+        try:
+            while items:
+                if buffersize is not None:
+                    args = next(calls, None)
+                    more = submit(args) if args is not None else None
+                    if more is not None:
+                        items.append(more)
+                if on_loop_thread():
+                    raise RuntimeError(
+                        "map results cannot be waited for on the executor's loop thread"
+                    )
+                left = None if deadline is None else deadline - time.monotonic()
+                item = items.popleft()
+                try:
+                    box = [_result_or_cancel(item, left)]
+                except cf.TimeoutError:
+                    timed_out.append(item)
+                    raise
+                del item
+                yield box.pop()  # no local keeps the result alive while suspended
+        finally:
+            for item in items:
+                item.cancel()
+            if timed_out:  # shutdown will not wait for the ones already running
+                forget([i for i in timed_out + list(items) if not i.done()])
+
+    return results()
+
+
+def in_chunks(calls: Iterator[Tuple[Any, ...]], size: int) -> Iterator[Tuple[Tuple[Any, ...], ...]]:
+    while chunk := tuple(itertools.islice(calls, size)):
+        yield chunk
+
+
+def flatten(chunks: Iterator[List[T]]) -> Iterator[T]:
+    for chunk in chunks:
+        chunk.reverse()
+        while chunk:
+            yield chunk.pop()
+
+
+def _result_or_cancel(item: MapItem, timeout: Optional[float]) -> Any:
+    try:
+        try:
+            return item.result(timeout)
+        finally:
+            item.cancel()
+    finally:
+        del item  # drop the reference before the consumer sees the value
