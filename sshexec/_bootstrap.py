@@ -160,7 +160,10 @@ def _compiled(name: str, source: bytes) -> bytes:
     20 ms of start-up for a bare node); one whose magic number differs compiles the
     source instead."""
     code = compile(source, "sshexec-bundle/" + name, "exec", dont_inherit=True, optimize=0)
-    return importlib.util.MAGIC_NUMBER + marshal.dumps(code)
+    # marshal format 2 has no back-references, whose flags follow reference counts at
+    # dump time (format 4 gave two different bundles in one 3.9 process): the bundle,
+    # and so its hash and the node's cache file, must not change between runs.
+    return importlib.util.MAGIC_NUMBER + marshal.dumps(code, 2)
 
 
 @functools.lru_cache(maxsize=1)
