@@ -13,7 +13,19 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Dict, Final, Iterable, Iterator, List, Tuple, Type, Union
+from typing import (
+    Any,
+    ClassVar,
+    Dict,
+    Final,
+    Iterable,
+    Iterator,
+    List,
+    Tuple,
+    Type,
+    Union,
+    get_args,
+)
 
 import msgpack
 
@@ -212,45 +224,26 @@ Message = Union[
     Log,
     Fetch,
 ]
-_CLASSES: Final[Tuple[Type[Any], ...]] = (
-    Init,
-    Run,
-    Shutdown,
-    Revoke,
-    Ping,
-    Source,
-    Hello,
-    Ready,
-    Done,
-    Failed,
-    Revoked,
-    Pong,
-    Output,
-    Log,
-    Fetch,
-)
-_TYPES: Final = {"int": int, "str": str, "bytes": bytes, "bool": bool, "float": float}
-_TYPES["Tail"] = bytes  # a tail field: bytes or bytearray as received (see FrameDecoder)
-# tag -> (class, expected field types of the head, index of the tail field or -1)
-_SCHEMA: Final[Dict[int, Tuple[Type[Any], Tuple[type, ...], int]]] = {}
-for _cls in _CLASSES:
-    _names = [f.name for f in fields(_cls)]
-    _tail = getattr(_cls, "TAIL", None)
-    _SCHEMA[_cls.TAG] = (
-        _cls,
-        tuple(_TYPES[str(f.type)] for f in fields(_cls) if f.name != _tail),
-        _names.index(_tail) if _tail else -1,
-    )
-
-
-# class -> (names of its head fields, name of its tail field or ""), for encode_parts
-_LAYOUT: Final[Dict[type, Tuple[Tuple[str, ...], str]]] = {
-    cls: (
-        tuple(f.name for f in fields(cls) if f.name != getattr(cls, "TAIL", "")),
-        getattr(cls, "TAIL", ""),
-    )
-    for cls in _CLASSES
+_CLASSES: Final[Tuple[Type[Any], ...]] = get_args(Message)
+# "Tail": a tail field, bytes or bytearray as received (see FrameDecoder)
+_TYPES: Final = {
+    "int": int,
+    "str": str,
+    "bytes": bytes,
+    "bool": bool,
+    "float": float,
+    "Tail": bytes,
 }
+# tag -> (class, expected field types of the head, index of the tail field or -1), to decode
+_SCHEMA: Final[Dict[int, Tuple[Type[Any], Tuple[type, ...], int]]] = {}
+# class -> (names of its head fields, name of its tail field or ""), to encode
+_LAYOUT: Final[Dict[type, Tuple[Tuple[str, ...], str]]] = {}
+for _cls in _CLASSES:
+    _tail = getattr(_cls, "TAIL", "")
+    _head = [f for f in fields(_cls) if f.name != _tail]
+    _tail_at = [f.name for f in fields(_cls)].index(_tail) if _tail else -1
+    _SCHEMA[_cls.TAG] = (_cls, tuple(_TYPES[str(f.type)] for f in _head), _tail_at)
+    _LAYOUT[_cls] = (tuple(f.name for f in _head), _tail)
 
 
 BUFFER_SIZE: Final = struct.Struct(">Q")  # one out-of-band buffer's size in ``buffers``
@@ -267,8 +260,7 @@ def encode_parts(message: Message) -> Tuple[bytes, Pieces]:
     head: bytes = msgpack.packb(
         [message.TAG, *[getattr(message, name) for name in names]], use_bin_type=True
     )
-    size = sum(len(piece) for piece in tail) if len(tail) != 1 else len(tail[0])
-    return HEADER.pack(len(head), size) + head, tail
+    return HEADER.pack(len(head), sum(map(len, tail))) + head, tail
 
 
 def encode(message: Message) -> bytes:
