@@ -56,8 +56,8 @@ def dumps(obj: Any, *, copy: bool, plain: bool = False, prefix: bytes = b"") -> 
 
 def _split(payload: proto.Tail, sizes: bytes) -> Tuple[memoryview, List[memoryview]]:
     """(pickle stream, out-of-band buffers) as views of one received payload."""
-    if isinstance(payload, tuple):  # not sent yet (an in-process worker's own message)
-        payload = b"".join(payload)
+    if isinstance(payload, tuple):  # Tail allows pieces only for messages being sent
+        raise TypeError("a received payload is one buffer, not pieces")
     view = memoryview(payload)
     if not sizes:
         return view, []

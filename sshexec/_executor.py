@@ -1,9 +1,9 @@
 """``SSHPoolExecutor``: the public executor, its arguments and Futures.
 
 Owns: argument checks, pickling calls, task ids, Futures, starting ``map`` (its
-ordered results are ``_mapresults``'), and wiring the parts: transports from ``_hosts``, the loop thread from
-``_runtime``, the ``Pool`` run on it, and the finalizer that shuts a forgotten
-executor down. Must not touch: bytes, frames, asyncssh, or placement.
+ordered results are ``_mapresults``'), and wiring the parts: transports from
+``_hosts``, the loop thread from ``_runtime``, the ``Pool`` run on it, and the
+finalizer that shuts a forgotten executor down. Must not touch: bytes, frames, asyncssh, or placement.
 """
 
 from __future__ import annotations
@@ -289,10 +289,11 @@ class SSHPoolExecutor(Executor):
                 payload = _calls.split_call(pickled_fn, args)
         except Exception as exc:  # an unpicklable call fails its own Future, not the pool
             failure = exc
-        size = _calls.size(payload) + len(payload[1])
-        if failure is None and size > self._max_frame - FRAME_OVERHEAD:
+        size = _calls.size(payload)
+        on_wire = size + len(payload[1])  # and the out-of-band buffers' sizes
+        if failure is None and on_wire > self._max_frame - FRAME_OVERHEAD:
             failure = ValueError(
-                f"the pickled call is {size} bytes, over max_frame={self._max_frame}; "
+                f"the pickled call is {on_wire} bytes, over max_frame={self._max_frame}; "
                 "send less data per call or raise max_frame"
             )
         runtime = self._runtime
@@ -304,7 +305,7 @@ class SSHPoolExecutor(Executor):
             if self._pool.broken is not None:
                 raise self._pool.broken
             if failure is None:
-                runtime.post(Task(next(self._task_ids), payload, future, group=group))
+                runtime.post(Task(next(self._task_ids), payload, size, future, group=group))
         if failure is not None:
             future.set_exception(failure)
         return future

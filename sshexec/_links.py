@@ -47,12 +47,13 @@ class Task:
         self,
         task_id: int,
         payload: _calls.Payload,
+        size: int,
         future: TaskFuture,
         group: Optional[str] = None,
     ) -> None:
         self.task_id, self.future = task_id, future
         self.payload, self.buffers = payload  # pickle stream + out-of-band buffers, sizes
-        self.size = _calls.size(payload)
+        self.size = size  # bytes of payload, as _calls.size() gave the submitter
         self.group = group  # run only on this host (run_on_hosts)
         self.is_started = False
         self.losses: Tuple[Tuple[str, str], ...] = ()  # (worker_id, how it died)

@@ -13,8 +13,9 @@ Data flow (every step after the first runs on the executor's loop thread)::
                                      └──▶ _start_worker(host) as a replacement
 
 Owns: the live ``WorkerLink``s and host states, deciding when to start and replace
-workers (``_links.open_worker`` starts each one), resolving Futures, broken-pool detection and the shutdown escalation (``Shutdown`` frame →
-grace → close channel → close connection). Only the loop thread touches any of
+workers (``_links.open_worker`` starts each one), resolving Futures, broken-pool
+detection and the shutdown escalation (``Shutdown`` frame → grace → close channel
+→ close connection). Only the loop thread touches any of
 it. Must not import: subprocess or asyncssh, placement policy, or frame layout
 details beyond ``_protocol``'s codec.
 """
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import Future
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import _protocol as proto
@@ -36,6 +36,7 @@ from ._errors import (
 from ._links import (
     HostState,
     Task,
+    TaskFuture,
     WorkerLink,
     fail,
     open_worker,
@@ -432,7 +433,7 @@ class Pool:
         if len(self.abandoned) == len(self.tasks):  # nothing left that anyone waits for
             self._idle.set()
 
-    def abandon(self, futures: Sequence[Future[Any]]) -> None:
+    def abandon(self, futures: Sequence[TaskFuture]) -> None:
         """A timed-out map gave up on these running tasks: shutdown will not wait for them."""
         wanted = {id(f) for f in futures}
         self.abandoned.update(t for t, task in self.tasks.items() if id(task.future) in wanted)

@@ -275,15 +275,16 @@ class Worker:
             del fn, args, kwargs
             self.namespaces.keep(shared)
             stage = proto.STAGE_RESULT
-            data, sizes = _calls.dumps(result, copy=False)  # big buffers sent from where they lie
+            outcome = _calls.dumps(result, copy=False)  # big buffers sent from where they lie
             del result
-            size = sum(len(piece) for piece in data)
+            pieces, sizes = outcome
+            size = _calls.size(outcome)
             if size > self.max_frame - RESULT_OVERHEAD - len(sizes):
                 raise ValueError(
                     f"the pickled result is {size} bytes, over max_frame={self.max_frame}; "
                     "return less data per task or raise max_frame"
                 )
-            return proto.Done(task_id, data, buffers=sizes)
+            return proto.Done(task_id, pieces, buffers=sizes)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt too, as ProcessPoolExecutor
             return self.failure(task_id, exc, stage)
 
