@@ -1,9 +1,9 @@
 """How a bare ``python3`` on a node becomes an sshexec worker.
 
 Owns: the one-line loader on the command line, the stage-1 program it reads
-from stdin, the bundle stage 1 receives on stdin (``sshexec._protocol``,
-``sshexec._worker``, cloudpickle and msgpack's pure-Python modules in a zip,
-imported from memory), the bundle's hash, the node's optional cache under
+from stdin, the bundle stage 1 receives on stdin (every module of ``sshexec._wire``
+and ``sshexec._node``, found by listing those folders, plus cloudpickle and
+msgpack's pure-Python modules, in a zip imported from memory), the bundle's hash, the node's optional cache under
 ``~/.cache/sshexec`` and the choice of remote interpreter. A node's own msgpack
 (>= 1.0, usually compiled) and its own cloudpickle of exactly the bundled version
 are imported instead of the bundle's copies: faster codec, byte-code cached.
@@ -34,7 +34,7 @@ from typing import Final, Mapping, Optional, Sequence, Tuple
 import cloudpickle
 import msgpack
 
-from . import _protocol
+from ._wire import protocol
 
 CACHE_DIR: Final = "~/.cache/sshexec"
 BUNDLE_LENGTH_BYTES: Final = 8
@@ -42,6 +42,7 @@ MISSING_PYTHON_EXIT: Final = 127
 MISSING_CWD_EXIT: Final = 125
 CWD_ERROR: Final = "sshexec: cannot change to the working directory"
 HAVE, NEED, WRONG_VERSION = b"H", b"N", b"V"
+SHIPPED: Final = ("_wire", "_node")  # the sshexec folders a node runs, nothing else
 
 # Runs on the node's interpreter, which may be any Python 3: keep it 3.6-compatible
 # so that a wrong version is *reported* rather than a SyntaxError.
@@ -123,8 +124,8 @@ class L(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         exec(code, m.__dict__)
 sys.meta_path.insert(0, L())
 sys.dont_write_bytecode = True
-import sshexec._worker
-sshexec._worker.main()
+import sshexec._node.worker
+sshexec._node.worker.main()
 """
 
 # The bundle's package holds only what a worker needs. Code on the node that imports
@@ -174,8 +175,9 @@ def bundle() -> bytes:
         ("sshexec/__init__.py", _BUNDLE_INIT.encode()),
         ("sshexec/_public.py", (here / "__init__.py").read_bytes()),
     ]
-    for name in ("_protocol.py", "_calls.py", "_worker.py", "_remote_io.py"):
-        entries.append((f"sshexec/{name}", (here / name).read_bytes()))
+    for folder in SHIPPED:  # what runs on a node is these folders, whole
+        for path in sorted((here / folder).glob("*.py")):
+            entries.append((f"sshexec/{folder}/{path.name}", path.read_bytes()))
     for module in (cloudpickle, msgpack):
         entries.extend((name, path.read_bytes()) for name, path in _package_files(module))
     entries += [(name + "c", _compiled(name, data)) for name, data in entries]
@@ -205,7 +207,7 @@ def stage1_code() -> bytes:
     code = _STAGE1 % {
         "hash": bundle_hash(),
         "version": client_version(),
-        "marker": _protocol.START_MARKER,
+        "marker": protocol.START_MARKER,
         "cache": CACHE_DIR,
         "length_bytes": BUNDLE_LENGTH_BYTES,
         "cloudpickle": cloudpickle.__version__,

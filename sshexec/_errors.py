@@ -11,10 +11,10 @@ import pickle
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from ._protocol import STAGE_CALL
+from ._wire.protocol import STAGE_CALL
 
 if TYPE_CHECKING:
-    from ._protocol import Failed
+    from ._wire.protocol import Failed
 
 __all__ = [
     "BrokenPool",

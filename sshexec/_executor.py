@@ -30,16 +30,15 @@ from typing import (
 
 import cloudpickle
 
-from . import _calls
 from ._hosts import build_transports, resolve_hosts
-from ._links import STARTUP_TIMEOUT, Task, snapshot
+from ._loop import Runtime, is_exiting
 from ._mapresults import MapItem, MapResults, flatten, in_chunks, ordered_results
 from ._output import OutputRouter
-from ._pool import Pool
-from ._protocol import DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT
-from ._runtime import Runtime, is_exiting
+from ._pool.link import STARTUP_TIMEOUT, Task, snapshot
+from ._pool.pool import Pool
 from ._stats import Stats
-from ._worker import process_chunk
+from ._wire import calls
+from ._wire.protocol import DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -281,15 +280,15 @@ class SSHPoolExecutor(Executor):
         pickled (by ``map``, once for all its items)."""
         future: Any = Future() if item is None else item
         failure: Optional[BaseException] = None
-        payload: _calls.Payload = ((), b"")
+        payload: calls.Payload = ((), b"")
         try:
             if pickled_fn is None:
-                payload = _calls.call_payload(fn, args, kwargs)
+                payload = calls.call_payload(fn, args, kwargs)
             else:
-                payload = _calls.split_call(pickled_fn, args)
+                payload = calls.split_call(pickled_fn, args)
         except Exception as exc:  # an unpicklable call fails its own Future, not the pool
             failure = exc
-        size = _calls.size(payload)
+        size = calls.size(payload)
         on_wire = size + len(payload[1])  # and the out-of-band buffers' sizes
         if failure is None and on_wire > self._max_frame - FRAME_OVERHEAD:
             failure = ValueError(
@@ -337,11 +336,11 @@ class SSHPoolExecutor(Executor):
             if buffersize < 1:
                 raise ValueError("buffersize must be None or > 0")
         deadline = None if timeout is None else time.monotonic() + timeout
-        calls: Iterator[Tuple[Any, ...]] = zip(*iterables)
+        items: Iterator[Tuple[Any, ...]] = zip(*iterables)
         if chunksize == 1:
-            return self._map_futures(fn, calls, deadline, buffersize)
-        chunks = ((fn, chunk) for chunk in in_chunks(calls, chunksize))
-        return flatten(self._map_futures(process_chunk, chunks, deadline, buffersize))
+            return self._map_futures(fn, items, deadline, buffersize)
+        chunks = ((fn, chunk) for chunk in in_chunks(items, chunksize))
+        return flatten(self._map_futures(calls.process_chunk, chunks, deadline, buffersize))
 
     def _map_futures(
         self,

@@ -16,7 +16,7 @@ import sys
 import sysconfig
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import _protocol as proto
+from ._wire import protocol as proto
 
 MAX_SCAN_FILES = 5000  # files looked at when searching a package directory for extensions
 

@@ -30,10 +30,10 @@ from typing import (
 )
 
 from ._bootstrap import interpreters
-from ._transport import LocalTransport
+from ._transports.local import LocalTransport
 
 if TYPE_CHECKING:
-    from ._transport import Transport
+    from ._transports.base import Transport
 
 HOSTS_ENV = "SSHEXEC_HOSTS"
 LOCAL = ":"  # GNU parallel's name for this machine
@@ -321,7 +321,8 @@ def build_transports(
     if twice:
         raise ValueError(f"host {twice[0]} is listed twice; use Host(..., workers=N) instead")
     if not all(h.is_local for h in parsed):
-        from ._ssh import SSHTransport  # asyncssh is imported only when there are remote hosts
+        # asyncssh is imported only when there are remote hosts
+        from ._transports.asyncssh import SSHTransport
 
     built: List[Tuple[Transport, Optional[int], str]] = []
     for host, count in zip(parsed, share_workers(max_workers, parsed)):

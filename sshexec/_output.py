@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Dict, Final, Optional, TextIO, Tuple
 
-from . import _protocol as proto
+from ._wire import protocol as proto
 
 OUTPUT_MODES: Final = ("prefix", "plain", "logging")
 MAX_PARTIAL = 1 << 16  # a line longer than this is written in pieces

@@ -24,7 +24,7 @@ import cloudpickle
 import msgpack
 import pytest
 
-from sshexec import _bootstrap, _protocol
+from sshexec import _bootstrap
 from sshexec._bootstrap import (
     BUNDLE_LENGTH_BYTES,
     HAVE,
@@ -38,7 +38,8 @@ from sshexec._bootstrap import (
     remote_command,
     stage1_code,
 )
-from sshexec._protocol import START_MARKER, FrameDecoder, Hello
+from sshexec._wire import protocol as _protocol
+from sshexec._wire.protocol import START_MARKER, FrameDecoder, Hello
 
 TIMEOUT = 10.0
 
@@ -215,10 +216,16 @@ def test_bundle_contents() -> None:
     names = archive.namelist()
     assert len(names) == len(set(names))
     here = Path(_bootstrap.__file__).parent
-    assert archive.read("sshexec/_protocol.py") == (here / "_protocol.py").read_bytes()
-    assert archive.read("sshexec/_worker.py") == (here / "_worker.py").read_bytes()
-    assert archive.read("sshexec/_remote_io.py") == (here / "_remote_io.py").read_bytes()
-    assert "sshexec/__init__.py" in names
+    shipped = sorted(
+        f"sshexec/{p.relative_to(here).as_posix()}"
+        for folder in ("_wire", "_node")
+        for p in (here / folder).glob("*.py")
+    )
+    assert "sshexec/_wire/protocol.py" in shipped and "sshexec/_node/worker.py" in shipped
+    for name in shipped:  # the two folders, whole, as they are in this checkout
+        assert archive.read(name) == (here / name[len("sshexec/") :]).read_bytes()
+    ours = sorted(n for n in names if n.startswith("sshexec/") and n.endswith(".py"))
+    assert ours == sorted(["sshexec/__init__.py", "sshexec/_public.py", *shipped])
     assert not any(n.startswith("sshexec/") and "_executor" in n for n in names)
     for needed in (
         "cloudpickle/__init__.py",
@@ -256,7 +263,7 @@ def test_remote_command_keeps_stage1_off_the_command_line() -> None:
     command = remote_command(None)
     assert len(command) < 1024
     assert stage1_code() not in command.encode()
-    for piece in (bundle_hash(), "MetaPathFinder", "makedirs", "sshexec._worker"):
+    for piece in (bundle_hash(), "MetaPathFinder", "makedirs", "sshexec._node.worker"):
         assert piece not in command
     words = shlex.split(command)
     assert words[:3] == ["exec", "/bin/sh", "-c"] and len(words) == 4
@@ -345,7 +352,7 @@ def test_second_run_hits_the_cache_and_picks_the_codec(
     check_hello(second.read_message(), second)
     probe = (
         "(__import__('msgpack').Unpacker.__module__,"
-        " __import__('sshexec._worker').__spec__.origin,"
+        " __import__('sshexec._node.worker').__spec__.origin,"
         " __import__('cloudpickle').__spec__.origin)"
     )
     payload = cloudpickle.dumps((eval, (probe,), {}))
@@ -386,7 +393,9 @@ def test_the_bundle_code_runs_uncompiled_when_the_magic_matches(
     try:
         node = nodes(home)
         hand_over_bundle(node)
-        probe = "hasattr(__import__('sshexec._worker').__dict__['_worker'], 'FROM_BUNDLE_CODE')"
+        probe = (
+            "hasattr(__import__('sshexec._node.worker').__dict__['_node'].worker, 'FROM_BUNDLE_CODE')"
+        )
         node.send(
             _protocol.frames(
                 [

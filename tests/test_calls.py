@@ -8,7 +8,7 @@ import cloudpickle
 import pytest
 
 from sshexec import SSHPoolExecutor
-from sshexec._calls import (
+from sshexec._wire.calls import (
     OUT_OF_BAND_MIN,
     call_payload,
     dumps,

@@ -22,7 +22,7 @@ from sshexec._errors import (
     WorkerStartupError,
     rebuild,
 )
-from sshexec._protocol import Failed
+from sshexec._wire.protocol import Failed
 
 from . import tasks
 

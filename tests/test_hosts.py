@@ -17,7 +17,7 @@ import sshexec
 from sshexec import Host, SSHPoolExecutor, WorkerStartupError, parse_host, read_hosts
 from sshexec._bootstrap import remote_command
 from sshexec._hosts import build_transports, hosts_from_env, resolve_hosts, share_workers
-from sshexec._transport import LocalTransport
+from sshexec._transports.local import LocalTransport
 
 from .sshd import SSHServer, executor_kwargs
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sshexec import _protocol as proto
-from sshexec._protocol import (
+from sshexec._wire import protocol as proto
+from sshexec._wire.protocol import (
     DEFAULT_MAX_FRAME,
     HEADER,
     MAX_FRAME_LIMIT,

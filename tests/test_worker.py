@@ -19,9 +19,9 @@ import msgpack
 import numpy
 import pytest
 
-from sshexec import _protocol as proto
-from sshexec._calls import loads, split_call
-from sshexec._worker import Worker, process_chunk
+from sshexec._node.worker import Worker
+from sshexec._wire import protocol as proto
+from sshexec._wire.calls import loads, process_chunk, split_call
 
 from . import tasks
 
@@ -378,7 +378,7 @@ def test_claim_stdio_moves_frames_off_fd_1() -> None:
     script = textwrap.dedent(
         """
         import os, sys
-        from sshexec._worker import _claim_stdio
+        from sshexec._node.worker import _claim_stdio
         frames_in, frames_out = _claim_stdio()
         print("chatter", flush=True)      # fd 1 now goes to stderr
         os.write(1, b"raw chatter\\n")

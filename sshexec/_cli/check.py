@@ -20,10 +20,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import asyncssh
 
-from ._bootstrap import client_version, interpreters
-from ._checkreport import HostReport
-from ._hosts import Host
-from ._ssh import PREFERRED_CIPHERS
+from .._bootstrap import client_version, interpreters
+from .._hosts import Host
+from .._transports.asyncssh import PREFERRED_CIPHERS
+from .report import HostReport
 
 RTT_ROUNDS = 9  # small echo round trips on one channel; the first warms up and is dropped
 THROUGHPUT_BYTES = 16 * 1024 * 1024

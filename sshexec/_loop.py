@@ -19,8 +19,8 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, List, Optional, Set
 
 if TYPE_CHECKING:
-    from ._links import Task
-    from ._pool import Pool
+    from ._pool.link import Task
+    from ._pool.pool import Pool
 
 log = logging.getLogger("sshexec.executor")
 

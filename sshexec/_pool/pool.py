@@ -26,14 +26,18 @@ import asyncio
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from . import _protocol as proto
-from ._errors import (
+from .._errors import (
     BrokenPool,
     ProtocolError,
     WorkerLostError,
     WorkerStartupError,
 )
-from ._links import (
+from .._output import OutputRouter
+from .._scheduler import Scheduler, depth_for
+from .._stats import Stats
+from .._transports.base import Channel, Transport
+from .._wire import protocol as proto
+from .link import (
     HostState,
     Task,
     TaskFuture,
@@ -44,10 +48,6 @@ from ._links import (
     settle,
     snapshot,
 )
-from ._output import OutputRouter
-from ._scheduler import Scheduler, depth_for
-from ._stats import Stats
-from ._transport import Channel, Transport
 
 log = logging.getLogger("sshexec.pool")
 

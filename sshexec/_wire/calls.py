@@ -5,18 +5,18 @@ out-of-band buffers it refers to (pickle protocol 5: a numpy array's memory,
 a bytearray), whose sizes travel in the message's ``buffers`` field; a call is
 either one pickle of ``(fn, args, kwargs)`` or a *split call* (``map``: the
 function pickled once, then each item's arguments). Shipped to nodes. Must not
-import: any sshexec module except ``_protocol``, or anything beyond the stdlib
+import: any sshexec module outside ``_wire``, or anything beyond the stdlib
 and cloudpickle.
 """
 
 from __future__ import annotations
 
 import pickle
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Tuple
 
 import cloudpickle
 
-from . import _protocol as proto
+from . import protocol as proto
 
 OUT_OF_BAND_MIN = 1 << 16  # smaller buffers are cheaper to copy into the pickle
 SPLIT_CALL = b"S"  # a payload holding the function and its arguments as two pickles
@@ -103,6 +103,12 @@ def load_call(payload: proto.Tail, sizes: bytes = b"") -> Call:
     fn = pickle.loads(stream[5:end])
     args, kwargs = pickle.loads(stream[end:], buffers=buffers)
     return fn, args, kwargs
+
+
+def process_chunk(fn: Callable[..., Any], chunk: Iterable[Tuple[Any, ...]]) -> List[Any]:
+    """Runs one ``map`` chunk on the worker: ``fn`` applied to each argument tuple (sent
+    by reference: every node has this module)."""
+    return [fn(*args) for args in chunk]
 
 
 def size(payload: Payload) -> int:

@@ -18,14 +18,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple, Union
 
-from . import _calls
-from . import _protocol as proto
-from ._errors import ResultDecodeError, WorkerStartupError, rebuild
-from ._forward import describe, find_source
-from ._mapresults import MapItem
-from ._output import OutputRouter
-from ._stats import Counters, HostStats, Stats, WorkerStats, median_rtt
-from ._transport import Channel, Transport, handshake
+from .._errors import ResultDecodeError, WorkerStartupError, rebuild
+from .._forward import describe, find_source
+from .._mapresults import MapItem
+from .._output import OutputRouter
+from .._stats import Counters, HostStats, Stats, WorkerStats, median_rtt
+from .._transports.base import Channel, Transport, handshake
+from .._wire import calls
+from .._wire import protocol as proto
 
 STARTUP_TIMEOUT = 60.0  # bootstrap + Hello, per worker (includes shipping the bundle)
 KEEP_GONE_WORKERS = 32  # per host: stats of this many ended workers are kept
@@ -46,14 +46,14 @@ class Task:
     def __init__(
         self,
         task_id: int,
-        payload: _calls.Payload,
+        payload: calls.Payload,
         size: int,
         future: TaskFuture,
         group: Optional[str] = None,
     ) -> None:
         self.task_id, self.future = task_id, future
         self.payload, self.buffers = payload  # pickle stream + out-of-band buffers, sizes
-        self.size = size  # bytes of payload, as _calls.size() gave the submitter
+        self.size = size  # bytes of payload, as calls.size() gave the submitter
         self.group = group  # run only on this host (run_on_hosts)
         self.is_started = False
         self.losses: Tuple[Tuple[str, str], ...] = ()  # (worker_id, how it died)
@@ -213,7 +213,7 @@ def settle(task: Task, reply: proto.Done | proto.Failed, worker_id: str) -> None
         task.future.set_exception(rebuild(reply, worker_id))
         return
     try:
-        result = _calls.loads(reply.payload, reply.buffers)
+        result = calls.loads(reply.payload, reply.buffers)
     except BaseException as exc:  # e.g. its class is not importable here; even SystemExit
         error = ResultDecodeError(
             f"task {task.task_id}: the result from worker {worker_id} cannot be "

@@ -3,8 +3,8 @@
 Owns: ``FrameRaw``/``frame_stream`` (a task's ``sys.stdout``/``sys.stderr`` become
 ``Output`` frames), ``FrameLogHandler`` (``logging`` records become ``Log`` frames) and
 ``ClientFinder``/``SourceLoader`` (a module this interpreter lacks is fetched from the
-client as source). Shipped to nodes with ``_worker``. Must not import: any sshexec
-module except ``_protocol``, asyncio, or anything beyond the stdlib.
+client as source). Shipped to nodes. Must not import: any sshexec module outside
+``_wire`` and ``_node``, asyncio, or anything beyond the stdlib.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any, Set
 
-from . import _protocol as proto
+from .._wire import protocol as proto
 
 if TYPE_CHECKING:
-    from ._worker import Worker
+    from .worker import Worker
 
 
 def _write_all(fd: int, data: proto.Buffer) -> None:  # also the worker's frame writer

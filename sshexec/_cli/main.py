@@ -14,8 +14,8 @@ import os
 import sys
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Union
 
-from ._errors import SSHExecError
-from ._hosts import HOSTS_ENV
+from .._errors import SSHExecError
+from .._hosts import HOSTS_ENV
 
 DESCRIPTION = "Run Python functions on other machines over SSH."
 EXAMPLES = """\
@@ -143,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "check":
             return _check(parser, args)
         if args.command == "demo":
-            from ._demo import run_demo
+            from .demo import run_demo
 
             return run_demo(executor_kwargs(args), where(args), args.limit, args.block, args.serial)
         return run_map(args)
@@ -158,9 +158,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import asyncio
 
-    from ._check import CheckSettings, check_hosts
-    from ._checkreport import render
-    from ._hosts import resolve_hosts
+    from .._hosts import resolve_hosts
+    from .check import CheckSettings, check_hosts
+    from .report import render
 
     given: Union[str, List[str], None] = list(args.host) or args.hosts
     hosts = [h for h in resolve_hosts(given) or [] if not h.is_local]  # ":" needs no check
@@ -200,19 +200,19 @@ def load_function(target: str) -> Callable[[str], object]:
 def run_map(args: argparse.Namespace, stdin: Optional[IO[str]] = None) -> int:
     import cloudpickle
 
-    from . import _mapcall
-    from ._executor import SSHPoolExecutor
+    from .._executor import SSHPoolExecutor
+    from . import mapcall
 
     if args.chunksize < 1 or args.buffersize < 1:
         raise ValueError("--chunksize and --buffersize must be >= 1")
     fn = load_function(args.target)
-    cloudpickle.register_pickle_by_value(_mapcall)  # nodes need no sshexec install
+    cloudpickle.register_pickle_by_value(mapcall)  # nodes need no sshexec install
     source = stdin if stdin is not None else sys.stdin
     lines = (line[:-1] if line.endswith("\n") else line for line in source)
     out, failures, number = sys.stdout, 0, 0
     with SSHPoolExecutor(**executor_kwargs(args)) as executor:
         results = executor.map(
-            _mapcall.call_line,
+            mapcall.call_line,
             itertools.repeat(fn),
             lines,
             chunksize=args.chunksize,

@@ -1,25 +1,25 @@
 """``SSHTransport``: workers on one host, reached through asyncssh.
 
-Owns: connections to one host (opened lazily, more of them when sshd's
-``MaxSessions`` refuses further channels), the ProxyJump hosts in front of it,
-exec channels running the bootstrap, host-key and authentication policy, and
-translating asyncssh/OS errors into ``WorkerStartupError`` at this edge. Must not import: the pool or executor, or
-know about tasks, Futures or message contents.
+Owns: connections to one host (opened lazily through ``route.Route``, more of them
+when sshd's ``MaxSessions`` refuses further channels), exec channels running the
+bootstrap, the connection options (host-key and authentication policy), and
+translating asyncssh/OS errors into ``WorkerStartupError`` at this edge. Must not
+import: the pool or executor, or know about tasks, Futures or message contents.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from typing import Any, Dict, Final, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 import asyncssh
 
-from . import _bootstrap
-from ._errors import WorkerStartupError
-from ._protocol import Buffer
-from ._transport import READ_SIZE, Channel, StderrSink, StderrTail, describe_exit
+from .. import _bootstrap
+from .._errors import WorkerStartupError
+from .._wire.protocol import Buffer
+from .base import READ_SIZE, Channel, StderrSink, StderrTail, describe_exit
+from .route import Route
 
 log = logging.getLogger("sshexec.ssh")
 
@@ -33,25 +33,6 @@ PREFERRED_CIPHERS = (
     "aes192-ctr",
     "aes256-ctr",
 )
-
-MAX_JUMPS: Final = 8  # nested ProxyJump levels followed; more means a loop in the ssh config
-_HOST_ONLY: Final = ("port", "username", "tunnel", "proxy_command", "host")
-
-
-def split_hop(hop: str) -> Tuple[Optional[str], str, Optional[int]]:
-    """(user, host, port) of one ProxyJump entry: ``[ssh://][user@]host[:port]``."""
-    text = hop.strip()
-    text = text[6:] if text.startswith("ssh://") else text
-    user, _, text = text.rpartition("@")
-    port = ""
-    if text.startswith("["):
-        text, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        text, port = text.split(":")
-    if not text or (port and not port.isdigit()):
-        raise ValueError(f"invalid ProxyJump entry {hop!r}")
-    return user or None, text, int(port) if port else None
 
 
 class _Connection:
@@ -222,7 +203,7 @@ class SSHTransport:
         if "config" in kwargs:
             jump["config"] = kwargs["config"]
         self._kwargs = kwargs
-        self._jump_kwargs = {k: v for k, v in jump.items() if k not in _HOST_ONLY}
+        self._route = Route(host, known_hosts, connect_timeout, jump)
         self._connections: List[_Connection] = []
         # One handshake at a time per host (sshd's MaxStartups); made on the loop thread,
         # since before 3.10 an asyncio.Lock binds to the loop current at its creation.
@@ -246,135 +227,10 @@ class SSHTransport:
                 await self._open_connection()
 
     async def _open_connection(self) -> _Connection:
-        entry = _Connection(await self._connect_route(self.hostname, self._kwargs, None, 0))
+        entry = _Connection(await self._route.connect(self.hostname, self._kwargs))
         self._connections.append(entry)
         log.info("connected host=%s connections=%d", self.host, len(self._connections))
         return entry
-
-    def _resolve(self, hostname: str, kwargs: Mapping[str, Any]) -> Tuple[str, int, str]:
-        """(address, port, ProxyJump) for ``hostname`` as the ssh config has them."""
-        probe = {k: kwargs[k] for k in ("port", "username", "config") if k in kwargs}
-        try:  # no keys, agent or known_hosts: only the config is read
-            options = asyncssh.SSHClientConnectionOptions(
-                host=hostname, client_keys=None, known_hosts=None, agent_path=None, **probe
-            )
-        except (asyncssh.Error, OSError, ValueError) as exc:
-            raise WorkerStartupError(
-                self.host, "connect", f"cannot read the ssh config for {hostname}: {exc}"
-            ) from exc
-        jump = kwargs.get("tunnel", options.tunnel)  # tunnel="a,b" is a ProxyJump list too
-        return options.host, options.port, jump if isinstance(jump, str) else ""
-
-    async def _connect_route(
-        self, hostname: str, kwargs: Mapping[str, Any], hop: Optional[str], depth: int
-    ) -> asyncssh.SSHClientConnection:
-        """Connect to ``hostname``, first through its ProxyJump hosts, each opened here with
-        the jump options, and the target through the last as an explicit tunnel."""
-        address, port, jumps = self._resolve(hostname, kwargs)
-        if not jumps:
-            return await self._dial(hostname, kwargs, None, (hop, address, port))
-        if depth >= MAX_JUMPS:
-            raise WorkerStartupError(
-                self.host,
-                "connect",
-                f"over {MAX_JUMPS} nested ProxyJump hosts",
-                "Check the ssh config for a loop.",
-            )
-        tunnel: Optional[asyncssh.SSHClientConnection] = None
-        try:
-            for spec in jumps.split(","):
-                try:
-                    user, name, jump_port = split_hop(spec)
-                except ValueError as exc:
-                    raise WorkerStartupError(self.host, "connect", str(exc)) from exc
-                options = dict(self._jump_kwargs)
-                options.update({"username": user} if user else {})
-                options.update({"port": jump_port} if jump_port else {})
-                if tunnel is None:  # the first hop may have a ProxyJump of its own
-                    conn = await self._connect_route(name, options, spec, depth + 1)
-                else:
-                    where = self._resolve(name, options)[:2]
-                    conn = await self._dial(name, options, tunnel, (spec, *where))
-                    conn.set_tunnel(tunnel)  # closing a hop closes the ones before it
-                tunnel = conn
-            conn = await self._dial(hostname, kwargs, tunnel, (hop, address, port))
-        except BaseException:
-            if tunnel is not None:
-                tunnel.close()
-            raise
-        conn.set_tunnel(tunnel)  # as asyncssh does for its own ProxyJump: closed together
-        return conn
-
-    async def _dial(
-        self,
-        hostname: str,
-        kwargs: Mapping[str, Any],
-        tunnel: Optional[asyncssh.SSHClientConnection],
-        where: Tuple[Optional[str], str, int],
-    ) -> asyncssh.SSHClientConnection:
-        """One ``asyncssh.connect``, its errors named for this host and, for a jump host,
-        for that hop (``where`` is the hop's spec or None, its address and port)."""
-        hop, address, port = where
-        via = f"jump host {hop}: " if hop else ""
-        call = {**kwargs, "tunnel": tunnel} if tunnel is not None else kwargs
-        try:
-            return await asyncio.wait_for(
-                asyncssh.connect(hostname, **call), self.connect_timeout + 5
-            )
-        except asyncssh.HostKeyNotVerifiable as exc:
-            raise self._host_key_error(exc, address, port, via) from exc
-        except asyncssh.PermissionDenied as exc:
-            raise WorkerStartupError(
-                self.host,
-                "authentication",
-                f"{via}the server refused every key offered ({exc.reason})",
-                "Check that your public key is in the node's ~/.ssh/authorized_keys, that ssh-agent "
-                "holds the key or IdentityFile in ~/.ssh/config names it, and the user name.",
-            ) from exc
-        except (asyncio.TimeoutError, TimeoutError) as exc:
-            raise WorkerStartupError(
-                self.host,
-                "connect",
-                f"{via}no answer within {self.connect_timeout:g} s",
-                "Check that the host is up and the port is right (does `ssh` reach it?).",
-            ) from exc
-        except OSError as exc:
-            raise WorkerStartupError(
-                self.host,
-                "connect",
-                f"{via}cannot reach {address} port {port}: {exc.strerror or exc}",
-                "Check the host name and port, and that sshd runs there.",
-            ) from exc
-        except (asyncssh.Error, ValueError) as exc:
-            raise WorkerStartupError(
-                self.host, "connect", f"{via}{type(exc).__name__}: {exc}"
-            ) from exc
-
-    def _host_key_error(
-        self, exc: asyncssh.HostKeyNotVerifiable, hostname: str, port: int, via: str
-    ) -> WorkerStartupError:
-        path = self.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
-        target = hostname if port == 22 else f"[{hostname}]:{port}"
-        try:
-            known = asyncssh.read_known_hosts(path).match(hostname, "", port)[0]
-        except (OSError, ValueError, asyncssh.Error):
-            known = []
-        if known:
-            return WorkerStartupError(
-                self.host,
-                "host key",
-                f"{via}the host key of {target} does NOT match the one recorded in {path}: it has "
-                "changed, and someone could be intercepting the connection (refused, as OpenSSH does)",
-                f"If the node was reinstalled, remove the old key with `ssh-keygen -R '{target}'` "
-                "and verify the new one before connecting again.",
-            )
-        return WorkerStartupError(
-            self.host,
-            "host key",
-            f"{via}{target} is not in {path} ({exc.reason})",
-            f"Verify its fingerprint and add it, e.g. `ssh -p {port} {hostname}` once, or "
-            f"`ssh-keyscan -p {port} {hostname} >> {path}` after checking the key.",
-        )
 
     async def open_channel(self, on_stderr: StderrSink) -> Channel:
         command = _bootstrap.remote_command(self.python, self.env, self.cwd)

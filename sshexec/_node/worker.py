@@ -3,7 +3,7 @@
 Owns: stdio hygiene (frames travel on private copies of fds 0 and 1; fd 1 is
 pointed at stderr so ``print()`` cannot corrupt them), running calls, and
 packing results and errors. Every helper that must run on a node lives here.
-Must not import: any sshexec module except ``_protocol``, asyncio, or anything
+Must not import: any sshexec module outside ``_wire`` and ``_node``, asyncio, or anything
 beyond the stdlib, cloudpickle and msgpack (this file is shipped to nodes).
 """
 
@@ -19,14 +19,14 @@ import threading
 import time
 import traceback
 import types
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 import cloudpickle
 import msgpack
 
-from . import _calls
-from . import _protocol as proto
-from ._remote_io import ClientFinder, FrameLogHandler, _write_all, frame_stream
+from .._wire import calls
+from .._wire import protocol as proto
+from .remote_io import ClientFinder, FrameLogHandler, _write_all, frame_stream
 
 RESULT_OVERHEAD = 64  # msgpack envelope around a Done payload, generously
 EOF_GRACE_SECONDS = 2.0  # a task still running this long after the host vanished is abandoned
@@ -54,11 +54,6 @@ def _type_name(exc: BaseException) -> str:
     return (
         cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     )
-
-
-def process_chunk(fn: Callable[..., Any], chunk: Iterable[Tuple[Any, ...]]) -> List[Any]:
-    """Runs one ``map`` chunk on the worker: ``fn`` applied to each argument tuple."""
-    return [fn(*args) for args in chunk]
 
 
 def _by_value_globals(obj: Any) -> Optional[Dict[str, Any]]:
@@ -267,7 +262,7 @@ class Worker:
     def _run(self, task_id: int, payload: proto.Tail, buffers: bytes) -> proto.Done | proto.Failed:
         stage = proto.STAGE_CALL
         try:
-            fn, args, kwargs = _calls.load_call(payload, buffers)
+            fn, args, kwargs = calls.load_call(payload, buffers)
             del payload
             shared = self.namespaces.adopt((fn, *args))
             stage = proto.STAGE_RUN
@@ -275,10 +270,10 @@ class Worker:
             del fn, args, kwargs
             self.namespaces.keep(shared)
             stage = proto.STAGE_RESULT
-            outcome = _calls.dumps(result, copy=False)  # big buffers sent from where they lie
+            outcome = calls.dumps(result, copy=False)  # big buffers sent from where they lie
             del result
             pieces, sizes = outcome
-            size = _calls.size(outcome)
+            size = calls.size(outcome)
             if size > self.max_frame - RESULT_OVERHEAD - len(sizes):
                 raise ValueError(
                     f"the pickled result is {size} bytes, over max_frame={self.max_frame}; "

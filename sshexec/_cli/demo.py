@@ -41,8 +41,8 @@ def run_demo(
     """Run the demo with ``SSHPoolExecutor(**executor_kwargs)``; returns the exit status."""
     import cloudpickle
 
-    from ._executor import SSHPoolExecutor
-    from ._progress import progress
+    from .._executor import SSHPoolExecutor
+    from .._progress import progress
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # nodes need no sshexec install
     work = blocks(limit, block)

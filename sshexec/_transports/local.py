@@ -1,0 +1,175 @@
+"""``LocalTransport``: workers as subprocesses of this machine.
+
+Owns: ``PipeChannel`` (a worker subprocess's pipes, reaped by polling) and
+``LocalTransport`` (``hosts=None`` or ``":"``): the same bootstrap and the same frames
+as over SSH, with no shell. Translates ``OSError`` at this edge. Must not import:
+asyncssh, or know about tasks and Futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import time
+from typing import List, Mapping, Optional
+
+from .. import _bootstrap
+from .._errors import WorkerStartupError
+from .._wire.protocol import Buffer
+from .base import READ_SIZE, Channel, StderrSink, StderrTail, describe_exit
+
+log = logging.getLogger("sshexec.pool")
+
+
+class PipeChannel:
+    """A local worker subprocess; reaped by polling, so no child-watcher thread is needed."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], on_stderr: StderrSink) -> None:
+        self.proc = proc
+        self.stderr = StderrTail(on_stderr)
+        self._reader: Optional[asyncio.StreamReader] = None
+        self._writer: Optional[asyncio.StreamWriter] = None
+        self._stderr_task: Optional[asyncio.Task[None]] = None
+        self._pipes: List[asyncio.BaseTransport] = []
+        self.pid: Optional[int] = proc.pid
+        self._closed = False
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.proc.stdin and self.proc.stdout and self.proc.stderr
+        self._reader = asyncio.StreamReader(limit=READ_SIZE)
+        reader = self._reader
+        out_transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), self.proc.stdout
+        )
+        self._pipes.append(out_transport)
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin,
+            self.proc.stdin,
+        )
+        self._writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        err_reader = asyncio.StreamReader(limit=READ_SIZE)
+        err_transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(err_reader), self.proc.stderr
+        )
+        self._pipes.append(err_transport)
+        self._stderr_task = loop.create_task(self._read_stderr(err_reader))
+
+    async def _read_stderr(self, reader: asyncio.StreamReader) -> None:
+        while chunk := await reader.read(READ_SIZE):
+            self.stderr.feed(chunk)
+        self.stderr.close()
+
+    async def read(self) -> bytes:
+        assert self._reader is not None
+        try:
+            return await self._reader.read(READ_SIZE)
+        except OSError:
+            return b""
+
+    def write(self, data: Buffer) -> None:
+        assert self._writer is not None
+        if not self._writer.is_closing():
+            self._writer.write(data)
+
+    async def drain(self) -> None:
+        assert self._writer is not None
+        try:
+            await self._writer.drain()
+        except (OSError, RuntimeError):  # the worker died; the read loop reports it
+            pass
+
+    async def exit_reason(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        if self._stderr_task is not None:
+            await asyncio.wait([self._stderr_task], timeout=max(0.0, deadline - time.monotonic()))
+        status = self.proc.poll()
+        return "still running" if status is None else describe_exit(status)
+
+    def stderr_tail(self) -> str:
+        return self.stderr.text()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    async def aclose(self, grace: float) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._writer is not None:
+                self._writer.close()
+            if await self.exit_reason(grace) == "still running":
+                self.kill()
+                await self.exit_reason(1.0)
+        finally:  # even when cancelled mid-way: no process left unkilled or unreaped
+            if self.proc.poll() is None:
+                self.proc.kill()
+                try:
+                    self.proc.wait(1.0)  # SIGKILL: immediate; blocking here is brief
+                except subprocess.TimeoutExpired:
+                    log.warning("local worker pid=%d survived SIGKILL", self.proc.pid)
+            if self._stderr_task is not None and not self._stderr_task.done():
+                self._stderr_task.cancel()
+            for transport in self._pipes:
+                transport.close()
+            for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+
+
+class LocalTransport:
+    """Workers as subprocesses of this machine: no SSH, the same bootstrap and frames."""
+
+    def __init__(
+        self,
+        python: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        host: str = "local",
+    ) -> None:
+        self.python, self.host = python, host
+        self.env = dict(env or {})
+        self.cwd = os.path.expanduser(cwd) if cwd else None
+
+    async def connect(self) -> None:
+        if self.cwd is not None and not os.path.isdir(self.cwd):
+            raise WorkerStartupError(
+                self.host,
+                "working directory",
+                f"{self.cwd} does not exist or is not a directory on this machine",
+                "Create it, or fix Host(cwd=...) / the host file's cwd=.",
+            )
+
+    async def open_channel(self, on_stderr: StderrSink) -> Channel:
+        argv = _bootstrap.local_argv(self.python)
+        await self.connect()  # the directory may have gone since
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # Ctrl-C reaches the client, which then closes the workers
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                cwd=self.cwd,
+            )
+        except OSError as exc:
+            raise WorkerStartupError(
+                self.host, "interpreter", f"cannot run {argv[0]}: {exc}", "Check python=."
+            ) from exc
+        channel = PipeChannel(proc, on_stderr)
+        try:
+            await channel.start()
+        except BaseException:  # cancelled during shutdown: leave no process behind
+            await channel.aclose(0.0)
+            raise
+        return channel
+
+    async def aclose(self) -> None:
+        pass
