@@ -9,8 +9,10 @@ finalizer that shuts a forgotten executor down. Must not touch: bytes, frames, a
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import itertools
 import logging
+import pickle
 import time
 import weakref
 from concurrent.futures import Executor, Future
@@ -31,12 +33,15 @@ from typing import (
 import cloudpickle
 
 from ._hosts import build_transports, resolve_hosts
+from ._logs import logger
 from ._loop import Runtime, is_exiting
 from ._mapresults import MapItem, MapResults, flatten, in_chunks, ordered_results
 from ._output import OutputRouter
-from ._pool.link import STARTUP_TIMEOUT, Task, snapshot
+from ._pool.link import STARTUP_TIMEOUT
 from ._pool.pool import Pool
+from ._pool.supervisor import snapshot
 from ._stats import Stats
+from ._tasks import Task
 from ._wire import calls
 from ._wire.protocol import DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT
 
@@ -48,7 +53,7 @@ if TYPE_CHECKING:
     P = ParamSpec("P")
 
 T = TypeVar("T")
-log = logging.getLogger("sshexec.executor")
+log = logger("sshexec.executor")
 
 FRAME_OVERHEAD = 64  # msgpack envelope around a Run payload, generously
 
@@ -288,6 +293,11 @@ class SSHPoolExecutor(Executor):
                 payload = calls.split_call(pickled_fn, args)
         except Exception as exc:  # an unpicklable call fails its own Future, not the pool
             failure = exc
+        except KeyboardInterrupt:  # Ctrl-C while pickling: the user stops the program
+            raise
+        except BaseException as exc:  # SystemExit from a __reduce__, say: as loky does
+            failure = pickle.PicklingError(f"pickling the call raised {type(exc).__name__}: {exc}")
+            failure.__cause__ = exc
         size = calls.size(payload)
         on_wire = size + len(payload[1])  # and the out-of-band buffers' sizes
         if failure is None and on_wire > self._max_frame - FRAME_OVERHEAD:
@@ -296,6 +306,11 @@ class SSHPoolExecutor(Executor):
                 "send less data per call or raise max_frame"
             )
         runtime = self._runtime
+        task_id = next(self._task_ids)
+        if item is not None:
+            item.task_id = task_id
+        elif failure is None:  # cancelled while queued, its task leaves the pool at once
+            future.add_done_callback(functools.partial(_on_done, runtime, task_id))
         with runtime.lock:
             if runtime.is_shut_down:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -304,7 +319,7 @@ class SSHPoolExecutor(Executor):
             if self._pool.broken is not None:
                 raise self._pool.broken
             if failure is None:
-                runtime.post(Task(next(self._task_ids), payload, size, future, group=group))
+                runtime.post(Task(task_id, payload, size, future, group=group))
         if failure is not None:
             future.set_exception(failure)
         return future
@@ -345,13 +360,15 @@ class SSHPoolExecutor(Executor):
     def _map_futures(
         self,
         fn: Callable[..., T],
-        calls: Iterator[Tuple[Any, ...]],
+        items: Iterator[Tuple[Any, ...]],
         deadline: Optional[float],
         buffersize: Optional[int],
     ) -> Iterator[T]:
         try:  # once for every item; a function that cannot be pickled fails each item
             pickled_fn: Optional[bytes] = cloudpickle.dumps(fn)
-        except Exception:
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # each item's own pickling then fails its slot, and says why
             pickled_fn = None
         shared = MapResults()  # one condition for all items: no Future per item
         executor = weakref.ref(self)  # an abandoned iterator must not keep the executor alive
@@ -365,7 +382,13 @@ class SSHPoolExecutor(Executor):
 
         runtime = self._runtime
         return ordered_results(
-            submit, calls, deadline, buffersize, runtime.on_loop_thread, runtime.forget
+            submit,
+            items,
+            deadline,
+            buffersize,
+            runtime.on_loop_thread,
+            runtime.forget,
+            lambda cancelled: runtime.cancel([item.task_id for item in cancelled]),
         )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -403,3 +426,9 @@ class SSHPoolExecutor(Executor):
         else:
             self._runtime.shutdown(wait=True, cancel_futures=True, bounded=True)
         return False
+
+
+def _on_done(runtime: Runtime, task_id: int, future: Future[Any]) -> None:
+    """A submit's Future ended; when by ``cancel()``, its queued task leaves the pool."""
+    if future.cancelled():
+        runtime.cancel([task_id])

@@ -12,17 +12,18 @@ from __future__ import annotations
 import asyncio
 import atexit
 import itertools
-import logging
 import os
 import threading
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, List, Optional, Set
 
-if TYPE_CHECKING:
-    from ._pool.link import Task
-    from ._pool.pool import Pool
+from ._logs import logger
 
-log = logging.getLogger("sshexec.executor")
+if TYPE_CHECKING:
+    from ._pool.pool import Pool
+    from ._tasks import Task
+
+log = logger("sshexec.executor")
 
 _loop_ids = itertools.count()
 _live: Set[Runtime] = set()  # runtimes whose loop thread still runs; drained at exit
@@ -48,6 +49,8 @@ class Runtime:
         self.lock = threading.Lock()  # the only lock: guards the flags below
         self.is_shut_down = False
         self._posted: List[Task] = []  # submitted, not yet handed to the pool (under lock)
+        self._cancelled: List[int] = []  # ids of queued tasks whose Futures were cancelled
+        self._delivery_due = False  # a _deliver call is scheduled (under lock)
         self.thread.start()
         _live.add(self)
 
@@ -81,14 +84,32 @@ class Runtime:
         """Hand a task to the pool; call with ``lock`` held. Tasks posted before the loop
         thread gets to them travel together: one loop wake-up per batch, not per task."""
         self._posted.append(task)
-        if len(self._posted) == 1:
+        self._deliver_soon()
+
+    def cancel(self, task_ids: List[int]) -> None:
+        """Any thread: these tasks' Futures were cancelled while queued; the pool drops
+        them (in order after every task posted before)."""
+        with self.lock:
+            if self.loop.is_closed() or self.pool is None:
+                return
+            self._cancelled.extend(task_ids)
+            self._deliver_soon()
+
+    def _deliver_soon(self) -> None:
+        if not self._delivery_due:
+            self._delivery_due = True
             self.loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
         with self.lock:
             tasks, self._posted = self._posted, []
+            cancelled, self._cancelled = self._cancelled, []
+            self._delivery_due = False
         assert self.pool is not None
-        self.pool.enqueue_many(tasks)
+        if tasks:
+            self.pool.enqueue_many(tasks)
+        if cancelled:
+            self.pool.cancel(cancelled)
 
     def call(self, coro: Any, timeout: float) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

@@ -39,10 +39,11 @@ class MapResults:
 class MapItem:
     """One item's outcome, with the Future-like methods the pool and ``map`` use."""
 
-    __slots__ = ("error", "owner", "state", "value")
+    __slots__ = ("error", "owner", "state", "task_id", "value")
 
     def __init__(self, owner: MapResults) -> None:
         self.owner = owner
+        self.task_id = 0  # set by the executor when its task is posted
         self.state = PENDING
         self.value: Any = None
         self.error: Optional[BaseException] = None
@@ -125,10 +126,13 @@ def ordered_results(
     buffersize: Optional[int],
     on_loop_thread: Callable[[], bool],
     forget: Callable[[Sequence[MapItem]], None],
+    cancelled: Callable[[Sequence[MapItem]], None],
 ) -> Iterator[Any]:
     """Submit the first ``buffersize`` calls (all without it), then yield results in
     order, submitting one more per result taken. ``submit`` returns None once the
-    executor is gone; ``forget`` is told of running items nobody will wait for."""
+    executor is gone; ``forget`` is told of running items nobody will wait for, and
+    ``cancelled`` of the queued ones the iterator cancelled when it was closed early
+    (a ``break``, an exception, garbage collection), so they leave the pool at once."""
     window = buffersize if buffersize is not None else sys.maxsize
     items: Deque[MapItem] = collections.deque()
     for args in itertools.islice(calls, window):
@@ -159,8 +163,9 @@ def ordered_results(
                 del item
                 yield box.pop()  # no local keeps the result alive while suspended
         finally:
-            for item in items:
-                item.cancel()
+            dropped = [i for i in items if i.state == PENDING and i.cancel()]
+            if dropped:
+                cancelled(dropped)
             if timed_out:  # shutdown will not wait for the ones already running
                 forget([i for i in timed_out + list(items) if not i.done()])
 

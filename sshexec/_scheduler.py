@@ -2,9 +2,12 @@
 
 Owns: the queue of task ids, each worker's in-flight slots (``prefetch`` deep,
 so a worker always has its next task before finishing the current one; deeper per
-worker when the pool asks, see ``set_depth``), task
-budgets for ``max_tasks_per_child``, and retry accounting. Must not import:
-asyncio, Futures, clocks, I/O or logging; it sees task ids and worker ids only.
+worker when the pool asks, see ``set_depth``), task budgets for
+``max_tasks_per_child``, and retry accounting. Only ``_tasks.TaskTable`` calls it,
+so its ids always match the table's tasks. Queues are ordered dicts: cancelling a
+queued task is O(1) (a ``map`` abandoned with a million items queued cancels them
+all). Must not import: asyncio, Futures, clocks, I/O or logging; it sees task ids
+and worker ids only.
 """
 
 from __future__ import annotations
@@ -58,11 +61,11 @@ class Scheduler:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
         self.prefetch, self.max_retries = prefetch, max_retries
-        self._queue: Deque[int] = collections.deque()
+        self._queue: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._workers: Dict[str, _Slots] = {}
         self._losses: Dict[int, int] = {}  # task id -> workers it has already lost
         self._revoking: Set[int] = set()  # asked back from a worker; not stolen twice
-        self._pinned: Dict[str, Deque[int]] = {}  # group -> queued tasks only it may run
+        self._pinned: Dict[str, collections.OrderedDict[int, None]] = {}  # group -> its own queue
         self._group_of: Dict[int, str] = {}  # pinned task id -> its group, until complete
 
     # ---- tasks ------------------------------------------------------------------------
@@ -70,18 +73,21 @@ class Scheduler:
     def submit(self, task_id: int, group: Optional[str] = None) -> None:
         """Queue a task; with ``group`` only that group's workers may run it."""
         if group is None:
-            self._queue.append(task_id)
+            self._queue[task_id] = None
         else:
             self._group_of[task_id] = group
-            self._pinned.setdefault(group, collections.deque()).append(task_id)
+            self._pinned.setdefault(group, collections.OrderedDict())[task_id] = None
 
     def cancel(self, task_id: int) -> bool:
         """Drop a queued (never dispatched) task; False if it is not in the queue."""
         group = self._group_of.get(task_id)
-        try:
-            (self._queue if group is None else self._pinned[group]).remove(task_id)
-        except (KeyError, ValueError):
+        queue = self._queue if group is None else self._pinned.get(group)
+        if queue is None:
             return False
+        if queue.pop(task_id, False) is not None:  # absent: the default, False
+            return False
+        if group is not None and not queue:
+            del self._pinned[group]
         self._forget(task_id)
         return True
 
@@ -111,9 +117,11 @@ class Scheduler:
         for task_id in reversed(task_ids):
             group = self._group_of.get(task_id)
             if group is None:
-                self._queue.appendleft(task_id)
+                queue = self._queue
             else:
-                self._pinned.setdefault(group, collections.deque()).appendleft(task_id)
+                queue = self._pinned.setdefault(group, collections.OrderedDict())
+            queue[task_id] = None
+            queue.move_to_end(task_id, last=False)
 
     @property
     def queued(self) -> int:
@@ -190,11 +198,11 @@ class Scheduler:
         if slots.group is not None:
             pinned = self._pinned.get(slots.group)
             if pinned:
-                task_id = pinned.popleft()
+                task_id = pinned.popitem(last=False)[0]
                 if not pinned:
                     del self._pinned[slots.group]
                 return task_id
-        return self._queue.popleft() if self._queue else None
+        return self._queue.popitem(last=False)[0] if self._queue else None
 
     def steals(self) -> List[Tuple[str, int]]:
         """Prefetched tasks to ask back, as (worker_id, task_id): one for each idle worker

@@ -16,6 +16,7 @@ from sshexec import SSHPoolExecutor
 from . import tasks
 from .procs import wait_no_workers, worker_pids
 from .sshd import REQUIRE_ENV, Client, SSHServer, executor_kwargs, sshd_available
+from .waits import shut_down
 
 cloudpickle.register_pickle_by_value(tasks)  # nodes have no copy of the tests
 
@@ -103,7 +104,7 @@ def make_executor(request: pytest.FixtureRequest) -> Iterator[Callable[..., SSHP
     make.kind = request.param  # type: ignore[attr-defined]
     yield make
     for executor in made:
-        executor.shutdown(wait=True, cancel_futures=True)
+        shut_down(executor)  # as users end it: a queued task that cannot end fails here
 
 
 @pytest.fixture

@@ -184,3 +184,27 @@ def public_names_on_the_node() -> str:
     from sshexec import SSHPoolExecutor, Stats
 
     return f"{SSHPoolExecutor.__name__} {Stats.__name__}"
+
+
+def die_once(marker: str, value: Any) -> Any:
+    """Kills its worker the first time it runs (the marker file records that), then
+    returns ``value`` when run again on another worker."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return value
+    os.close(fd)
+    os._exit(9)
+
+
+def sleep_then_say(seconds: float, text: str) -> str:
+    time.sleep(seconds)
+    print(text)
+    return text
+
+
+class ExitOnPickle:
+    """An argument whose pickling raises SystemExit (a __reduce__ calling sys.exit)."""
+
+    def __reduce__(self) -> Any:
+        raise SystemExit(3)

@@ -48,6 +48,7 @@ import pytest
 from sshexec import SSHPoolExecutor
 
 from .sshd import REQUIRE_ENV, SSHServer, executor_kwargs
+from .waits import shut_down
 
 PYTHON = "%d.%d" % sys.version_info[:2]
 REFERENCE_PYTHON = "3.11"  # 3.12 split the file into a test_concurrent_futures/ package
@@ -208,7 +209,7 @@ def ssh_executor_type(sshd_pair: List[SSHServer]) -> Iterator[ExecutorFactory]:
 
     yield SSHPoolExecutor_over_sshd
     for executor in list(made):
-        executor.shutdown(wait=True, cancel_futures=True)
+        shut_down(executor)
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,7 @@ from sshexec._hosts import build_transports, hosts_from_env, resolve_hosts, shar
 from sshexec._transports.local import LocalTransport
 
 from .sshd import SSHServer, executor_kwargs
+from .waits import shut_down
 
 if TYPE_CHECKING:
     from sshexec._hosts import HostsArg
@@ -316,7 +317,7 @@ def made() -> Iterator[List[SSHPoolExecutor]]:
     executors: List[SSHPoolExecutor] = []
     yield executors
     for executor in executors:
-        executor.shutdown(wait=True, cancel_futures=True)
+        shut_down(executor)
 
 
 def run_everywhere(executor: SSHPoolExecutor, n: int = 12) -> List[Tuple[str, str, str, int]]:

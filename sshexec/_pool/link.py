@@ -1,98 +1,63 @@
-"""Workers, hosts and tasks as the pool sees them: starting one worker, settling a Future.
+"""One worker as the pool sees it: starting it, reading its replies, reporting its end.
 
-Owns: ``Task``, ``HostState`` and ``WorkerLink`` records; ``open_worker``: open a
-channel, run the bootstrap handshake, read and check ``Hello``, send ``Init``
-(bounded, leaving no process behind when it fails); ``settle`` and ``fail``: how a
-reply or a loss ends a task's Future. Must not import: asyncssh or subprocess (it
-sees only the ``Transport``/``Channel`` protocols).
+Owns: ``open_worker`` (open a channel, run the bootstrap handshake, read and check
+``Hello``, send ``Init``; bounded, leaving no process behind when it fails) and
+``WorkerLink``: the channel, the worker's counters and round-trip pings, what is not
+about a task (output, logs, module fetches, pongs), and the reader loop. The reader
+owns its end: whatever stops it (EOF, a bad frame, cancellation, a bug), it reports the
+link lost exactly once, synchronously, so the pool can forget the worker in one step.
+A worker's results wait behind its output (``OutputRouter.pending``), and reading
+pauses while the output writer is backlogged. Must not import: asyncssh or subprocess
+(it sees only the ``Transport``/``Channel`` protocols), or the task table.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import itertools
-import logging
-from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Protocol, Tuple
 
-from .._errors import ResultDecodeError, WorkerStartupError, rebuild
+from .._errors import ProtocolError, WorkerStartupError
 from .._forward import describe, find_source
-from .._mapresults import MapItem
+from .._logs import logger
 from .._output import OutputRouter
-from .._stats import Counters, HostStats, Stats, WorkerStats, median_rtt
+from .._stats import Counters, WorkerStats
 from .._transports.base import Channel, Transport, handshake
-from .._wire import calls
 from .._wire import protocol as proto
 
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
 STARTUP_TIMEOUT = 60.0  # bootstrap + Hello, per worker (includes shipping the bundle)
-KEEP_GONE_WORKERS = 32  # per host: stats of this many ended workers are kept
 _nonces = itertools.count(1)
-log = logging.getLogger("sshexec.pool")
+log = logger("sshexec.pool")
 
 
-TaskFuture = Union["Future[Any]", MapItem]  # a submit's Future, or a map item's slot
+class Replies(Protocol):
+    """Where a link's reader delivers what is about tasks, and its end."""
 
+    output: OutputRouter
+    gate: OutputGate
 
-class Task:
-    """One submitted call until its Future is settled. Slotted, with no list until a
-    loss: thousands wait at once in a big ``map``, and every container object each one
-    holds is more work for the client's garbage collector."""
+    def on_reply(self, link: WorkerLink, message: proto.Message) -> None: ...
 
-    __slots__ = ("buffers", "future", "group", "is_started", "losses", "payload", "size", "task_id")
+    def after_replies(self, link: WorkerLink) -> None: ...
 
-    def __init__(
-        self,
-        task_id: int,
-        payload: calls.Payload,
-        size: int,
-        future: TaskFuture,
-        group: Optional[str] = None,
-    ) -> None:
-        self.task_id, self.future = task_id, future
-        self.payload, self.buffers = payload  # pickle stream + out-of-band buffers, sizes
-        self.size = size  # bytes of payload, as calls.size() gave the submitter
-        self.group = group  # run only on this host (run_on_hosts)
-        self.is_started = False
-        self.losses: Tuple[Tuple[str, str], ...] = ()  # (worker_id, how it died)
-
-
-@dataclass
-class HostState:
-    transport: Transport
-    workers: Optional[int]  # planned worker count; None until the first Hello tells cores
-    python: str = "python3"
-    next_index: int = 0
-    starting: int = 0
-    failures: int = 0
-    error: Optional[str] = None  # set when the host is given up
-    last_error: Optional[str] = None  # why the latest start failed
-    down_since: Optional[float] = None  # loop time of the first failed reconnect, while down
-    links: Set[WorkerLink] = field(default_factory=set)
-    ended: Counters = field(default_factory=Counters)  # totals of workers that are gone
-    gone: Deque[WorkerStats] = field(
-        default_factory=lambda: collections.deque(maxlen=KEEP_GONE_WORKERS)
-    )
-
-    @property
-    def name(self) -> str:
-        return self.transport.host
-
-    @property
-    def is_usable(self) -> bool:
-        return self.error is None
+    def on_lost(self, link: WorkerLink, reason: str) -> None: ...
 
 
 @dataclass(eq=False)
 class WorkerLink:
     worker_id: str
-    host: HostState
+    host: Supervisor
     channel: Channel
     hello: proto.Hello
-    is_alive: bool = True
-    is_closing: bool = False  # we asked it to stop: its EOF is not a loss
+    decoder: proto.FrameDecoder
+    is_alive: bool = True  # until the reader has reported its end
+    is_closing: bool = False  # we asked it to stop (or killed it): its end is not a loss
+    end_reason: str = ""  # why we ended it, when we did
     init_failed: bool = False
     reader: Optional[asyncio.Task[None]] = None
     counters: Counters = field(default_factory=Counters)
@@ -104,7 +69,56 @@ class WorkerLink:
     def pid(self) -> int:
         return self.hello.pid
 
-    def on_side_message(self, message: proto.Message, output: OutputRouter) -> bool:
+    def start(self, replies: Replies) -> None:
+        self.reader = asyncio.get_running_loop().create_task(self._read_replies(replies))
+
+    def expect_end(self, reason: str) -> None:
+        """We are ending this worker (shutdown, retirement, kill): its end is no loss."""
+        if not self.is_closing:
+            self.is_closing, self.end_reason = True, reason
+
+    async def _read_replies(self, replies: Replies) -> None:
+        reason = ""
+        output = replies.output
+        try:
+            while True:
+                for message in self.decoder.messages():
+                    if self._on_side_message(message, output):
+                        continue
+                    if isinstance(message, (proto.Done, proto.Failed)) and output.pending(
+                        self.worker_id
+                    ):
+                        await replies.gate.written(
+                            self.worker_id
+                        )  # its prints first, then its result
+                    replies.on_reply(self, message)
+                replies.after_replies(self)
+                if output.is_backlogged:
+                    await replies.gate.written(None)
+                chunk = await self.channel.read()
+                if not chunk:
+                    self.decoder.end()
+                    break
+                self.counters.bytes_received += len(chunk)
+                self.decoder.feed(chunk)
+        except proto.FrameError as exc:
+            error = ProtocolError(f"worker {self.worker_id} sent an invalid frame: {exc}")
+            log.error("%s; closing that worker", error)
+            reason = str(error)
+        except asyncio.CancelledError:
+            reason = self.end_reason or "its reader was cancelled at shutdown"
+            raise
+        except BaseException as exc:  # a bug of ours: still report the link, never hang it
+            log.exception("reading from worker=%s failed; closing that worker", self.worker_id)
+            reason = f"sshexec could not read its replies ({type(exc).__name__}: {exc})"
+        finally:
+            self.is_alive = False
+            try:
+                replies.on_lost(self, reason)
+            except BaseException:  # nothing may stop the report of the others
+                log.exception("handling the loss of worker=%s failed", self.worker_id)
+
+    def _on_side_message(self, message: proto.Message, output: OutputRouter) -> bool:
         """Handle what is not about a task's outcome (output, logs, module fetches,
         pings); False for anything else."""
         if isinstance(message, proto.Output):
@@ -112,9 +126,7 @@ class WorkerLink:
         elif isinstance(message, proto.Log):
             output.record(self.worker_id, message)
         elif isinstance(message, proto.Fetch):
-            source = find_source(message.name)
-            log.debug("module for worker=%s %s", self.worker_id, describe(source))
-            self.send(proto.encode(source))
+            self.send(proto.encode(_source(message.name, self.worker_id)))
         elif isinstance(message, proto.Pong):
             sent = self.pings.pop(message.nonce, None)
             if sent is not None:
@@ -161,10 +173,52 @@ class WorkerLink:
             c.rtt_seconds,
         )
 
-    def retire_counters(self) -> None:
-        """The worker is gone: its numbers move into the host's totals."""
-        self.host.ended.add(self.counters)
-        self.host.gone.append(self.snapshot())
+
+def _source(name: str, worker_id: str) -> proto.Source:
+    try:
+        source = find_source(name)
+    except BaseException as exc:  # an import hook or finder of the user's raised
+        log.warning("looking up module %s for worker=%s failed: %r", name, worker_id, exc)
+        return proto.Source(name, "missing", "", "", False, f"the client's lookup failed: {exc!r}")
+    log.debug("module for worker=%s %s", worker_id, describe(source))
+    return source
+
+
+class OutputGate:
+    """Where readers wait for the output writer thread: set as the router's ``wake``, it
+    wakes every waiting reader (on the loop thread) after the writer's next progress."""
+
+    def __init__(self, output: OutputRouter) -> None:
+        loop = asyncio.get_running_loop()
+        self.output = output
+        self._waiters: List[asyncio.Future[None]] = []
+
+        def wake() -> None:  # on the writer thread
+            loop.call_soon_threadsafe(self._wake_all)
+
+        output.wake = wake
+
+    def _wake_all(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def written(self, worker_id: Optional[str]) -> None:
+        """Until ``worker_id``'s output is written (None: until the backlog is below the
+        high-water mark)."""
+        output = self.output
+
+        def done() -> bool:
+            return not output.pending(worker_id) if worker_id else not output.is_backlogged
+
+        while not done():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            output.want_wake()
+            if done():
+                break
+            await waiter
 
 
 async def ping_all(links: List[WorkerLink], timeout: float) -> None:
@@ -178,81 +232,25 @@ async def ping_all(links: List[WorkerLink], timeout: float) -> None:
         await asyncio.sleep(0.002)
 
 
-def snapshot(hosts: List[HostState]) -> Stats:
-    """Every host's and worker's numbers now (loop thread)."""
-    host_stats: Dict[str, HostStats] = {}
-    worker_stats: Dict[str, WorkerStats] = {}
-    for host in hosts:
-        total = Counters()
-        total.add(host.ended)
-        live = sorted(host.links, key=lambda link: link.worker_id)
-        for link in live:
-            total.add(link.counters)
-        for ended in host.gone:
-            worker_stats[ended.worker_id] = ended
-        for link in live:
-            worker_stats[link.worker_id] = link.snapshot()
-        host_stats[host.name] = HostStats(
-            host.name,
-            len(live),
-            total.tasks_done,
-            total.tasks_failed,
-            total.tasks_retried,
-            total.busy_seconds,
-            total.bytes_sent,
-            total.bytes_received,
-            median_rtt(link.counters.rtt_seconds for link in live),
-            host.error,
-        )
-    return Stats(host_stats, worker_stats)
-
-
-def settle(task: Task, reply: proto.Done | proto.Failed, worker_id: str) -> None:
-    """End the task's Future with the worker's result or the rebuilt exception."""
-    if isinstance(reply, proto.Failed):
-        task.future.set_exception(rebuild(reply, worker_id))
-        return
-    try:
-        result = calls.loads(reply.payload, reply.buffers)
-    except BaseException as exc:  # e.g. its class is not importable here; even SystemExit
-        error = ResultDecodeError(
-            f"task {task.task_id}: the result from worker {worker_id} cannot be "
-            f"unpickled on this host: {type(exc).__name__}: {exc}"
-        )
-        error.__cause__ = exc
-        task.future.set_exception(error)
-    else:
-        task.future.set_result(result)
-
-
-def fail(future: TaskFuture, exc: BaseException) -> None:
-    """Fail a Future the pool gives up on, unless it is done or was cancelled."""
-    if future.done():
-        return
-    if not future.running() and not future.set_running_or_notify_cancel():
-        return  # cancelled by the user
-    future.set_exception(exc)
-
-
 async def open_worker(
-    host: HostState, worker_id: str, init: proto.Init, output: OutputRouter
+    transport: Transport, python: str, worker_id: str, init: proto.Init, output: OutputRouter
 ) -> Tuple[Channel, proto.Hello, proto.FrameDecoder]:
-    """Start one worker on ``host`` up to its ``Init`` (``init`` with the worker's id
-    filled in here); raises WorkerStartupError."""
+    """Start one worker up to its ``Init`` (``init`` with the worker's id filled in
+    here); raises WorkerStartupError."""
     channel: Optional[Channel] = None
     try:
-        channel = await host.transport.open_channel(
-            lambda line: output.stderr_line(worker_id, line)
-        )
+        channel = await transport.open_channel(lambda line: output.stderr_line(worker_id, line))
         decoder = proto.FrameDecoder(init.max_frame)
-        hello = await asyncio.wait_for(_read_hello(channel, host, decoder), STARTUP_TIMEOUT)
+        hello = await asyncio.wait_for(
+            _read_hello(channel, transport.host, python, decoder), STARTUP_TIMEOUT
+        )
         channel.pid = hello.pid
         channel.write(proto.encode(dataclasses.replace(init, worker_id=worker_id)))
     except asyncio.TimeoutError as exc:
         if channel is not None:
             await channel.aclose(0.1)
         raise WorkerStartupError(
-            host.name, "bootstrap", f"no Hello from the worker within {STARTUP_TIMEOUT:g} s"
+            transport.host, "bootstrap", f"no Hello from the worker within {STARTUP_TIMEOUT:g} s"
         ) from exc
     except BaseException:
         if channel is not None:
@@ -262,14 +260,14 @@ async def open_worker(
 
 
 async def _read_hello(
-    channel: Channel, host: HostState, decoder: proto.FrameDecoder
+    channel: Channel, host: str, python: str, decoder: proto.FrameDecoder
 ) -> proto.Hello:
-    decoder.feed(await handshake(channel, host.name, host.python))
+    decoder.feed(await handshake(channel, host, python))
     while True:
         try:
             message = next(decoder.messages(), None)
         except proto.FrameError as exc:
-            raise WorkerStartupError(host.name, "bootstrap", f"garbled first frame: {exc}") from exc
+            raise WorkerStartupError(host, "bootstrap", f"garbled first frame: {exc}") from exc
         if message is not None:
             break
         chunk = await channel.read()
@@ -277,19 +275,17 @@ async def _read_hello(
             how = await channel.exit_reason(2.0)
             tail = channel.stderr_tail()
             raise WorkerStartupError(
-                host.name,
+                host,
                 "bootstrap",
                 f"the worker ended before saying Hello ({how})"
                 + (f"; stderr: {tail[-600:]}" if tail else ""),
             )
         decoder.feed(chunk)
     if not isinstance(message, proto.Hello):
-        raise WorkerStartupError(
-            host.name, "bootstrap", f"expected Hello, got {type(message).__name__}"
-        )
+        raise WorkerStartupError(host, "bootstrap", f"expected Hello, got {type(message).__name__}")
     if message.protocol != proto.PROTOCOL_VERSION:
         raise WorkerStartupError(
-            host.name,
+            host,
             "version",
             f"worker speaks protocol {message.protocol}, this client {proto.PROTOCOL_VERSION}",
             "Clear ~/.cache/sshexec on the node.",

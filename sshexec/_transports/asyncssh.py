@@ -10,18 +10,18 @@ import: the pool or executor, or know about tasks, Futures or message contents.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any, Dict, List, Mapping, Optional
 
 import asyncssh
 
 from .. import _bootstrap
 from .._errors import WorkerStartupError
+from .._logs import logger
 from .._wire.protocol import Buffer
 from .base import READ_SIZE, Channel, StderrSink, StderrTail, describe_exit
 from .route import Route
 
-log = logging.getLogger("sshexec.ssh")
+log = logger("sshexec.ssh")
 
 # Fast AEAD ciphers first (AES-GCM is about twice chacha20's speed in asyncssh), then the
 # rest of asyncssh's defaults so that any server still finds a common cipher.

@@ -11,15 +11,15 @@ know about tasks, Futures or message contents.
 from __future__ import annotations
 
 import collections
-import logging
 import signal
 from typing import Callable, Deque, Optional, Protocol
 
 from .. import _bootstrap
 from .._errors import WorkerStartupError
+from .._logs import logger
 from .._wire.protocol import START_MARKER, Buffer
 
-log = logging.getLogger("sshexec.pool")
+log = logger("sshexec.pool")
 
 READ_SIZE = 1 << 20
 MAX_CHATTER = 1 << 20  # bytes of login-shell output tolerated before the start marker

@@ -9,7 +9,6 @@ asyncssh, or know about tasks and Futures.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import subprocess
 import time
@@ -17,10 +16,11 @@ from typing import List, Mapping, Optional
 
 from .. import _bootstrap
 from .._errors import WorkerStartupError
+from .._logs import logger
 from .._wire.protocol import Buffer
 from .base import READ_SIZE, Channel, StderrSink, StderrTail, describe_exit
 
-log = logging.getLogger("sshexec.pool")
+log = logger("sshexec.pool")
 
 
 class PipeChannel:
