@@ -74,7 +74,8 @@ class Runtime:
                     self.loop.run_until_complete(asyncio.wait(pending, timeout=2.0))
                 self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             finally:
-                self.loop.close()
+                with self.lock:  # others check is_closed() under it before scheduling
+                    self.loop.close()
                 _live.discard(self)
 
     def on_loop_thread(self) -> bool:

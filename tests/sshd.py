@@ -161,6 +161,7 @@ class SSHServer:
                     os.kill(pid, 9)
                 except OSError:
                     pass
+            clear_stale_pyenv_lock()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -188,3 +189,22 @@ def executor_kwargs(servers: List[SSHServer], **extra: Any) -> Dict[str, Any]:
     }
     kwargs.update(extra)
     return kwargs
+
+
+def clear_stale_pyenv_lock() -> None:
+    """A login shell whose ~/.bashrc runs ``pyenv init`` (root's on this machine image)
+    takes pyenv's rehash lock at every login; killed mid-way, as ``drop_connections``
+    kills, it leaves the lock behind and every later login waits 60 s for it. Remove it
+    when no rehash is running."""
+    lock = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "shims" / ".pyenv-shim"
+    if not lock.exists():
+        return
+    time.sleep(0.2)  # a rehash that is still running finishes and removes it itself
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"pyenv-rehash" in f.read():
+                    return
+        except OSError:
+            continue
+    lock.unlink(missing_ok=True)

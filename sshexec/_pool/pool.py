@@ -3,22 +3,23 @@
 Data flow (every step after the first runs on the executor's loop thread)::
 
     submit() ──Task──▶ Runtime.post ──▶ Pool.enqueue_many ──▶ TaskTable.add
-                                                         └──▶ _dispatch: TaskTable.place()
+                                                         └──▶ Dispatcher.now: TaskTable.place()
                                    ──Run frames, coalesced per worker──▶ WorkerLink.send
     Future.cancel() / map closed ──▶ Runtime.cancel ──▶ TaskTable.cancel: gone at once
     worker: Run ──▶ fn(*args) ──▶ Done | Failed
-    WorkerLink._read_replies ──▶ on_reply ──▶ TaskTable.finish ──▶ resolve | fail (Future)
-                             │          └──▶ _dispatch (soon)
+    WorkerLink._read_replies ──▶ Dispatcher.on_reply ──▶ TaskTable.finish ──▶ resolve | fail
+                             │                     └──▶ Dispatcher.soon
                              └─ Output/Log/Fetch/Pong: handled by the link itself
-    the reader ends (EOF, bad frame, any error) ──▶ on_lost, in one synchronous step:
+    the reader ends (EOF, bad frame, any error) ──▶ Pool.on_lost, in one synchronous step:
         links, TaskTable.remove_worker (requeue | ending), Supervisor.lost ──▶ top_up
         then, bounded: how it died ──▶ ending tasks fail with WorkerLostError
 
-Owns: the live ``WorkerLink``s by id, adopting started workers, dispatch, replies,
+Owns: the live ``WorkerLink``s by id, adopting started workers, losing them,
 broken-pool detection and the shutdown escalation (``Shutdown`` frame → grace → close
-channel → close connection). Every task's state is the ``TaskTable``'s; every host's
-the ``Supervisor``'s. Only the loop thread touches any of it. Must not import:
-subprocess or asyncssh, placement policy, or frame layout beyond ``_wire.protocol``.
+channel → close connection). Every task's state is the ``TaskTable``'s, every host's
+the ``Supervisor``'s; the hot path (dispatch, replies) is the ``Dispatcher``'s. Only
+the loop thread touches any of it. Must not import: subprocess or asyncssh, placement
+policy, or frame layout beyond ``_wire.protocol``.
 """
 
 from __future__ import annotations
@@ -27,21 +28,20 @@ import asyncio
 import logging
 from typing import Any, Coroutine, Dict, List, Optional, Sequence, Set, Tuple
 
-from .._errors import BrokenPool, ResultDecodeError, WorkerLostError, WorkerStartupError, rebuild
+from .._errors import BrokenPool, WorkerLostError, WorkerStartupError
 from .._logs import logger
 from .._output import WRITER_TIMEOUT, OutputRouter
-from .._scheduler import Scheduler, depth_for
+from .._scheduler import Scheduler
 from .._stats import Stats
 from .._tasks import Loss, Task, TaskFuture, TaskTable
 from .._transports.base import Channel, Transport
-from .._wire import calls
 from .._wire import protocol as proto
+from .dispatch import Dispatcher
 from .link import OutputGate, WorkerLink, ping_all
 from .supervisor import Supervisor, snapshot
 
 log = logger("sshexec.pool")
 
-PING_EVERY = 1.0  # seconds between round-trip measurements of a busy worker
 LOSS_REASON_WAIT = 2.0  # seconds to learn how a lost worker ended before failing its tasks
 
 
@@ -72,13 +72,14 @@ class Pool:
         self.shutdown_grace, self.output = shutdown_grace, output
         self.gate = OutputGate(output)
         self.links: Dict[str, WorkerLink] = {}  # every worker the table knows, and only those
+        self.dispatch = Dispatcher(self.table, self.links, self._retire_spent)
+        self.on_reply = self.dispatch.on_reply  # the links' Replies: these two are the hot path
+        self.after_replies = self.dispatch.after_replies
         self.broken: Optional[BrokenPool] = None
         self.is_closing = False
         self.is_terminating = False
         self._background: Set[asyncio.Task[Any]] = set()
         self._channels: Set[Channel] = set()  # every worker channel ever opened: closed at the end
-        self._dispatch_pending = False
-        self._payload_mean = 0.0  # moving mean of Run payload sizes (bytes)
         self._idle = asyncio.Event()
         self._idle.set()
         self.final_stats: Optional[Stats] = None  # set when aclose() is done
@@ -133,7 +134,7 @@ class Pool:
             link.hello.hostname,
             link.hello.python,
         )
-        self._dispatch_soon()
+        self.dispatch.soon()
 
     def host_changed(self, host: Supervisor) -> None:
         self._check_broken()
@@ -160,7 +161,7 @@ class Pool:
                 self.table.add(task)
         if not self.table.is_idle:
             self._idle.clear()
-            self._dispatch()
+            self.dispatch.now()
 
     def cancel(self, task_ids: Sequence[int]) -> None:
         """Their Futures were cancelled while queued: out of the table now."""
@@ -177,88 +178,6 @@ class Pool:
 
     def _now_idle(self) -> None:
         self._idle.set()
-
-    def _dispatch_soon(self) -> None:
-        if not self._dispatch_pending:
-            self._dispatch_pending = True
-            asyncio.get_running_loop().call_soon(self._dispatch)
-
-    def _dispatch(self) -> None:
-        self._dispatch_pending = False
-        sends, steals = self.table.place()
-        batches: Dict[str, List[proto.Message]] = {}
-        for worker_id, tasks in sends.items():
-            messages = batches.setdefault(worker_id, [])
-            for task in tasks:
-                log.debug("dispatch task=%d worker=%s", task.task_id, worker_id)
-                self._payload_mean += (task.size - self._payload_mean) * 0.1
-                messages.append(proto.Run(task.task_id, task.payload, task.buffers))
-        for worker_id, task_id in steals:
-            log.debug("revoke task=%d worker=%s", task_id, worker_id)
-            batches.setdefault(worker_id, []).append(proto.Revoke(task_id))
-        for worker_id, messages in batches.items():
-            self.links[worker_id].send(*proto.frame_pieces(messages))  # few writes per worker
-
-    # ---- replies (called by each link's reader) ----------------------------------------
-
-    def on_reply(self, link: WorkerLink, message: proto.Message) -> None:
-        if isinstance(message, (proto.Done, proto.Failed)):
-            if message.task_id == proto.INIT_TASK_ID:
-                assert isinstance(message, proto.Failed)
-                link.init_failed = True
-                link.host.give_up(f"initializer failed: {message.type_name}: {message.message}")
-                return
-            self._on_outcome(link, message)
-        elif isinstance(message, proto.Revoked):
-            self.table.returned(link.worker_id, message.task_id)
-        elif isinstance(message, proto.Ready):
-            log.debug("worker ready worker=%s", link.worker_id)
-        else:
-            log.warning("unexpected %s from worker=%s", type(message).__name__, link.worker_id)
-
-    def _on_outcome(self, link: WorkerLink, reply: proto.Done | proto.Failed) -> None:
-        counters = link.counters
-        counters.busy_seconds += reply.seconds
-        link.note_task_time(reply.seconds)
-        if isinstance(reply, proto.Done):
-            counters.tasks_done += 1
-        else:
-            counters.tasks_failed += 1
-        task = self.table.finish(link.worker_id, reply.task_id)
-        if task is None:
-            return
-        log.debug("task done task=%d worker=%s", task.task_id, link.worker_id)
-        if isinstance(reply, proto.Failed):
-            self.table.fail(task, rebuild(reply, link.worker_id))
-            return
-        try:
-            result = calls.loads(reply.payload, reply.buffers)
-        except BaseException as exc:  # e.g. its class is not importable here; even SystemExit
-            error = ResultDecodeError(
-                f"task {task.task_id}: the result from worker {link.worker_id} cannot be "
-                f"unpickled on this host: {type(exc).__name__}: {exc}"
-            )
-            error.__cause__ = exc
-            self.table.fail(task, error)
-        else:
-            self.table.resolve(task, result)
-
-    def after_replies(self, link: WorkerLink) -> None:
-        if link.init_failed:
-            return
-        if link.is_alive and not link.is_closing and self.table.is_spent(link.worker_id):
-            self.spawn(self._retire(link, "max_tasks_per_child reached"))
-        elif link.is_alive:
-            self._tune(link)
-        self._dispatch_soon()
-
-    def _tune(self, link: WorkerLink) -> None:
-        """Adaptive prefetch, once per chunk of replies: hold enough tasks at the worker to
-        cover its round trip (re-measured every PING_EVERY s) at its mean task time."""
-        rtt, mean = link.counters.rtt_seconds, link.task_time
-        if rtt is not None and mean is not None:
-            self.table.set_depth(link.worker_id, depth_for(rtt, mean, self._payload_mean))
-        link.ping_if_due(PING_EVERY)
 
     # ---- losing and retiring workers ---------------------------------------------------
 
@@ -278,7 +197,7 @@ class Pool:
         link.host.lost(link)
         self.spawn(self._after_loss(link, loss, reason, expected))
         self._check_broken()
-        self._dispatch_soon()
+        self.dispatch.soon()
 
     async def _after_loss(self, link: WorkerLink, loss: Loss, reason: str, expected: bool) -> None:
         how = reason or "lost"
@@ -312,6 +231,9 @@ class Pool:
         self.table.fail_ending(
             loss.ending, lambda t: WorkerLostError(t.task_id, t.losses or [(link.worker_id, how)])
         )
+
+    def _retire_spent(self, link: WorkerLink) -> None:
+        self.spawn(self._retire(link, "max_tasks_per_child reached"))
 
     async def _retire(self, link: WorkerLink, reason: str) -> None:
         link.expect_end(reason)

@@ -1,0 +1,122 @@
+"""Tasks to workers and replies to Futures: the pool's hot path.
+
+Owns: ``Dispatcher``: turning the table's placements into ``Run`` and ``Revoke``
+frames coalesced per worker, the replies of each link (``Done``/``Failed`` end their
+task through the table; ``Revoked`` puts it back; a failed initializer gives the host
+up), retiring a worker that has used its ``max_tasks_per_child``, and adaptive
+prefetch (a worker's depth from its round trip and mean task time). Loop thread only.
+Must not import: subprocess or asyncssh, or touch hosts, links' channels or shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable, Dict, List
+
+from .._errors import ResultDecodeError, rebuild
+from .._logs import logger
+from .._scheduler import depth_for
+from .._tasks import TaskTable
+from .._wire import calls
+from .._wire import protocol as proto
+from .link import WorkerLink
+
+log = logger("sshexec.pool")
+
+PING_EVERY = 1.0  # seconds between round-trip measurements of a busy worker
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        table: TaskTable,
+        links: Dict[str, WorkerLink],
+        retire: Callable[[WorkerLink], None],
+    ) -> None:
+        self.table, self.links = table, links  # links: every worker the table knows
+        self._retire = retire
+        self._pending = False  # a call of now() is scheduled
+        self._payload_mean = 0.0  # moving mean of Run payload sizes (bytes)
+
+    def soon(self) -> None:
+        if not self._pending:
+            self._pending = True
+            asyncio.get_running_loop().call_soon(self.now)
+
+    def now(self) -> None:
+        """Send what the table places, coalesced per worker, and ask back what it steals."""
+        self._pending = False
+        sends, steals = self.table.place()
+        batches: Dict[str, List[proto.Message]] = {}
+        for worker_id, tasks in sends.items():
+            messages = batches.setdefault(worker_id, [])
+            for task in tasks:
+                log.debug("dispatch task=%d worker=%s", task.task_id, worker_id)
+                self._payload_mean += (task.size - self._payload_mean) * 0.1
+                messages.append(proto.Run(task.task_id, task.payload, task.buffers))
+        for worker_id, task_id in steals:
+            log.debug("revoke task=%d worker=%s", task_id, worker_id)
+            batches.setdefault(worker_id, []).append(proto.Revoke(task_id))
+        for worker_id, messages in batches.items():
+            self.links[worker_id].send(*proto.frame_pieces(messages))  # few writes per worker
+
+    # ---- replies (each link's reader calls these) --------------------------------------
+
+    def on_reply(self, link: WorkerLink, message: proto.Message) -> None:
+        if isinstance(message, (proto.Done, proto.Failed)):
+            if message.task_id == proto.INIT_TASK_ID:
+                assert isinstance(message, proto.Failed)
+                link.init_failed = True
+                link.host.give_up(f"initializer failed: {message.type_name}: {message.message}")
+                return
+            self._on_outcome(link, message)
+        elif isinstance(message, proto.Revoked):
+            self.table.returned(link.worker_id, message.task_id)
+        elif isinstance(message, proto.Ready):
+            log.debug("worker ready worker=%s", link.worker_id)
+        else:
+            log.warning("unexpected %s from worker=%s", type(message).__name__, link.worker_id)
+
+    def _on_outcome(self, link: WorkerLink, reply: proto.Done | proto.Failed) -> None:
+        counters = link.counters
+        counters.busy_seconds += reply.seconds
+        link.note_task_time(reply.seconds)
+        if isinstance(reply, proto.Done):
+            counters.tasks_done += 1
+        else:
+            counters.tasks_failed += 1
+        task = self.table.finish(link.worker_id, reply.task_id)
+        if task is None:
+            return
+        log.debug("task done task=%d worker=%s", task.task_id, link.worker_id)
+        if isinstance(reply, proto.Failed):
+            self.table.fail(task, rebuild(reply, link.worker_id))
+            return
+        try:
+            result = calls.loads(reply.payload, reply.buffers)
+        except BaseException as exc:  # e.g. its class is not importable here; even SystemExit
+            error = ResultDecodeError(
+                f"task {task.task_id}: the result from worker {link.worker_id} cannot be "
+                f"unpickled on this host: {type(exc).__name__}: {exc}"
+            )
+            error.__cause__ = exc
+            self.table.fail(task, error)
+        else:
+            self.table.resolve(task, result)
+
+    def after_replies(self, link: WorkerLink) -> None:
+        if link.init_failed:
+            return
+        if link.is_alive and not link.is_closing and self.table.is_spent(link.worker_id):
+            self._retire(link)
+        elif link.is_alive:
+            self._tune(link)
+        self.soon()
+
+    def _tune(self, link: WorkerLink) -> None:
+        """Adaptive prefetch, once per chunk of replies: hold enough tasks at the worker to
+        cover its round trip (re-measured every PING_EVERY s) at its mean task time."""
+        rtt, mean = link.counters.rtt_seconds, link.task_time
+        if rtt is not None and mean is not None:
+            self.table.set_depth(link.worker_id, depth_for(rtt, mean, self._payload_mean))
+        link.ping_if_due(PING_EVERY)
