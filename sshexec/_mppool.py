@@ -23,8 +23,8 @@ from typing import (
     Optional,
     Sequence,
     Tuple,
+    Type,
     TypeVar,
-    Union,
 )
 
 import cloudpickle
@@ -260,11 +260,11 @@ class Pool:
         iterable: Iterable[Any],
         chunksize: int = 1,
         buffersize: Optional[int] = None,
-    ) -> Union[IMapIterator[T], Iterator[T]]:
+    ) -> IMapIterator[T]:
         """A lazier ``map``: results in input order as they are ready, ``next(timeout)``.
 
         Args:
-            chunksize: Items per task; above 1 the result is a plain iterator.
+            chunksize: Items per task.
             buffersize: At most this many tasks submitted whose results have not been
                 taken yet, so a huge or endless iterable is read as results are consumed
                 (Executor.map's ``buffersize``; newer CPython Pools have it too).
@@ -277,32 +277,30 @@ class Pool:
         iterable: Iterable[Any],
         chunksize: int = 1,
         buffersize: Optional[int] = None,
-    ) -> Union[IMapIterator[T], Iterator[T]]:
-        """As ``imap``, with results in the order they complete."""
+    ) -> IMapIterator[T]:
+        """As ``imap``, with results in the order they complete (a chunk's items together)."""
         return self._imap(IMapUnorderedIterator, func, iterable, chunksize, buffersize, "{0!r}")
 
     def _imap(
         self,
-        kind: type,
+        kind: Type[IMapIterator[T]],
         func: Callable[[Any], T],
         iterable: Iterable[Any],
         chunksize: int,
         buffersize: Optional[int],
         form: str,
-    ) -> Union[IMapIterator[T], Iterator[T]]:
+    ) -> IMapIterator[T]:
         self._check_running()
         if chunksize != 1 and chunksize < 1:
             raise ValueError(("Chunksize must be 1+, not " + form).format(chunksize))
         throttle = _throttle(buffersize)
-        result: IMapIterator[Any] = kind(self._state.forget, throttle)
+        result = kind(self._state.forget, throttle, chunked=chunksize != 1)
         if chunksize == 1:
             tasks = _one_per_item(func, iterable)
         else:
             tasks = _chunk_tasks(func, iterable, chunksize)
         self._state.add(Job(tasks, result, result._set_length, throttle))
-        if chunksize == 1:
-            return result
-        return (item for chunk in result for item in chunk)
+        return result
 
     # -- ending
 

@@ -171,12 +171,22 @@ class MapResult(AsyncResult[List[T]]):
 
 class IMapIterator(Generic[T]):
     """What ``imap`` returns: results in input order; ``next(timeout)`` as in
-    multiprocessing. Thread-safe."""
+    multiprocessing. With a ``chunksize`` above 1 each task's chunk is handed out item by
+    item, ``next(timeout)`` included, and, as multiprocessing's generator there, iteration
+    ends after a chunk's exception. Thread-safe."""
 
-    def __init__(self, forget: Callable[[Any], None], throttle: Optional[Throttle] = None) -> None:
+    def __init__(
+        self,
+        forget: Callable[[Any], None],
+        throttle: Optional[Throttle] = None,
+        chunked: bool = False,
+    ) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._forget = forget
         self._throttle = throttle
+        self._chunked = chunked  # each outcome is a list of results
+        self._chunk: Deque[Any] = collections.deque()  # what is left of the current one
+        self._ended = False  # chunked: a chunk failed; like multiprocessing's generator, done
         self._items: Deque[Outcome] = collections.deque()
         self._index = 0  # outcomes moved to _items so far
         self._length: Optional[int] = None  # tasks in all, once the input is exhausted
@@ -192,19 +202,30 @@ class IMapIterator(Generic[T]):
             StopIteration: Every result has been returned.
             multiprocessing.TimeoutError: None is ready within ``timeout`` seconds.
         """
-        with self._cond:
-            if not self._items and self._index != self._length:
-                self._cond.wait_for(lambda: self._items or self._index == self._length, timeout)
-            if not self._items:
-                if self._index == self._length:
+        while True:
+            with self._cond:
+                if self._ended:
                     raise StopIteration
-                raise MPTimeoutError
-            success, value = self._items.popleft()
-        if self._throttle is not None:
-            self._throttle.release()
-        if success:
-            return value  # type: ignore[no-any-return]
-        raise value
+                if self._chunk:
+                    return self._chunk.popleft()  # type: ignore[no-any-return]
+                if not self._items and self._index != self._length:
+                    self._cond.wait_for(lambda: self._items or self._index == self._length, timeout)
+                if not self._items:
+                    if self._index == self._length:
+                        raise StopIteration
+                    raise MPTimeoutError
+                success, value = self._items.popleft()
+                if self._chunked:
+                    if success:
+                        self._chunk.extend(value)
+                    else:
+                        self._ended = True
+            if self._throttle is not None:
+                self._throttle.release()
+            if not success:
+                raise value
+            if not self._chunked:
+                return value  # type: ignore[no-any-return]
 
     __next__ = next
 

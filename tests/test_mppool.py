@@ -46,6 +46,12 @@ def steps(iterator: Any, limit: int = 100) -> List[Tuple[str, Any]]:
     return seen
 
 
+def plain_steps(iterator: Iterator[Any], limit: int = 100) -> List[Tuple[str, Any]]:
+    """As ``steps`` with the builtin ``next()`` (multiprocessing's chunked imap is a plain
+    generator)."""
+    return steps(type("Plain", (), {"next": lambda self, timeout: next(iterator)})(), limit)
+
+
 def scenarios(pool: Any) -> Dict[str, Any]:
     r: Dict[str, Any] = {}
     r["map"] = outcome(lambda: pool.map(tasks.square, range(40)))
@@ -67,7 +73,12 @@ def scenarios(pool: Any) -> Dict[str, Any]:
     r["map_unpicklable_item"] = outcome(lambda: pool.map(tasks.square, [1, threading.Lock()]))
     r["imap"] = outcome(lambda: list(pool.imap(tasks.square, range(30))))
     r["imap_chunks"] = outcome(lambda: list(pool.imap(tasks.square, range(30), chunksize=4)))
-    r["imap_error_in_middle"] = steps(pool.imap(tasks.raise_on, [1, 2, 3, 4], chunksize=1))
+    bad_three = functools.partial(tasks.raise_on, 3)
+    r["imap_error_in_middle"] = steps(pool.imap(bad_three, [1, 2, 3, 4, 5]))
+    r["imap_chunks_error"] = plain_steps(pool.imap(bad_three, range(8), chunksize=2))
+    r["imap_unordered_error"] = sorted(
+        plain_steps(pool.imap_unordered(bad_three, range(6))), key=repr
+    )
     r["imap_input_raises"] = steps(pool.imap(tasks.square, tasks.failing_input(3)))
     r["imap_not_iterable"] = steps(pool.imap(tasks.square, 5))
     r["imap_bad_chunksize"] = outcome(lambda: pool.imap(tasks.square, [1], chunksize=0))
@@ -160,7 +171,7 @@ def test_initializer_sets_a_global_later_tasks_read(pool_kwargs: Dict[str, Any])
         with pool:
             return sorted(set(pool.map(tasks.read_global, range(8), chunksize=1)))
 
-    args = dict(initializer=tasks.set_global, initargs=("set by the initializer",))
+    args: Dict[str, Any] = dict(initializer=tasks.set_global, initargs=("set by the initializer",))
     expected = run(SPAWN.Pool(2, **args))
     assert run(sshexec.Pool(2, **args, **pool_kwargs)) == expected == ["set by the initializer"]
 
@@ -271,6 +282,16 @@ def test_a_buffered_imap_does_not_hold_up_later_calls() -> None:
             for x in pool.imap(tasks.square, range(12), buffersize=2)
         ]
     assert followers == [i * i + 1 for i in range(12)]
+
+
+def test_chunked_imap_has_next_with_a_timeout_too() -> None:
+    with sshexec.Pool(2) as pool:
+        results = pool.imap(tasks.sleep_then, [1.0] * 4, chunksize=2)
+        with pytest.raises(multiprocessing.TimeoutError):
+            results.next(timeout=0.1)
+        assert [results.next(timeout=WAIT) for _ in range(4)] == [None] * 4
+        with pytest.raises(StopIteration):
+            results.next(timeout=WAIT)
 
 
 def test_close_and_join_do_not_wait_for_a_buffered_imap_consumer() -> None:
