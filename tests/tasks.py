@@ -201,8 +201,8 @@ def read_global(_: Any = None) -> str:
 
 def thread_env(_: Any = None) -> Tuple[str, Any]:
     """The thread-limit variables joblib's process backends set, as this worker sees them."""
-    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
-    names += ("VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+    names: Tuple[str, ...] = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    names += ("BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
     return os.environ.get("SSHEXEC_TEST_HOST", "local"), {n: os.environ.get(n) for n in names}
 
 
