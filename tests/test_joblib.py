@@ -6,6 +6,7 @@ sshd hosts. Runs on the newest joblib and, from .ci/run, on joblib 1.3 (apply_as
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -258,3 +259,11 @@ def test_cross_val_score_gives_the_scores_of_n_jobs_1(options: Dict[str, Any]) -
     with parallel_config(n_jobs=-1, **options):
         spread = cross_val_score(model, X, y, cv=5, n_jobs=-1)
     assert list(spread) == list(alone)
+
+
+def test_parallel_timeout(options: Dict[str, Any]) -> None:
+    start = time.monotonic()
+    with parallel_config(n_jobs=-1, **options):
+        with pytest.raises(multiprocessing.TimeoutError):  # what joblib raises
+            Parallel(timeout=0.5, batch_size=1)(delayed(tasks.sleep_then)(30) for _ in range(3))
+    assert time.monotonic() - start < 15  # the sleeping calls were aborted
