@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import logging
 import os
 import threading
 import weakref
@@ -43,7 +42,6 @@ from ._hosts import local_cpu_count, resolve_hosts, share_workers
 __all__ = ["NAME", "Backend", "register"]
 
 NAME = "sshexec"
-log = logging.getLogger("sshexec.joblib")
 cloudpickle.register_pickle_by_value(_byvalue)  # the workers' initializer travels by value
 
 _EXECUTOR_OPTIONS = frozenset(inspect.signature(SSHPoolExecutor).parameters) - {"mp_context"}
