@@ -200,9 +200,10 @@ class PoolState:
         with self.lock:
             if self.state == RUN:
                 raise ValueError("Pool is still running")
-        self.feeder.join()
+        # after close: every call's tasks are submitted; after terminate it has stopped
+        self.feeder.join(10.0 if self.terminating else None)
         self.executor.shutdown(wait=True)  # every task ended: every outcome is posted
-        self._join_threads(timeout=None)
+        self._join_threads(timeout=10.0 if self.terminating else None)
         self.joined = True
 
     def _join_threads(self, timeout: Optional[float]) -> None:
