@@ -62,6 +62,15 @@ def test_parallel_runs_the_calls_on_the_pool(options: Dict[str, Any]) -> None:
     assert {host for host, _, _ in placed} == expected
 
 
+def test_auto_batching_groups_small_calls(options: Dict[str, Any]) -> None:
+    with parallel_config(n_jobs=-1, **options):
+        backend, _ = get_active_backend()
+        out = Parallel()(delayed(tasks.square)(i) for i in range(3000))
+        batches = backend._held.executor.stats(refresh=0).tasks_done  # the backend's own
+    assert out == [i * i for i in range(3000)]
+    assert batches < 300  # joblib grew the batches: far fewer tasks than calls
+
+
 def test_one_executor_serves_the_block_and_ends_with_it(options: Dict[str, Any]) -> None:
     with parallel_config(n_jobs=-1, **options):
         first = Parallel(batch_size=1)(delayed(tasks.sleep_then_where)(0.3) for _ in range(4))
