@@ -1,12 +1,14 @@
 """sshexec: a drop-in ``concurrent.futures.ProcessPoolExecutor`` whose workers run on
 other machines over SSH (or as local subprocesses when no hosts are given).
 
-Public names only; see ``SSHPoolExecutor``. Must not import asyncssh (it is
-imported only when an executor has remote hosts).
+Public names only; see ``SSHPoolExecutor`` and ``Pool``; the joblib backend is
+``sshexec.joblib``. Must not import asyncssh (it is imported only when an executor has
+remote hosts), nor joblib or scikit-learn.
 """
 
 from __future__ import annotations
 
+from . import _joblib_hook
 from ._errors import (
     BrokenPool,
     CallDecodeError,
@@ -19,16 +21,20 @@ from ._errors import (
 )
 from ._executor import SSHPoolExecutor
 from ._hosts import Host, parse_host, read_hosts
+from ._mppool import Pool
 from ._progress import progress
 from ._stats import HostStats, Stats, WorkerStats
 
 __version__ = "0.2.0"
+
+_joblib_hook.offer()  # joblib already loaded: backend="sshexec" is found on first use
 
 __all__ = [
     "BrokenPool",
     "CallDecodeError",
     "Host",
     "HostStats",
+    "Pool",
     "ProtocolError",
     "RemoteError",
     "ResultDecodeError",

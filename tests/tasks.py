@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Tuple
+from typing import Any, List, Tuple
 
 
 def square(x: int) -> int:
@@ -208,3 +208,56 @@ class ExitOnPickle:
 
     def __reduce__(self) -> Any:
         raise SystemExit(3)
+
+
+_GLOBAL = "unset"
+
+
+def set_global(value: str) -> None:
+    """An initializer that sets a module global (Ray's Pool cannot: ray#37705)."""
+    global _GLOBAL
+    _GLOBAL = value
+
+
+def read_global(_: Any = None) -> str:
+    return _GLOBAL
+
+
+def thread_env(_: Any = None) -> Tuple[str, Any]:
+    """The thread-limit variables joblib's process backends set, as this worker sees them."""
+    names: Tuple[str, ...] = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    names += ("BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+    return os.environ.get("SSHEXEC_TEST_HOST", "local"), {n: os.environ.get(n) for n in names}
+
+
+def blas_threads(_: Any = None) -> Any:
+    """Threads numpy's BLAS runs with here: what the limit does, numpy imported after it."""
+    import numpy  # noqa: F401
+    from threadpoolctl import threadpool_info
+
+    return sorted({pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"})
+
+
+def nested_parallel(n: int) -> Tuple[List[int], str]:
+    """A joblib Parallel inside a task: its results and the backend it ran on."""
+    from joblib import Parallel, delayed
+    from joblib.parallel import get_active_backend
+
+    inner = Parallel(n_jobs=2)(delayed(square)(i) for i in range(n))
+    return list(inner), type(get_active_backend()[0]).__name__
+
+
+def pid_in(_: Any = None) -> int:
+    return os.getpid()
+
+
+def raise_on(bad: int, x: int) -> int:
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return x * x
+
+
+def failing_input(n: int) -> Any:
+    """An input iterable that raises after ``n`` items."""
+    yield from range(n)
+    raise KeyError("input ran dry")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
@@ -126,3 +128,24 @@ def test_py_typed_marker_exists_and_ships_with_the_package() -> None:
     package_data = project["tool"]["setuptools"].get("package-data", {})
     assert "py.typed" in package_data.get("sshexec", []) + package_data.get("*", [])
     assert "Typing :: Typed" in project["project"]["classifiers"]
+
+
+def test_importing_sshexec_imports_neither_joblib_nor_sklearn() -> None:
+    """joblib and scikit-learn are extras: ``import sshexec`` (and ``sshexec.Pool``) must
+    work without them and never load them."""
+    code = (
+        "import sys, sshexec\n"
+        "sshexec.Pool\n"
+        "loaded = [m for m in ('joblib', 'sklearn', 'asyncssh') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_pool_documents_its_options() -> None:
+    doc = own_doc(sshexec.Pool)
+    parameters = inspect.signature(sshexec.Pool.__init__).parameters
+    missing = [p for p in parameters if p != "self" and not (describes(doc, p) or f"**{p}:" in doc)]
+    assert not missing, f"sshexec.Pool docstring does not describe {missing}"

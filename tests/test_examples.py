@@ -8,6 +8,7 @@ UserKnownHostsFile), and the example gets only ``--hosts alias``.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import platform
@@ -165,7 +166,53 @@ def test_host_facts_local() -> None:
     assert out.count("(hostname ") == 1  # local workers are one host: one call
 
 
+def sklearn_grid_expected(cv: int) -> List[str]:
+    """The example's per-candidate and best lines, from the same search run with n_jobs=1."""
+    pytest.importorskip("sklearn")
+    spec = importlib.util.spec_from_file_location("sklearn_grid", REPO / "examples/sklearn_grid.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    from sklearn.datasets import load_iris
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.svm import SVC
+
+    X, y = load_iris(return_X_y=True)
+    search = GridSearchCV(SVC(), example.GRID, cv=cv, n_jobs=1).fit(X, y)
+    lines = [
+        f"C={params['C']:<6} gamma={params['gamma']!s:<6} mean accuracy {score:.4f}"
+        for params, score in zip(
+            search.cv_results_["params"], search.cv_results_["mean_test_score"]
+        )
+    ]
+    return [*lines, f"best: {search.best_params_} with mean accuracy {search.best_score_:.4f}"]
+
+
+def test_sklearn_grid_local_scores_as_n_jobs_1() -> None:
+    expected = sklearn_grid_expected(3)
+    out = succeeded(run_example("sklearn_grid", "--cv", "3"))
+    assert out.splitlines()[: len(expected)] == expected
+    assert re.search(r"^16 candidates x 3 folds = 48 fits in [\d.]+ s$", out, re.M)
+
+
 # --- over sshd, set up through ~/.ssh/config ---------------------------------------------
+
+
+@pytest.mark.ssh
+def test_sklearn_grid_over_two_aliases(ssh_home: Path) -> None:
+    expected = sklearn_grid_expected(3)
+    result = run_example(
+        "sklearn_grid",
+        "--hosts",
+        "node-alpha,node-beta",
+        "--python",
+        sys.executable,
+        "--cv",
+        "3",
+        home=ssh_home,
+    )
+    out = succeeded(result)
+    assert out.splitlines()[: len(expected)] == expected
 
 
 @pytest.mark.ssh
