@@ -8,7 +8,6 @@ remote hosts), nor joblib or scikit-learn.
 
 from __future__ import annotations
 
-from . import _joblib_hook
 from ._errors import (
     BrokenPool,
     CallDecodeError,
@@ -21,7 +20,8 @@ from ._errors import (
 )
 from ._executor import SSHPoolExecutor
 from ._hosts import Host, parse_host, read_hosts
-from ._mppool import Pool
+from ._layers import joblib_hook as _joblib_hook
+from ._layers.mppool import Pool
 from ._progress import progress
 from ._stats import HostStats, Stats, WorkerStats
 

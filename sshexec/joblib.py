@@ -34,10 +34,10 @@ from joblib.parallel import (
     register_parallel_backend,
 )
 
-from . import _byvalue
-from ._adapters import CallbackThread, planned_workers
 from ._executor import SSHPoolExecutor
 from ._hosts import local_cpu_count, resolve_hosts, share_workers
+from ._layers import byvalue as _byvalue
+from ._layers.adapters import CallbackThread, planned_workers
 
 __all__ = ["NAME", "Backend", "register"]
 

@@ -18,7 +18,7 @@ import concurrent.futures as cf
 import os
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -40,21 +40,20 @@ class PoolModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.node = MemNode(hosts=2)
-        real = executor_module.build_transports
-        executor_module.build_transports = lambda *a, **k: [  # type: ignore[assignment]
-            (t, 1, "sim") for t in self.node.transports
-        ]
-        try:
-            # few slots, so that tasks queue up behind them, and short backoffs
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(
+                executor_module,
+                "build_transports",
+                lambda *a, **k: [(t, 1, "sim") for t in self.node.transports],
+            )
+            # few slots, so that tasks queue up behind them
             self.ex = SSHPoolExecutor(max_retries=1, prefetch=1, shutdown_grace=0.5)
-        finally:
-            executor_module.build_transports = real
         pool = self.ex._pool
         self.node.known_workers = lambda: pool.links
         self.futures: List[cf.Future[Any]] = []
         self.expected: Dict[int, Any] = {}  # id(future) -> its value, when it succeeds
         self.endings: Dict[int, int] = {}  # id(future) -> times it ended
-        self.maps: List[Iterator[Any]] = []
+        self.maps: List[Any] = []  # map iterators (generators: they have close())
         self.is_shut = False
 
     # ---- running steps on the loop thread ---------------------------------------------

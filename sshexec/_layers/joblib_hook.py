@@ -20,6 +20,6 @@ def offer() -> None:
 
 
 def _register() -> None:
-    from . import joblib  # registers the backend
+    from .. import joblib  # registers the backend
 
     joblib.register()

@@ -23,12 +23,12 @@ from concurrent.futures import CancelledError, Future
 from concurrent.futures.process import _RemoteTraceback
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from ._adapters import CallbackThread
-from ._errors import WorkerLostError
-from ._mpresults import Throttle
+from .._errors import WorkerLostError
+from .adapters import CallbackThread
+from .mpresults import Throttle
 
 if TYPE_CHECKING:
-    from ._executor import SSHPoolExecutor
+    from .._executor import SSHPoolExecutor
 
 log = logging.getLogger("sshexec.callbacks")
 

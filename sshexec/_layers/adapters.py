@@ -18,7 +18,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
 if TYPE_CHECKING:
-    from ._executor import SSHPoolExecutor
+    from .._executor import SSHPoolExecutor
 
 log = logging.getLogger("sshexec.callbacks")
 _ids = itertools.count()

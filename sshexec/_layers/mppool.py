@@ -29,17 +29,17 @@ from typing import (
 
 import cloudpickle
 
-from . import _byvalue
-from ._adapters import planned_workers
-from ._executor import SSHPoolExecutor
-from ._mpresults import AsyncResult, IMapIterator, IMapUnorderedIterator, MapResult, Throttle
-from ._mpstate import RUN, Job, PoolState, Task
+from .._executor import SSHPoolExecutor
+from . import byvalue
+from .adapters import planned_workers
+from .mpresults import AsyncResult, IMapIterator, IMapUnorderedIterator, MapResult, Throttle
+from .mpstate import RUN, Job, PoolState, Task
 
 if TYPE_CHECKING:
-    from ._hosts import HostsArg
+    from .._hosts import HostsArg
 
 T = TypeVar("T")
-cloudpickle.register_pickle_by_value(_byvalue)  # the chunk runners travel; nodes lack sshexec
+cloudpickle.register_pickle_by_value(byvalue)  # the chunk runners travel; nodes lack sshexec
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[Tuple[Any, ...]]:
@@ -186,7 +186,7 @@ class Pool:
     ) -> List[T]:
         """``[func(x) for x in iterable]`` over the workers, in input order, sent in chunks
         (``chunksize=None``: about four per worker, multiprocessing's formula)."""
-        return self._map_async(func, iterable, _byvalue.map_chunk, chunksize).get()
+        return self._map_async(func, iterable, byvalue.map_chunk, chunksize).get()
 
     def map_async(
         self,
@@ -198,7 +198,7 @@ class Pool:
     ) -> MapResult[T]:
         """As ``map``, returning a ``MapResult``; ``callback`` gets the whole list."""
         return self._map_async(
-            func, iterable, _byvalue.map_chunk, chunksize, callback, error_callback
+            func, iterable, byvalue.map_chunk, chunksize, callback, error_callback
         )
 
     def starmap(
@@ -208,7 +208,7 @@ class Pool:
         chunksize: Optional[int] = None,
     ) -> List[T]:
         """As ``map``, with each item unpacked as the arguments: ``func(*args)``."""
-        return self._map_async(func, iterable, _byvalue.starmap_chunk, chunksize).get()
+        return self._map_async(func, iterable, byvalue.starmap_chunk, chunksize).get()
 
     def starmap_async(
         self,
@@ -220,7 +220,7 @@ class Pool:
     ) -> MapResult[T]:
         """As ``starmap``, returning a ``MapResult``."""
         return self._map_async(
-            func, iterable, _byvalue.starmap_chunk, chunksize, callback, error_callback
+            func, iterable, byvalue.starmap_chunk, chunksize, callback, error_callback
         )
 
     def _map_async(
@@ -330,4 +330,4 @@ def _one_per_item(func: Callable[[Any], Any], iterable: Iterable[Any]) -> Iterat
 
 def _chunk_tasks(func: Callable[[Any], Any], iterable: Iterable[Any], size: int) -> Iterator[Task]:
     for chunk in _chunks(iterable, size):
-        yield _byvalue.map_chunk, (func, chunk), {}
+        yield byvalue.map_chunk, (func, chunk), {}
