@@ -156,12 +156,15 @@ class SSHServer:
         """Kill every process below the listener (each connection's monitor and session
         processes, and the workers they run): every TCP connection dies at once."""
         if self.proc is not None:
-            for pid in descendants(self.proc.pid):
-                try:
-                    os.kill(pid, 9)
-                except OSError:
-                    pass
-            clear_stale_pyenv_lock()
+            _kill(descendants(self.proc.pid))
+
+    def go_down(self) -> None:
+        """The host vanishes: the listener stops first (so that no reconnect slips in),
+        then every connection it had dies."""
+        if self.proc is not None:
+            sessions = descendants(self.proc.pid)
+            self.stop()
+            _kill(sessions)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -191,6 +194,15 @@ def executor_kwargs(servers: List[SSHServer], **extra: Any) -> Dict[str, Any]:
     return kwargs
 
 
+def _kill(pids: List[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    clear_stale_pyenv_lock()
+
+
 def clear_stale_pyenv_lock() -> None:
     """A login shell whose ~/.bashrc runs ``pyenv init`` (root's on this machine image)
     takes pyenv's rehash lock at every login; killed mid-way, as ``drop_connections``
@@ -199,7 +211,6 @@ def clear_stale_pyenv_lock() -> None:
     lock = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "shims" / ".pyenv-shim"
     if not lock.exists():
         return
-    time.sleep(0.2)  # a rehash that is still running finishes and removes it itself
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:

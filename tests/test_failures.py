@@ -345,8 +345,7 @@ def test_every_future_resolves_when_all_hosts_die(start_server: StartServer) -> 
     executor = SSHPoolExecutor(2, **server.executor_kwargs(max_retries=0))
     futures = [executor.submit(tasks.sleep_then, 0.5, i) for i in range(8)]
     time.sleep(0.2)
-    server.drop_connections()
-    server.stop()  # and the listener: reconnecting fails
+    server.go_down()  # listener first, then every connection: reconnecting fails
     _, not_done = cf.wait(futures, timeout=90)
     assert not not_done
     assert all(

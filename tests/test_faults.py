@@ -77,8 +77,7 @@ def test_host_comes_back_after_a_drop(start_server: StartServer) -> None:
         deadline = time.monotonic() + 30  # both workers up: none is mid-start at the drop
         while len(executor._pool.links) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
-        server.drop_connections()
-        server.stop()
+        server.go_down()  # listener first, then every connection: reconnecting fails
         futures = [executor.submit(tasks.sleep_then, 0.1, i) for i in range(6)]
         time.sleep(1.5)  # reconnect attempts fail meanwhile
         done = [f.exception() or f.result() for f in futures if f.done()]
@@ -93,8 +92,7 @@ def test_every_host_gone_fails_after_the_grace(start_server: StartServer) -> Non
     executor = SSHPoolExecutor(2, **kwargs)
     assert executor.submit(tasks.square, 3).result(timeout=30) == 9
     for server in servers:
-        server.drop_connections()
-        server.stop()
+        server.go_down()  # listener first, then every connection: reconnecting fails
     deadline = time.monotonic() + 30
     while executor._pool.links and time.monotonic() < deadline:  # the loss is seen
         time.sleep(0.05)
