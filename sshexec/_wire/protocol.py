@@ -1,9 +1,10 @@
-"""Frame codec and message classes shared by the host and the worker.
+"""Frame codec shared by the host, the agent and the worker.
 
 Owns: the frame layout (two 4-byte big-endian lengths, head and tail; the head is a
 msgpack array ``[tag, ...]``; the tail is the raw bytes of a message's ``TAIL`` field,
 the pickled call or result, so big payloads are never packed, joined or unpacked),
-the message dataclasses, ``PROTOCOL_VERSION``, frame limits and the start marker.
+``PROTOCOL_VERSION``, frame limits and the start marker. The message classes are
+``messages``' and are re-exported here, so ``proto.Run`` names one.
 Must not import: asyncio, cloudpickle, or anything beyond the stdlib and msgpack,
 because this module is shipped to nodes inside the bootstrap bundle. It does no
 I/O: bytes go in, messages come out.
@@ -12,10 +13,9 @@ I/O: bytes go in, messages come out.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from typing import (
     Any,
-    ClassVar,
     Dict,
     Final,
     Iterable,
@@ -28,6 +28,95 @@ from typing import (
 )
 
 import msgpack
+
+from .messages import (  # re-exported (__all__): proto.Run, proto.Hello, ...
+    SOURCE_KINDS,
+    STAGE_CALL,
+    STAGE_INIT,
+    STAGE_RESULT,
+    STAGE_RUN,
+    STAGES,
+    Buffer,
+)
+from .messages import (
+    Done as Done,
+)
+from .messages import (
+    Failed as Failed,
+)
+from .messages import (
+    Fetch as Fetch,
+)
+from .messages import (
+    Hello as Hello,
+)
+from .messages import (
+    Init as Init,
+)
+from .messages import (
+    Log as Log,
+)
+from .messages import (
+    Message as Message,
+)
+from .messages import (
+    Output as Output,
+)
+from .messages import (
+    Pieces as Pieces,
+)
+from .messages import (
+    Ping as Ping,
+)
+from .messages import (
+    Pong as Pong,
+)
+from .messages import (
+    Ready as Ready,
+)
+from .messages import (
+    Revoke as Revoke,
+)
+from .messages import (
+    Revoked as Revoked,
+)
+from .messages import (
+    Run as Run,
+)
+from .messages import (
+    Shutdown as Shutdown,
+)
+from .messages import (
+    Source as Source,
+)
+from .messages import (
+    Tail as Tail,
+)
+
+__all__ = [
+    "BIG_TAIL",
+    "BUFFER_SIZE",
+    "DEFAULT_MAX_FRAME",
+    "HEADER",
+    "INIT_TASK_ID",
+    "MAX_FRAME_LIMIT",
+    "PROTOCOL_VERSION",
+    "SOURCE_KINDS",
+    "STAGES",
+    "STAGE_CALL",
+    "STAGE_INIT",
+    "STAGE_RESULT",
+    "STAGE_RUN",
+    "START_MARKER",
+    "Buffer",
+    "FrameDecoder",
+    "FrameError",
+    "encode",
+    "encode_parts",
+    "frame_pieces",
+    "frames",
+    "tail_pieces",
+]
 
 PROTOCOL_VERSION: Final = 5
 # 2: Failed.stage, Revoke/Revoked; 3: Init.max_frame; 4: Init.forward_modules/log_level,
@@ -42,188 +131,10 @@ DEFAULT_MAX_FRAME: Final = 1 << 30  # 1 GiB; larger calls or results are refused
 INIT_TASK_ID: Final = 0  # Failed(task_id=0) reports a failed initializer
 
 
-Buffer = Union[bytes, bytearray, memoryview]
-Pieces = Tuple[Buffer, ...]  # a tail given as buffers to write one after another
-Tail = Union[bytes, bytearray, Pieces]  # received: bytes, or a bytearray when big
-
-
 class FrameError(ValueError):
     """The byte stream is not a valid sshexec frame stream (the host turns it into ProtocolError)."""
 
 
-# ---- host -> worker: commands ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Init:
-    TAG: ClassVar[int] = 1
-    worker_id: str
-    initializer: bytes  # cloudpickle of (initializer, initargs), or b"" for none
-    max_frame: int  # the host's limit: a larger result fails on the worker, not the link
-    forward_modules: bool  # ask the host for modules this interpreter cannot import
-    log_level: int  # the root logger level on the worker (the client's, at construction)
-
-
-@dataclass(frozen=True)
-class Run:
-    TAG: ClassVar[int] = 2
-    TAIL: ClassVar[str] = "payload"
-    task_id: int
-    # the pickled call, then its out-of-band buffers; opaque here (a bytearray when big).
-    # To encode, it may also be a tuple of buffers (Pieces), written one after another.
-    payload: Tail
-    buffers: bytes = b""  # sizes of the out-of-band buffers ending the payload (BUFFER_SIZE)
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    TAG: ClassVar[int] = 3
-
-
-@dataclass(frozen=True)
-class Revoke:
-    """Give a prefetched task back if it has not started (an idle worker will take it)."""
-
-    TAG: ClassVar[int] = 4
-    task_id: int
-
-
-@dataclass(frozen=True)
-class Ping:
-    """Answered at once by the worker's reader thread, even while a task runs."""
-
-    TAG: ClassVar[int] = 5
-    nonce: int
-
-
-@dataclass(frozen=True)
-class Source:
-    """The host's answer to ``Fetch``: a module's pure-Python source, or why there is none."""
-
-    TAG: ClassVar[int] = 6
-    name: str
-    kind: str  # one of SOURCE_KINDS
-    origin: str  # the file it came from on the client ("" when none)
-    code: str  # the source ("" unless kind is "source")
-    is_package: bool
-    detail: str  # for "compiled": the distribution; for "missing": why, or ""
-
-
-SOURCE_KINDS: Final = ("source", "missing", "compiled")
-
-
-# ---- worker -> host: facts ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Hello:
-    TAG: ClassVar[int] = 10
-    protocol: int
-    python: str  # "3.11.7"
-    cloudpickle: str
-    msgpack: str
-    pid: int
-    hostname: str
-    cpus: int
-    executable: str
-
-
-@dataclass(frozen=True)
-class Ready:
-    TAG: ClassVar[int] = 11
-
-
-@dataclass(frozen=True)
-class Done:
-    TAG: ClassVar[int] = 12
-    TAIL: ClassVar[str] = "payload"
-    task_id: int
-    payload: Tail  # the pickled result, then its out-of-band buffers (as Run.payload)
-    # time the worker spent on it (unpickle, call, pickle); metadata, not compared
-    seconds: float = field(default=0.0, compare=False)
-    buffers: bytes = b""  # sizes of the out-of-band buffers ending the payload
-
-
-@dataclass(frozen=True)
-class Failed:
-    TAG: ClassVar[int] = 13
-    task_id: int
-    type_name: str  # "module.QualName" of the exception
-    message: str  # str(exception)
-    traceback: str  # remote traceback text, starting with host and pid
-    exception: bytes  # cloudpickle of the exception, or b"" when it could not be pickled
-    stage: str  # where it failed: one of STAGES
-    seconds: float = field(default=0.0, compare=False)
-
-
-STAGE_INIT, STAGE_CALL, STAGE_RUN, STAGE_RESULT = "init", "call", "run", "result"
-STAGES: Final = (STAGE_INIT, STAGE_CALL, STAGE_RUN, STAGE_RESULT)  # call: unpickling it
-
-
-@dataclass(frozen=True)
-class Revoked:
-    """The worker dropped a revoked task without running it."""
-
-    TAG: ClassVar[int] = 14
-    task_id: int
-
-
-@dataclass(frozen=True)
-class Pong:
-    TAG: ClassVar[int] = 15
-    nonce: int
-
-
-@dataclass(frozen=True)
-class Output:
-    """A chunk a task wrote to ``sys.stdout`` (stream 1) or ``sys.stderr`` (stream 2)."""
-
-    TAG: ClassVar[int] = 16
-    stream: int
-    data: bytes
-
-
-@dataclass(frozen=True)
-class Log:
-    """A ``logging`` record from a task, already formatted into ``message``."""
-
-    TAG: ClassVar[int] = 17
-    name: str
-    levelno: int
-    message: str
-    pathname: str
-    lineno: int
-    func: str
-    created: float
-    exc_text: str  # formatted traceback, or ""
-    thread_name: str
-
-
-@dataclass(frozen=True)
-class Fetch:
-    """The worker cannot import ``name``: the host may have its source."""
-
-    TAG: ClassVar[int] = 18
-    name: str
-
-
-Message = Union[
-    Init,
-    Run,
-    Shutdown,
-    Revoke,
-    Ping,
-    Source,
-    Hello,
-    Ready,
-    Done,
-    Failed,
-    Revoked,
-    Pong,
-    Output,
-    Log,
-    Fetch,
-]
 _CLASSES: Final[Tuple[Type[Any], ...]] = get_args(Message)
 # "Tail": a tail field, bytes or bytearray as received (see FrameDecoder)
 _TYPES: Final = {

@@ -1,0 +1,195 @@
+"""The messages both ends exchange: frozen dataclasses with a ``TAG``.
+
+Owns: the worker protocol (host -> worker commands ``Init``, ``Run``, ``Shutdown``,
+``Revoke``, ``Ping``, ``Source``; worker -> host facts ``Hello``, ``Ready``, ``Done``,
+``Failed``, ``Revoked``, ``Pong``, ``Output``, ``Log``, ``Fetch``) and the agent protocol
+spoken on a host's one channel (``Configure``, ``Spawn``, ``Data``, ``CloseInput``,
+``Signal``, ``Store`` / ``Spawned``, ``Exited``, ``SpawnFailed``; ``Hello``, ``Ping``,
+``Pong`` and ``Shutdown`` serve there too). A field named by a class's ``TAIL`` travels
+raw after the msgpack head (see ``protocol``). Must not import: anything beyond the
+stdlib.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Final, Tuple, Union
+
+Buffer = Union[bytes, bytearray, memoryview]
+Pieces = Tuple[Buffer, ...]  # a tail given as buffers to write one after another
+Tail = Union[bytes, bytearray, Pieces]  # received: bytes, or a bytearray when big
+
+
+# ---- host -> worker: commands ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Init:
+    TAG: ClassVar[int] = 1
+    worker_id: str
+    initializer: bytes  # cloudpickle of (initializer, initargs), or b"" for none
+    max_frame: int  # the host's limit: a larger result fails on the worker, not the link
+    forward_modules: bool  # ask the host for modules this interpreter cannot import
+    log_level: int  # the root logger level on the worker (the client's, at construction)
+
+
+@dataclass(frozen=True)
+class Run:
+    TAG: ClassVar[int] = 2
+    TAIL: ClassVar[str] = "payload"
+    task_id: int
+    # the pickled call, then its out-of-band buffers; opaque here (a bytearray when big).
+    # To encode, it may also be a tuple of buffers (Pieces), written one after another.
+    payload: Tail
+    buffers: bytes = b""  # sizes of the out-of-band buffers ending the payload (BUFFER_SIZE)
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    TAG: ClassVar[int] = 3
+
+
+@dataclass(frozen=True)
+class Revoke:
+    """Give a prefetched task back if it has not started (an idle worker will take it)."""
+
+    TAG: ClassVar[int] = 4
+    task_id: int
+
+
+@dataclass(frozen=True)
+class Ping:
+    """Answered at once by the worker's reader thread, even while a task runs."""
+
+    TAG: ClassVar[int] = 5
+    nonce: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """The host's answer to ``Fetch``: a module's pure-Python source, or why there is none."""
+
+    TAG: ClassVar[int] = 6
+    name: str
+    kind: str  # one of SOURCE_KINDS
+    origin: str  # the file it came from on the client ("" when none)
+    code: str  # the source ("" unless kind is "source")
+    is_package: bool
+    detail: str  # for "compiled": the distribution; for "missing": why, or ""
+
+
+SOURCE_KINDS: Final = ("source", "missing", "compiled")
+
+
+# ---- worker -> host: facts ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    TAG: ClassVar[int] = 10
+    protocol: int
+    python: str  # "3.11.7"
+    cloudpickle: str
+    msgpack: str
+    pid: int
+    hostname: str
+    cpus: int
+    executable: str
+
+
+@dataclass(frozen=True)
+class Ready:
+    TAG: ClassVar[int] = 11
+
+
+@dataclass(frozen=True)
+class Done:
+    TAG: ClassVar[int] = 12
+    TAIL: ClassVar[str] = "payload"
+    task_id: int
+    payload: Tail  # the pickled result, then its out-of-band buffers (as Run.payload)
+    # time the worker spent on it (unpickle, call, pickle); metadata, not compared
+    seconds: float = field(default=0.0, compare=False)
+    buffers: bytes = b""  # sizes of the out-of-band buffers ending the payload
+
+
+@dataclass(frozen=True)
+class Failed:
+    TAG: ClassVar[int] = 13
+    task_id: int
+    type_name: str  # "module.QualName" of the exception
+    message: str  # str(exception)
+    traceback: str  # remote traceback text, starting with host and pid
+    exception: bytes  # cloudpickle of the exception, or b"" when it could not be pickled
+    stage: str  # where it failed: one of STAGES
+    seconds: float = field(default=0.0, compare=False)
+
+
+STAGE_INIT, STAGE_CALL, STAGE_RUN, STAGE_RESULT = "init", "call", "run", "result"
+STAGES: Final = (STAGE_INIT, STAGE_CALL, STAGE_RUN, STAGE_RESULT)  # call: unpickling it
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """The worker dropped a revoked task without running it."""
+
+    TAG: ClassVar[int] = 14
+    task_id: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    TAG: ClassVar[int] = 15
+    nonce: int
+
+
+@dataclass(frozen=True)
+class Output:
+    """A chunk a task wrote to ``sys.stdout`` (stream 1) or ``sys.stderr`` (stream 2)."""
+
+    TAG: ClassVar[int] = 16
+    stream: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Log:
+    """A ``logging`` record from a task, already formatted into ``message``."""
+
+    TAG: ClassVar[int] = 17
+    name: str
+    levelno: int
+    message: str
+    pathname: str
+    lineno: int
+    func: str
+    created: float
+    exc_text: str  # formatted traceback, or ""
+    thread_name: str
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """The worker cannot import ``name``: the host may have its source."""
+
+    TAG: ClassVar[int] = 18
+    name: str
+
+
+Message = Union[
+    Init,
+    Run,
+    Shutdown,
+    Revoke,
+    Ping,
+    Source,
+    Hello,
+    Ready,
+    Done,
+    Failed,
+    Revoked,
+    Pong,
+    Output,
+    Log,
+    Fetch,
+]
