@@ -393,9 +393,7 @@ def test_the_bundle_code_runs_uncompiled_when_the_magic_matches(
     try:
         node = nodes(home)
         hand_over_bundle(node)
-        probe = (
-            "hasattr(__import__('sshexec._node.worker').__dict__['_node'].worker, 'FROM_BUNDLE_CODE')"
-        )
+        probe = "hasattr(__import__('sshexec._node.worker').__dict__['_node'].worker, 'FROM_BUNDLE_CODE')"
         node.send(
             _protocol.frames(
                 [

@@ -288,7 +288,7 @@ class Worker:
         origin = f"host {self.worker_id.rsplit('#', 1)[0]} (hostname {self.hostname}), "
         origin += f"pid {os.getpid()}, worker {self.worker_id}\n"
         try:
-            blob = cloudpickle.dumps(exc)
+            blob = calls.serialize(exc)
         except BaseException:  # unpicklable attributes: the host gets a RemoteError instead
             blob = b""
         try:
