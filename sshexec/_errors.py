@@ -115,11 +115,26 @@ class ResultDecodeError(SSHExecError, BrokenProcessPool):
 
 
 class CallDecodeError(SSHExecError, BrokenProcessPool):
-    """The worker could not unpickle the call (a module missing on the node, say); the
-    original exception is the ``__cause__``. Only that Future fails; a
-    ``BrokenProcessPool`` as in ProcessPoolExecutor."""
+    """The worker could not unpickle the call (a module missing on the node, say). Only
+    that Future fails; a ``BrokenProcessPool`` as in ProcessPoolExecutor and loky.
+
+    The message names the task, the worker and the remote exception's type and message.
+    As loky's "A task has failed to un-serialize", the ``__cause__`` is a
+    ``concurrent.futures.process._RemoteTraceback`` whose text is the worker's
+    traceback: host and pid, the frames, and the exception's type and message.
+    ``original`` is that exception itself, rebuilt here as ``result()`` would raise it
+    (its own type when it unpickles, else a ``RemoteError``; its ``__cause__`` is the
+    same traceback), or None when the error was made by hand.
+    """
 
     __module__ = "sshexec"
+
+    def __init__(self, message: str, original: Optional[BaseException] = None) -> None:
+        super().__init__(message)
+        self.original = original
+
+    def __reduce__(self) -> Any:
+        return (CallDecodeError, (str(self), self.original))
 
 
 class RemoteError(SSHExecError):
@@ -148,22 +163,24 @@ def _load_exception(data: bytes) -> Optional[BaseException]:
 def rebuild(failure: Failed, worker_id: str = "") -> BaseException:
     """The exception ``result()`` raises for a ``Failed`` reply: the user's own type when
     it unpickles, with the stdlib's ``_RemoteTraceback`` as its cause; else ``RemoteError``.
-    A call the worker could not unpickle is a ``CallDecodeError`` caused by that. The
-    traceback has the client's source lines where the worker had none
-    (``with_source_lines``)."""
+    A call the worker could not unpickle is a ``CallDecodeError`` whose cause is the
+    ``_RemoteTraceback``. Either traceback has the client's source lines where the
+    worker had none (``with_source_lines``)."""
     text = with_source_lines(failure.traceback)
     exc = _load_exception(failure.exception)
     if exc is None:
         exc = RemoteError(failure.type_name, failure.message, text)
-    exc.__cause__ = _RemoteTraceback(_quoted(text))  # type: ignore[arg-type]  # a str at runtime
+    remote = _RemoteTraceback(_quoted(text))  # type: ignore[arg-type]  # a str at runtime
+    exc.__cause__ = remote
     if failure.stage != STAGE_CALL:
         return exc
     where = f"worker {worker_id}" if worker_id else "the worker"
     error = CallDecodeError(
         f"task {failure.task_id}: {where} could not unpickle the call: "
-        f"{failure.type_name}: {failure.message} (is everything it needs importable on that node?)"
+        f"{failure.type_name}: {failure.message} (is everything it needs importable on that node?)",
+        exc,
     )
-    error.__cause__ = exc
+    error.__cause__ = remote
     return error
 
 

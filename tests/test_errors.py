@@ -251,12 +251,49 @@ def test_every_public_class_has_a_pickle_case() -> None:
     assert {type(e) for e in INSTANCES} == set(PUBLIC)
 
 
+CALL_TRACEBACK = (
+    "host node1 (hostname n1.example), pid 4242, worker node1#2\n"
+    "Traceback (most recent call last):\n"
+    '  File "/opt/node-only/lib.py", line 1, in load\n'
+    "ModuleNotFoundError: No module named 'mylib'\n"
+)
+
+
 def test_call_stage_failure_is_a_call_decode_error() -> None:
-    error = rebuild(failed(ModuleNotFoundError("No module named 'mylib'"), stage="call"), "node1#2")
-    assert isinstance(error, CallDecodeError) and isinstance(error, BrokenProcessPool)
-    assert "node1#2" in str(error) and "mylib" in str(error)
-    assert isinstance(error.__cause__, ModuleNotFoundError)
-    assert type(error.__cause__.__cause__) is _RemoteTraceback
+    original = ModuleNotFoundError("No module named 'mylib'")
+    error = rebuild(failed(original, stage="call", traceback=CALL_TRACEBACK), "node1#2")
+    assert type(error) is CallDecodeError and isinstance(error, BrokenProcessPool)
+    assert str(error) == (
+        "task 5: worker node1#2 could not unpickle the call: ModuleNotFoundError: "
+        "No module named 'mylib' (is everything it needs importable on that node?)"
+    )
+    # loky's convention: the cause is the remote traceback, type and message included
+    cause = error.__cause__
+    assert type(cause) is _RemoteTraceback
+    assert cause.tb == f'\n"""\n{CALL_TRACEBACK}"""'
+    assert "ModuleNotFoundError: No module named 'mylib'" in str(cause)
+    # the remote exception itself stays reachable, as result() would raise it
+    assert type(error.original) is ModuleNotFoundError
+    assert error.original.args == original.args
+    assert error.original.__cause__ is cause
+
+
+def test_call_stage_failure_whose_exception_cannot_cross() -> None:
+    failure = failed(None, stage="call", type_name="mod.Odd", message="odd", exception=b"")
+    error = rebuild(failure)
+    assert type(error) is CallDecodeError and "the worker could not unpickle" in str(error)
+    assert "mod.Odd: odd" in str(error)
+    assert type(error.__cause__) is _RemoteTraceback and TRACEBACK in error.__cause__.tb
+    assert type(error.original) is RemoteError
+    assert (error.original.type_name, error.original.message) == ("mod.Odd", "odd")
+
+
+def test_call_decode_error_pickles_with_its_original() -> None:
+    error = CallDecodeError("task 1: could not unpickle", KeyError("k"))
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is CallDecodeError and str(copy) == str(error)
+    assert type(copy.original) is KeyError and copy.original.args == ("k",)
+    assert CallDecodeError("by hand").original is None
 
 
 # ---- source lines the node did not have -----------------------------------------------
@@ -406,7 +443,7 @@ def test_rebuild_fills_in_the_cause_and_the_remote_error(
     lost = rebuild(failed(None, type_name="KeyError", message="'k'", traceback=origin + remote))
     assert isinstance(lost, RemoteError) and lost.remote_traceback == origin + expected
     call = rebuild(failed(KeyError("k"), stage="call", traceback=origin + remote))
-    assert call.__cause__.__cause__.tb == f'\n"""\n{origin}{expected}"""'  # type: ignore[union-attr]
+    assert call.__cause__.tb == f'\n"""\n{origin}{expected}"""'  # type: ignore[union-attr]
 
 
 def test_lines_the_client_lacks_are_never_invented(tmp_path: Path) -> None:
