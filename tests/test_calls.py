@@ -3,6 +3,7 @@ the pickler, whose by-value code keeps its file name."""
 
 from __future__ import annotations
 
+import copyreg
 import os
 import pickle
 import subprocess
@@ -213,3 +214,17 @@ def test_the_pickler_is_cloudpickle_apart_from_the_file() -> None:
     ours, theirs = pickle.loads(serialize(fn)), pickle.loads(cloudpickle.dumps(fn))
     assert ours.__code__.replace(co_filename="x") == theirs.__code__.replace(co_filename="x")
     assert ours.__code__.co_filename == CELL
+
+
+class Registered:
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def test_reducers_registered_with_copyreg_later_still_apply() -> None:
+    copyreg.pickle(Registered, lambda obj: (Registered, (obj.value * 2,)))
+    try:
+        assert pickle.loads(serialize(Registered(21))).value == 42
+    finally:
+        del copyreg.dispatch_table[Registered]
+    assert pickle.loads(serialize(Registered(21))).value == 21

@@ -68,6 +68,15 @@ def _reduce_code(code: types.CodeType) -> Any:
     return (types.CodeType, (*args[:at], code.co_filename, *args[at + 1 :]), *reduced[2:])
 
 
+def _dispatch_table() -> ChainMap[type, Callable[[Any], Any]]:
+    theirs = cloudpickle.Pickler.dispatch_table
+    if isinstance(theirs, ChainMap) and theirs.maps:
+        # cloudpickle's reducers with ours, then copyreg's (still live): no lookup level
+        # more than cloudpickle's own, whose table is searched for most objects pickled
+        return ChainMap({**theirs.maps[0], types.CodeType: _reduce_code}, *theirs.maps[1:])
+    return ChainMap({types.CodeType: _reduce_code}, theirs)
+
+
 class Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is untyped
     """cloudpickle's pickler, except that code pickled by value (functions and classes of
     ``__main__``, a notebook, a module registered with ``register_pickle_by_value``)
@@ -75,9 +84,7 @@ class Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is unty
     the file, whose lines the client can show. The same function still gives the same
     payload; it differs from cloudpickle's only by that file name."""
 
-    dispatch_table: ClassVar[Mapping[type, Callable[[Any], Any]]] = ChainMap(
-        {types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table
-    )
+    dispatch_table: ClassVar[Mapping[type, Callable[[Any], Any]]] = _dispatch_table()
 
 
 def serialize(obj: Any, buffer_callback: Optional[BufferCallback] = None) -> bytes:
