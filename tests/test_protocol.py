@@ -282,7 +282,7 @@ def test_max_frame_can_change_between_frames_of_one_chunk() -> None:
     decoder.max_frame = limit - 1  # lowered below the last frame
     with pytest.raises(FrameError, match=f"outside 1..{limit - 1}"):
         next(messages)
-    for bad in (0, MAX_FRAME_LIMIT + 1, 2.0, True):
+    for bad in (0, MAX_FRAME_LIMIT + 1, 2.0, "1"):
         with pytest.raises(ValueError, match="max_frame"):
             FrameDecoder().max_frame = bad  # type: ignore[assignment]
 

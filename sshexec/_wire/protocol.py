@@ -342,7 +342,7 @@ class FrameDecoder:
 
     @max_frame.setter
     def max_frame(self, max_frame: int) -> None:
-        if type(max_frame) is not int or not 0 < max_frame <= MAX_FRAME_LIMIT:
+        if not isinstance(max_frame, int) or not 0 < max_frame <= MAX_FRAME_LIMIT:
             raise ValueError(f"max_frame must be in 1..{MAX_FRAME_LIMIT}, got {max_frame!r}")
         self._max_frame = max_frame
 
