@@ -1,15 +1,18 @@
 """The exception hierarchy, remote tracebacks and ``rebuild()``.
 
-Owns: every sshexec exception class and turning a worker's ``Failed`` reply
-back into the exception the caller sees. Must not import: asyncio, asyncssh, or
-do any I/O.
+Owns: every sshexec exception class, turning a worker's ``Failed`` reply back into
+the exception the caller sees, and filling a remote traceback's missing source lines
+from the client's (``with_source_lines``). Must not import: asyncio, asyncssh, or do
+any I/O beyond ``linecache`` reading the client's source files.
 """
 
 from __future__ import annotations
 
+import linecache
 import pickle
+import re
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ._wire.protocol import STAGE_CALL
 
@@ -26,6 +29,7 @@ __all__ = [
     "WorkerLostError",
     "WorkerStartupError",
     "rebuild",
+    "with_source_lines",
 ]
 
 
@@ -111,11 +115,26 @@ class ResultDecodeError(SSHExecError, BrokenProcessPool):
 
 
 class CallDecodeError(SSHExecError, BrokenProcessPool):
-    """The worker could not unpickle the call (a module missing on the node, say); the
-    original exception is the ``__cause__``. Only that Future fails; a
-    ``BrokenProcessPool`` as in ProcessPoolExecutor."""
+    """The worker could not unpickle the call (a module missing on the node, say). Only
+    that Future fails; a ``BrokenProcessPool`` as in ProcessPoolExecutor and loky.
+
+    The message names the task, the worker and the remote exception's type and message.
+    As loky's "A task has failed to un-serialize", the ``__cause__`` is a
+    ``concurrent.futures.process._RemoteTraceback`` whose text is the worker's
+    traceback: host and pid, the frames, and the exception's type and message.
+    ``original`` is that exception itself, rebuilt here as ``result()`` would raise it
+    (its own type when it unpickles, else a ``RemoteError``; its ``__cause__`` is the
+    same traceback), or None when the error was made by hand.
+    """
 
     __module__ = "sshexec"
+
+    def __init__(self, message: str, original: Optional[BaseException] = None) -> None:
+        super().__init__(message)
+        self.original = original
+
+    def __reduce__(self) -> Any:
+        return (CallDecodeError, (str(self), self.original))
 
 
 class RemoteError(SSHExecError):
@@ -144,22 +163,66 @@ def _load_exception(data: bytes) -> Optional[BaseException]:
 def rebuild(failure: Failed, worker_id: str = "") -> BaseException:
     """The exception ``result()`` raises for a ``Failed`` reply: the user's own type when
     it unpickles, with the stdlib's ``_RemoteTraceback`` as its cause; else ``RemoteError``.
-    A call the worker could not unpickle is a ``CallDecodeError`` caused by that."""
+    A call the worker could not unpickle is a ``CallDecodeError`` whose cause is the
+    ``_RemoteTraceback``. Either traceback has the client's source lines where the
+    worker had none (``with_source_lines``)."""
+    text = with_source_lines(failure.traceback)
     exc = _load_exception(failure.exception)
     if exc is None:
-        exc = RemoteError(failure.type_name, failure.message, failure.traceback)
-    exc.__cause__ = _RemoteTraceback(_quoted(failure.traceback))  # type: ignore[arg-type]  # a str at runtime
+        exc = RemoteError(failure.type_name, failure.message, text)
+    remote = _RemoteTraceback(_quoted(text))  # type: ignore[arg-type]  # a str at runtime
+    exc.__cause__ = remote
     if failure.stage != STAGE_CALL:
         return exc
     where = f"worker {worker_id}" if worker_id else "the worker"
     error = CallDecodeError(
         f"task {failure.task_id}: {where} could not unpickle the call: "
-        f"{failure.type_name}: {failure.message} (is everything it needs importable on that node?)"
+        f"{failure.type_name}: {failure.message} (is everything it needs importable on that node?)",
+        exc,
     )
-    error.__cause__ = exc
+    error.__cause__ = remote
     return error
 
 
 def _quoted(traceback_text: str) -> str:
     # The layout ProcessPoolExecutor gives its remote tracebacks.
     return f'\n"""\n{traceback_text}"""'
+
+
+# A frame line of traceback.format_exception, 3.9 to 3.13: in an exception group each
+# line has a margin of two spaces per level and "| ". A SyntaxError's location line has
+# no ", in name" and is left alone (its text comes with the exception, not from a file).
+_FRAME = re.compile(r'(?P<margin>(?: *\| )?)  File "(?P<file>.+)", line (?P<line>\d+), in ')
+
+
+def _client_line(filename: str, lineno: int) -> str:
+    linecache.checkcache(filename)  # as the traceback module does: a changed file is reread
+    return linecache.getline(filename, lineno)
+
+
+def with_source_lines(
+    traceback_text: str, getline: Callable[[str, int], str] = _client_line
+) -> str:
+    """``traceback_text`` with the source line put under each frame that has none.
+
+    A function that travelled by value (from ``__main__``, a notebook, a module the node
+    lacks) has no file on the node, so the worker's traceback shows only where each of
+    its frames was. The client usually has those files, or their lines in ``linecache``
+    (notebook cells): each line is indented as CPython's traceback module indents it.
+    A frame the client has no line for stays as it came; nothing else changes.
+    """
+    lines = traceback_text.split("\n")
+    out: List[str] = []
+    for at, line in enumerate(lines):
+        out.append(line)
+        frame = _FRAME.match(line)
+        if frame is None:
+            continue
+        margin = frame["margin"]
+        following = lines[at + 1] if at + 1 < len(lines) else ""
+        if following.startswith(margin + "    "):  # the node showed the source already
+            continue
+        source = getline(frame["file"], int(frame["line"])).strip()
+        if source:
+            out.append(f"{margin}    {source}")
+    return "\n".join(out)

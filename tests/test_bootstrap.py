@@ -352,6 +352,7 @@ def test_second_run_hits_the_cache_and_picks_the_codec(
     check_hello(second.read_message(), second)
     probe = (
         "(__import__('msgpack').Unpacker.__module__,"
+        " __import__('msgpack').__spec__.origin,"
         " __import__('sshexec._node.worker').__spec__.origin,"
         " __import__('cloudpickle').__spec__.origin)"
     )
@@ -364,14 +365,20 @@ def test_second_run_hits_the_cache_and_picks_the_codec(
     assert second.read_message() == _protocol.Ready()
     done = second.read_message()
     assert isinstance(done, _protocol.Done) and done.task_id == 1
-    unpacker, worker, pickler = cloudpickle.loads(done.payload)
+    unpacker, codec, worker, pickler = cloudpickle.loads(done.payload)
     assert worker == "sshexec-bundle/sshexec/__init__.py"  # the bundle's, never this checkout
     if node_has == "same-packages":
-        # the node's own compiled msgpack and identical cloudpickle, byte-code cached
-        assert unpacker == msgpack.Unpacker.__module__ == "msgpack._cmsgpack"
+        # the node's own msgpack (compiled, unless it is one whose C extension does not build
+        # for this Python, as msgpack < 1.0.4 on 3.11) and identical cloudpickle
+        assert codec == msgpack.__spec__.origin
+        assert unpacker == msgpack.Unpacker.__module__
         assert pickler == cloudpickle.__spec__.origin
     else:  # the C extension never ships: the bundle's pure-Python copies run
-        assert (unpacker, pickler) == ("msgpack.fallback", "sshexec-bundle/cloudpickle/__init__.py")
+        assert (unpacker, codec, pickler) == (
+            "msgpack.fallback",
+            "sshexec-bundle/msgpack/__init__.py",
+            "sshexec-bundle/cloudpickle/__init__.py",
+        )
     second.send(_protocol.encode(_protocol.Shutdown()))
     assert second.wait() == 0, second.stderr
 

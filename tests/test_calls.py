@@ -1,8 +1,17 @@
-"""Payloads: split calls, and out-of-band buffers (pickle protocol 5) that skip copies."""
+"""Payloads: split calls, out-of-band buffers (pickle protocol 5) that skip copies, and
+the pickler, whose by-value code keeps its file name."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import copyreg
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List
 
 import cloudpickle
 import pytest
@@ -14,6 +23,7 @@ from sshexec._wire.calls import (
     dumps,
     load_call,
     loads,
+    serialize,
     size,
     split_call,
 )
@@ -116,3 +126,105 @@ def test_big_arrays_both_ways_through_a_pool(make_executor: Callable[..., SSHPoo
     assert numpy.array_equal(doubled, array * 2.0) and doubled.flags.writeable
     results = list(executor.map(numpy.negative, [array, array[::3]]))
     assert numpy.array_equal(results[0], -array) and numpy.array_equal(results[1], -array[::3])
+
+
+# ---- the pickler: code pickled by value keeps its file ---------------------------------
+
+CELL = "/tmp/sshexec-notebook/cell_7.py"  # a notebook cell's name: in linecache, not on disk
+CELL_SOURCE = textwrap.dedent(
+    """\
+    def cell_task(x):
+        inner = lambda y: y + 1
+        return inner(x)
+
+
+    class CellShape:
+        def area(self):
+            return 4
+    """
+)
+
+
+def code_files(code: types.CodeType) -> Iterator[str]:
+    """``co_filename`` of ``code`` and of every code object nested in its constants."""
+    yield code.co_filename
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from code_files(const)
+
+
+def cell_namespace() -> Dict[str, Any]:
+    namespace: Dict[str, Any] = {"__name__": "__main__"}  # as a notebook's: pickled by value
+    exec(compile(CELL_SOURCE, CELL, "exec"), namespace)
+    return namespace
+
+
+def test_a_by_value_function_keeps_its_file_after_a_round_trip() -> None:
+    cell = cell_namespace()
+    for fn, where in [
+        (tasks.log_things, tasks.__file__),  # a module registered by value (conftest)
+        (cell["cell_task"], CELL),  # a notebook cell's function, with a nested lambda
+        (cell["CellShape"].area, CELL),  # a method of a class pickled by value
+        (lambda: 3, __file__),  # a lambda of this test module
+    ]:
+        copy = pickle.loads(serialize(fn))
+        assert copy is not fn and copy.__code__ is not fn.__code__  # it did travel by value
+        assert list(code_files(copy.__code__)) == list(code_files(fn.__code__))
+        assert set(code_files(copy.__code__)) == {where}
+    assert pickle.loads(serialize(cell["cell_task"]))(1) == 2
+
+
+def test_every_payload_layout_keeps_the_file() -> None:
+    fn = cell_namespace()["cell_task"]
+    sent, _, _ = load_call(joined(call_payload(fn, (1,), {})))
+    mapped, _, _ = load_call(joined(split_call(serialize(fn), (1,))))
+    result = loads(joined(dumps([fn], copy=False)))[0]  # a result holding a function
+    assert {sent.__code__.co_filename, mapped.__code__.co_filename} == {CELL}
+    assert result.__code__.co_filename == CELL
+
+
+def test_the_payload_of_a_function_is_deterministic(tmp_path: Path) -> None:
+    cell = cell_namespace()
+    assert serialize(cell["cell_task"]) == serialize(cell["cell_task"])
+    assert serialize(tasks.log_things) == serialize(tasks.log_things)
+    # and the same in two fresh interpreters with different string hashing (a function:
+    # a class pickled by value carries a random tracker id, in cloudpickle's own payload too)
+    script = textwrap.dedent(
+        f"""\
+        import sys
+        from sshexec._wire.calls import serialize
+        namespace = {{"__name__": "__main__"}}
+        exec(compile({CELL_SOURCE!r}, {CELL!r}, "exec"), namespace)
+        sys.stdout.buffer.write(serialize(namespace["cell_task"]))
+        """
+    )
+    payloads: List[bytes] = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        run = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, env=env, timeout=60, check=True
+        )
+        payloads.append(run.stdout)
+    assert payloads[0] == payloads[1]
+    assert set(code_files(pickle.loads(payloads[0]).__code__)) == {CELL}
+
+
+def test_the_pickler_is_cloudpickle_apart_from_the_file() -> None:
+    fn = cell_namespace()["cell_task"]
+    ours, theirs = pickle.loads(serialize(fn)), pickle.loads(cloudpickle.dumps(fn))
+    assert ours.__code__.replace(co_filename="x") == theirs.__code__.replace(co_filename="x")
+    assert ours.__code__.co_filename == CELL
+
+
+class Registered:
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def test_reducers_registered_with_copyreg_later_still_apply() -> None:
+    copyreg.pickle(Registered, lambda obj: (Registered, (obj.value * 2,)))
+    try:
+        assert pickle.loads(serialize(Registered(21))).value == 42
+    finally:
+        del copyreg.dispatch_table[Registered]
+    assert pickle.loads(serialize(Registered(21))).value == 21

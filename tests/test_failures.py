@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from pathlib import Path
 from typing import Callable, List, Set
 
@@ -54,10 +54,16 @@ def test_worker_cannot_unpickle_the_call(
     try:
         only_here_mod = importlib.import_module("only_here_mod")
         future = executor.submit(only_here_mod.f)
-        with pytest.raises(CallDecodeError, match="only_here_mod") as info:
+        with pytest.raises(CallDecodeError, match=r"ModuleNotFoundError: .*only_here_mod") as info:
             future.result(timeout=30)
         assert isinstance(info.value, BrokenProcessPool)
-        assert isinstance(info.value.__cause__, ModuleNotFoundError)
+        cause = info.value.__cause__  # loky's convention: the remote traceback
+        assert type(cause) is _RemoteTraceback
+        assert str(cause).lstrip('\n"').startswith("host ")
+        assert "Traceback (most recent call last):" in str(cause)
+        assert "ModuleNotFoundError: No module named 'only_here_mod'" in str(cause)
+        original = info.value.original  # and the node's exception itself
+        assert type(original) is ModuleNotFoundError and original.name == "only_here_mod"
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("only_here_mod", None)

@@ -10,12 +10,13 @@ import re
 import subprocess
 import sys
 import textwrap
+from concurrent.futures.process import _RemoteTraceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
-from sshexec import BrokenPool, SSHPoolExecutor, Stats, WorkerLostError
+from sshexec import BrokenPool, CallDecodeError, SSHPoolExecutor, Stats, WorkerLostError
 
 from . import tasks
 from .sshd import descendants, executor_kwargs
@@ -88,9 +89,11 @@ def test_forwarding_can_be_switched_off(
     make_executor: Callable[..., SSHPoolExecutor], client_only_package: Any
 ) -> None:
     executor = make_executor(forward_modules=False)
-    with pytest.raises(Exception, match=client_only_package.__name__) as info:
+    with pytest.raises(CallDecodeError, match=client_only_package.__name__) as info:
         executor.submit(client_only_package.double, 1).result(timeout=30)
-    assert isinstance(info.value.__cause__, ModuleNotFoundError)
+    assert isinstance(info.value.original, ModuleNotFoundError)
+    assert type(info.value.__cause__) is _RemoteTraceback
+    assert f"No module named '{client_only_package.__name__}'" in str(info.value.__cause__)
 
 
 @pytest.fixture(scope="session")

@@ -270,6 +270,23 @@ def test_max_frame_is_validated() -> None:
     assert FrameDecoder().max_frame == DEFAULT_MAX_FRAME
 
 
+def test_max_frame_can_change_between_frames_of_one_chunk() -> None:
+    small, big = proto.encode(Done(1, b"x" * 10)), proto.encode(Done(2, b"x" * BIG))
+    limit = len(small) - HEADER.size  # the small frame fits exactly, the big one not
+    decoder = FrameDecoder(max_frame=limit)
+    decoder.feed(small + big + small)
+    messages = decoder.messages()
+    assert next(messages) == Done(1, b"x" * 10)
+    decoder.max_frame = len(big) - HEADER.size  # raised: the next frame is checked on it
+    assert next(messages) == Done(2, b"x" * BIG)
+    decoder.max_frame = limit - 1  # lowered below the last frame
+    with pytest.raises(FrameError, match=f"outside 1..{limit - 1}"):
+        next(messages)
+    for bad in (0, MAX_FRAME_LIMIT + 1, 2.0, "1"):
+        with pytest.raises(ValueError, match="max_frame"):
+            FrameDecoder().max_frame = bad  # type: ignore[assignment]
+
+
 @pytest.mark.parametrize("tail", [50, BIG])
 def test_frame_at_max_frame_is_accepted(tail: int) -> None:
     frame = proto.encode(Done(1, b"x" * tail))

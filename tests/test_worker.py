@@ -45,10 +45,10 @@ def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bytes:
 class Host:
     """The host's end of two pipes, with a Worker serving the other end in two threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_frame: int = proto.DEFAULT_MAX_FRAME) -> None:
         self.commands_r, self.commands_w = os.pipe()
         self.replies_r, self.replies_w = os.pipe()
-        self.worker = Worker(self.commands_r, self.replies_w, eof_grace=0.0)
+        self.worker = Worker(self.commands_r, self.replies_w, eof_grace=0.0, max_frame=max_frame)
         self.decoder = proto.FrameDecoder()
         self.serve_error: Optional[BaseException] = None
         self.reader = threading.Thread(
@@ -92,10 +92,17 @@ class Host:
             return False
         return not select.select([self.replies_r], [], [], wait)[0]
 
-    def start(self, worker_id: str = "node1#0", initializer: bytes = b"") -> None:
+    def start(
+        self,
+        worker_id: str = "node1#0",
+        initializer: bytes = b"",
+        max_frame: int = proto.DEFAULT_MAX_FRAME,
+        *then: proto.Message,
+    ) -> None:
+        """Take Hello, send Init and, in the same write, the messages ``then``."""
         hello = self.receive()
         assert isinstance(hello, proto.Hello)
-        self.send(proto.Init(worker_id, initializer, proto.DEFAULT_MAX_FRAME, True, 30))
+        self.send(proto.Init(worker_id, initializer, max_frame, True, 30), *then)
 
     def run(self, task_id: int, payload: bytes) -> proto.Message:
         self.send(proto.Run(task_id, payload))
@@ -202,6 +209,81 @@ def test_unloadable_initializer_is_reported(host: Host) -> None:
     failed = host.receive()
     assert isinstance(failed, proto.Failed) and failed.task_id == 0
     assert host.served()
+
+
+# ---- the command limit comes with Init -------------------------------------------------
+
+MIB = 1 << 20
+
+
+def big_run(task_id: int, size: int) -> proto.Run:
+    """A Run whose frame is a little over ``size`` bytes: a call of ``tasks.nbytes``."""
+    return proto.Run(task_id, call(tasks.nbytes, b"x" * size))
+
+
+def frame_size(message: proto.Message) -> int:
+    return len(proto.encode(message)) - proto.HEADER.size  # what the limit is checked on
+
+
+@pytest.fixture
+def small_default() -> Iterator[Host]:
+    """A worker whose limit before Init is 1 MiB, in place of the 1 GiB default: frames
+    "over the default" stay small enough for a test."""
+    root = logging.getLogger()
+    handlers, level, finders = root.handlers[:], root.level, sys.meta_path[:]
+    h = Host(max_frame=MIB)
+    try:
+        yield h
+        h.close()
+    finally:
+        root.handlers[:], sys.meta_path[:] = handlers, finders
+        root.setLevel(level)
+
+
+def test_a_call_over_the_default_limit_is_taken_when_init_allows_it(
+    small_default: Host,
+) -> None:
+    run = big_run(1, 3 * MIB)
+    assert frame_size(run) > small_default.worker.initial_max_frame  # over the default
+    # Init and the big Run in one write: the limit changes between two frames of a chunk
+    small_default.start("node1#0", b"", 4 * MIB, run)
+    assert small_default.receive() == proto.Ready()
+    done = small_default.receive()
+    assert isinstance(done, proto.Done) and cloudpickle.loads(done.payload) == 3 * MIB
+    assert small_default.worker.max_frame == 4 * MIB  # and results may be as big
+
+
+def test_without_init_raising_it_the_default_limit_holds(
+    small_default: Host, capsys: pytest.CaptureFixture[str]
+) -> None:
+    small_default.start("node1#0", b"", MIB)
+    assert small_default.receive() == proto.Ready()
+    frame = proto.encode(big_run(1, 3 * MIB))
+    small_default.send_raw(frame[: 1 << 15])  # the claim alone is refused: no need for more
+    assert small_default.served(), "the worker kept reading an oversize command stream"
+    assert f"is outside 1..{MIB}" in capsys.readouterr().err
+
+
+def test_a_call_over_inits_limit_is_refused(host: Host, capsys: pytest.CaptureFixture[str]) -> None:
+    host.start("node1#0", b"", 2 * MIB)
+    assert host.receive() == proto.Ready()
+    assert host.run(1, call(tasks.nbytes, b"x" * MIB)) == proto.Done(1, cloudpickle.dumps(MIB))
+    frame = proto.encode(big_run(2, 3 * MIB))
+    assert 2 * MIB < len(frame) < proto.DEFAULT_MAX_FRAME  # under the default limit
+    host.send_raw(frame[: 1 << 15])
+    assert host.served(), "a command over Init's max_frame was not refused"
+    assert "command stream broken" in (err := capsys.readouterr().err)
+    assert f"is outside 1..{2 * MIB}" in err
+    assert host.nothing_more()  # the Run was never answered
+
+
+def test_an_init_with_an_impossible_limit_breaks_the_stream(
+    host: Host, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host.start("node1#0", b"", 0)
+    assert host.served()
+    assert "Init: max_frame must be in 1.." in capsys.readouterr().err
+    assert host.nothing_more()  # not even Ready: the Init was not taken
 
 
 # ---- running tasks --------------------------------------------------------------------

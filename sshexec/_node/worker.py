@@ -104,9 +104,17 @@ class Namespaces:
 
 
 class Worker:
-    """Serves commands read from ``frames_in``, writing replies to ``frames_out``."""
+    """Serves commands read from ``frames_in``, writing replies to ``frames_out``.
 
-    def __init__(self, frames_in: int, frames_out: int, eof_grace: float = EOF_GRACE_SECONDS):
+    ``max_frame`` limits commands and results until ``Init`` brings the host's limit."""
+
+    def __init__(
+        self,
+        frames_in: int,
+        frames_out: int,
+        eof_grace: float = EOF_GRACE_SECONDS,
+        max_frame: int = proto.DEFAULT_MAX_FRAME,
+    ):
         self.frames_in, self.frames_out, self.eof_grace = frames_in, frames_out, eof_grace
         self.inbox: queue.SimpleQueue[Optional[proto.Message]] = queue.SimpleQueue()
         self.worker_id = "?"
@@ -118,7 +126,8 @@ class Worker:
         self.claim_lock = threading.Lock()
         self.write_lock = threading.Lock()
         self.namespaces = Namespaces()
-        self.max_frame = proto.DEFAULT_MAX_FRAME
+        self.max_frame = max_frame  # the results' limit; initialize() takes Init's
+        self.initial_max_frame = max_frame  # the commands' until the reader decodes Init
         self.sources: queue.SimpleQueue[Optional[proto.Source]] = queue.SimpleQueue()
         self.fetch_lock = threading.Lock()
         self.is_reading = True
@@ -144,7 +153,7 @@ class Worker:
     def read_commands(self, exit_on_eof: bool = True) -> None:
         """Reader thread: decode frames into the inbox; at EOF give the main thread a
         short grace, then end the process so a vanished host leaves no orphan."""
-        decoder = proto.FrameDecoder()
+        decoder = proto.FrameDecoder(self.initial_max_frame)
         try:
             while True:
                 chunk = os.read(self.frames_in, 1 << 20)
@@ -153,6 +162,13 @@ class Worker:
                     break
                 decoder.feed(chunk)
                 for message in decoder.messages():
+                    if isinstance(message, proto.Init):
+                        # the host's limit, from the very next frame: it may send calls up
+                        # to its max_frame, over the default or under it
+                        try:
+                            decoder.max_frame = message.max_frame
+                        except ValueError as exc:
+                            raise proto.FrameError(f"Init: {exc}") from exc
                     if isinstance(message, proto.Revoke):
                         self.revoke(message.task_id)
                         continue
@@ -288,7 +304,7 @@ class Worker:
         origin = f"host {self.worker_id.rsplit('#', 1)[0]} (hostname {self.hostname}), "
         origin += f"pid {os.getpid()}, worker {self.worker_id}\n"
         try:
-            blob = cloudpickle.dumps(exc)
+            blob = calls.serialize(exc)
         except BaseException:  # unpicklable attributes: the host gets a RemoteError instead
             blob = b""
         try:

@@ -4,15 +4,19 @@ Owns: the payload layout. A payload is a pickle stream followed by the
 out-of-band buffers it refers to (pickle protocol 5: a numpy array's memory,
 a bytearray), whose sizes travel in the message's ``buffers`` field; a call is
 either one pickle of ``(fn, args, kwargs)`` or a *split call* (``map``: the
-function pickled once, then each item's arguments). Shipped to nodes. Must not
-import: any sshexec module outside ``_wire``, or anything beyond the stdlib
-and cloudpickle.
+function pickled once, then each item's arguments). Also the one pickler both ends
+use for calls, results, initializers and exceptions (``Pickler``, ``serialize``).
+Shipped to nodes. Must not import: any sshexec module outside ``_wire``, or anything
+beyond the stdlib and cloudpickle.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
-from typing import Any, Callable, Dict, Iterable, List, Tuple
+import types
+from collections import ChainMap
+from typing import Any, Callable, ClassVar, Dict, Final, Iterable, List, Mapping, Optional, Tuple
 
 import cloudpickle
 
@@ -24,6 +28,71 @@ _PLAIN_TYPES = frozenset((int, float, str, bytes, bool, type(None)))
 
 Payload = Tuple[proto.Pieces, bytes]  # (pickle stream + buffers, their packed sizes)
 Call = Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]
+BufferCallback = Callable[[pickle.PickleBuffer], Any]
+
+_reduce_code_by_cloudpickle = cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+def _filename_argument() -> int:
+    """Where ``co_filename`` sits among the arguments cloudpickle's code reducer gives
+    ``types.CodeType``, found by trying each string argument; -1 if its reducer is not of
+    that shape (then code is pickled exactly as cloudpickle does)."""
+    probe = compile("pass", "<sshexec-probe>", "exec")
+    make, args = _reduce_code_by_cloudpickle(probe)[:2]
+    if make is not types.CodeType:
+        return -1
+    code_type: Any = types.CodeType  # its signature differs by Python version
+    for at, arg in enumerate(args):
+        if not isinstance(arg, str):
+            continue
+        try:
+            rebuilt = code_type(*args[:at], "<sshexec-marker>", *args[at + 1 :])
+        except (TypeError, ValueError):
+            continue
+        if rebuilt.co_filename == "<sshexec-marker>" and rebuilt.co_name == probe.co_name:
+            return at
+    return -1
+
+
+_FILENAME_AT: Final = _filename_argument()
+
+
+def _reduce_code(code: types.CodeType) -> Any:
+    # cloudpickle >= 3.1.3 writes co_filename as "<dynamic-code>" (a payload independent
+    # of where the code was defined); remote tracebacks and log records need the real one.
+    reduced = _reduce_code_by_cloudpickle(code)
+    at = _FILENAME_AT
+    if at < 0 or reduced[0] is not types.CodeType or reduced[1][at] == code.co_filename:
+        return reduced
+    args = reduced[1]
+    return (types.CodeType, (*args[:at], code.co_filename, *args[at + 1 :]), *reduced[2:])
+
+
+def _dispatch_table() -> ChainMap[type, Callable[[Any], Any]]:
+    theirs = cloudpickle.Pickler.dispatch_table
+    if isinstance(theirs, ChainMap) and theirs.maps:
+        # cloudpickle's reducers with ours, then copyreg's (still live): no lookup level
+        # more than cloudpickle's own, whose table is searched for most objects pickled
+        return ChainMap({**theirs.maps[0], types.CodeType: _reduce_code}, *theirs.maps[1:])
+    return ChainMap({types.CodeType: _reduce_code}, theirs)
+
+
+class Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is untyped
+    """cloudpickle's pickler, except that code pickled by value (functions and classes of
+    ``__main__``, a notebook, a module registered with ``register_pickle_by_value``)
+    keeps its real ``co_filename``: a worker's traceback and its log records then name
+    the file, whose lines the client can show. The same function still gives the same
+    payload; it differs from cloudpickle's only by that file name."""
+
+    dispatch_table: ClassVar[Mapping[type, Callable[[Any], Any]]] = _dispatch_table()
+
+
+def serialize(obj: Any, buffer_callback: Optional[BufferCallback] = None) -> bytes:
+    """One pickle of ``obj`` by ``Pickler`` (protocol 5): what either end sends of a
+    call, a ``map``'s function, an initializer, a result or an exception."""
+    with io.BytesIO() as file:
+        Pickler(file, protocol=5, buffer_callback=buffer_callback).dump(obj)
+        return file.getvalue()
 
 
 def dumps(obj: Any, *, copy: bool, plain: bool = False, prefix: bytes = b"") -> Payload:
@@ -49,7 +118,7 @@ def dumps(obj: Any, *, copy: bool, plain: bool = False, prefix: bytes = b"") -> 
     if plain:
         stream = pickle.dumps(obj, protocol=5)
     else:
-        stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
+        stream = serialize(obj, buffer_callback=out_of_band)
     sizes = b"".join(proto.BUFFER_SIZE.pack(len(b)) for b in buffers)
     return (prefix + stream if prefix else stream, *buffers), sizes
 

@@ -234,11 +234,11 @@ class FrameDecoder:
     The claimed length of a frame is checked against ``max_frame`` before any of
     its body is buffered, and nothing is ever allocated from the claim itself. A big
     tail is gathered in a bytearray of its own, which becomes the message's field.
+    ``max_frame`` may be changed between messages (the worker adopts the host's limit
+    from ``Init``): it applies from the next frame on.
     """
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        if not 0 < max_frame <= MAX_FRAME_LIMIT:
-            raise ValueError(f"max_frame must be in 1..{MAX_FRAME_LIMIT}, got {max_frame}")
         self.max_frame = max_frame
         self._buffer = bytearray()
         self._pos = 0  # start of the unread part of _buffer
@@ -246,6 +246,16 @@ class FrameDecoder:
         self._head: Any = None  # the decoded head of a frame whose big tail is arriving
         self._tail = bytearray()
         self._tail_size = 0
+
+    @property
+    def max_frame(self) -> int:
+        return self._max_frame
+
+    @max_frame.setter
+    def max_frame(self, max_frame: int) -> None:
+        if not isinstance(max_frame, int) or not 0 < max_frame <= MAX_FRAME_LIMIT:
+            raise ValueError(f"max_frame must be in 1..{MAX_FRAME_LIMIT}, got {max_frame!r}")
+        self._max_frame = max_frame
 
     def feed(self, data: bytes) -> None:
         if self._broken:
@@ -285,10 +295,10 @@ class FrameDecoder:
             self._compact()
             return None
         head_size, tail_size = HEADER.unpack_from(buf, pos)
-        if head_size + tail_size > self.max_frame or head_size == 0:
+        if head_size + tail_size > self._max_frame or head_size == 0:
             raise self._fail(
                 f"frame of {head_size + tail_size} bytes (head {head_size}, tail {tail_size}) "
-                f"is outside 1..{self.max_frame}"
+                f"is outside 1..{self._max_frame}"
             )
         start = pos + HEADER.size
         end = start + head_size + tail_size
