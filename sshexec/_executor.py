@@ -30,8 +30,6 @@ from typing import (
     TypeVar,
 )
 
-import cloudpickle
-
 from ._hosts import build_transports, resolve_hosts
 from ._logs import logger
 from ._loop import Runtime, is_exiting
@@ -43,6 +41,7 @@ from ._pool.supervisor import snapshot
 from ._stats import Stats
 from ._tasks import Task
 from ._wire import calls
+from ._wire.calls import serialize
 from ._wire.protocol import DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT
 
 if TYPE_CHECKING:
@@ -169,7 +168,7 @@ class SSHPoolExecutor(Executor):
             keepalive_interval,
             ssh_options,
         )
-        init_payload = cloudpickle.dumps((initializer, tuple(initargs))) if initializer else b""
+        init_payload = serialize((initializer, tuple(initargs))) if initializer else b""
         self._max_frame = max_frame
         self._task_ids = itertools.count(1)
         self._runtime = Runtime(shutdown_grace)
@@ -365,7 +364,7 @@ class SSHPoolExecutor(Executor):
         buffersize: Optional[int],
     ) -> Iterator[T]:
         try:  # once for every item; a function that cannot be pickled fails each item
-            pickled_fn: Optional[bytes] = cloudpickle.dumps(fn)
+            pickled_fn: Optional[bytes] = serialize(fn)
         except KeyboardInterrupt:
             raise
         except BaseException:  # each item's own pickling then fails its slot, and says why

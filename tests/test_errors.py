@@ -554,18 +554,6 @@ def test_remote_tracebacks_show_the_clients_lines(
     assert frame("unpicklable", "raise error") in str(lost.value.__cause__)
 
 
-# cloudpickle >= 3.1.3 pickles by-value code as from "<dynamic-code>" (calls.Pickler does not)
-CLOUDPICKLE_DROPS_FILES = (
-    pickle.loads(cloudpickle.dumps(lambda: 0)).__code__.co_filename != __file__
-)
-
-
-@pytest.mark.xfail(
-    CLOUDPICKLE_DROPS_FILES,
-    reason="map pickles its function with cloudpickle.dumps in _executor._map_futures; "
-    "switching that to calls.serialize fixes this: then remove this mark",
-    strict=True,
-)
 def test_a_maps_remote_traceback_shows_the_clients_lines(
     make_executor: Callable[..., SSHPoolExecutor], notebook_cell: Dict[str, Any]
 ) -> None:
