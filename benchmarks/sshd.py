@@ -132,7 +132,8 @@ class Sshd:
             "StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nLogLevel ERROR\n"
             f"MaxStartups 200:30:400\n{sessions}"
-            f'SetEnv "PYTHONPATH={REPO}" DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False\n'
+            f'SetEnv "PYTHONPATH={REPO}" DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False '
+            "PYENV_REHASH_TIMEOUT=1\n"  # a stale pyenv rehash lock costs 1 s, not 60
         )
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privsep directory

@@ -117,7 +117,9 @@ class SSHServer:
             "StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nLogLevel ERROR\n"
             "MaxStartups 200:30:400\nAllowTcpForwarding yes\n"
-            f"SetEnv SSHEXEC_TEST_HOST={self.name}\n{self.extra_config}\n"
+            # root's ~/.bashrc on this image runs `pyenv init`, whose rehash waits up to 60 s
+            # for a lock that a login killed mid-way leaves behind: 1 s is plenty here
+            f"SetEnv SSHEXEC_TEST_HOST={self.name} PYENV_REHASH_TIMEOUT=1\n{self.extra_config}\n"
         )
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privsep directory
