@@ -1,13 +1,16 @@
-"""How a bare ``python3`` on a node becomes an sshexec worker.
+"""How a bare ``python3`` on a node becomes the host's sshexec agent.
 
-Owns: the one-line loader on the command line, the stage-1 program it reads
-from stdin, the bundle stage 1 receives on stdin (every module of ``sshexec._wire``
-and ``sshexec._node``, found by listing those folders, plus cloudpickle and
-msgpack's pure-Python modules, in a zip imported from memory), the bundle's hash, the node's optional cache under
-``~/.cache/sshexec`` and the choice of remote interpreter. A node's own msgpack
-(>= 1.0, usually compiled) and its own cloudpickle of exactly the bundled version
-are imported instead of the bundle's copies: faster codec, byte-code cached.
-Must not import: asyncio, asyncssh, or know about tasks.
+Owns: the one-line loader on the command line, the stage-1 program it reads from
+stdin, the bundle stage 1 receives on stdin (every module of ``sshexec._wire`` and
+``sshexec._node``, found by listing those folders, plus cloudpickle and msgpack's
+pure-Python modules, in a zip imported from memory), the bundle's hash, the node's
+optional cache under ``~/.cache/sshexec`` and the choice of remote interpreter. Stage
+1 ends by running the node agent (``_node.agent``), which forks the workers; a worker
+the agent spawns instead (no fork) runs stage 1 too, with ``SSHEXEC_ROLE=worker``: the
+bundle then follows on its stdin with no handshake. A node's own msgpack (>= 1.0,
+usually compiled) and its own cloudpickle of exactly the bundled version are imported
+instead of the bundle's copies: faster codec, byte-code cached. Must not import:
+asyncio, asyncssh, or know about tasks.
 
 Handshake on the channel, before any frame::
 
@@ -49,6 +52,7 @@ SHIPPED: Final = ("_wire", "_node")  # the sshexec folders a node runs, nothing 
 _STAGE1: Final = r"""
 import sys, os, hashlib, io, zipfile
 H, V, M, C = %(hash)r, %(version)r, %(marker)r, %(cache)r
+R = os.environ.pop('SSHEXEC_ROLE', '')
 if '%%d.%%d' %% sys.version_info[:2] != V:
     os.write(1, M + b'V' + ('%%d.%%d.%%d' %% sys.version_info[:3]).encode())
     sys.exit(3)
@@ -60,23 +64,21 @@ def rd(n):
             sys.exit(4)
         b += c
     return b
-d = os.path.expanduser(C)
-p = os.path.join(d, H + '.zip')
-z = None
-try:
-    st = os.stat(d)
-    if st.st_uid == os.getuid() and not st.st_mode & 0o077:
-        with open(p, 'rb') as f:
-            z = f.read()
-        if hashlib.sha256(z).hexdigest() != H:
-            z = None
-except OSError:
-    z = None
-os.write(1, M + (b'H' if z else b'N'))
-if z is None:
-    z = rd(int.from_bytes(rd(%(length_bytes)d), 'big'))
-    if hashlib.sha256(z).hexdigest() != H:
-        sys.exit('sshexec: bundle hash mismatch')
+def cached():
+    d = os.path.expanduser(C)
+    p = os.path.join(d, H + '.zip')
+    try:
+        st = os.stat(d)
+        if st.st_uid == os.getuid() and not st.st_mode & 0o077:
+            with open(p, 'rb') as f:
+                z = f.read()
+            if hashlib.sha256(z).hexdigest() == H:
+                return z
+    except OSError:
+        pass
+def cache(z):
+    d = os.path.expanduser(C)
+    p = os.path.join(d, H + '.zip')
     try:
         os.makedirs(d, 0o700, exist_ok=True)
         st = os.stat(d)
@@ -87,6 +89,16 @@ if z is None:
             os.replace(t, p)
     except OSError:
         pass
+if R == 'worker':  # spawned by the agent: the bundle follows on stdin, no handshake
+    z = rd(int.from_bytes(rd(%(length_bytes)d), 'big'))
+else:
+    z = cached()
+    os.write(1, M + (b'H' if z else b'N'))
+    if z is None:
+        z = rd(int.from_bytes(rd(%(length_bytes)d), 'big'))
+        if hashlib.sha256(z).hexdigest() != H:
+            sys.exit('sshexec: bundle hash mismatch')
+        cache(z)
 import importlib.abc, importlib.util, marshal
 def own(name, ok):
     try:
@@ -124,8 +136,11 @@ class L(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         exec(code, m.__dict__)
 sys.meta_path.insert(0, L())
 sys.dont_write_bytecode = True
-import sshexec._node.worker
-sshexec._node.worker.main()
+if R == 'worker':
+    import sshexec._node.worker
+    sshexec._node.worker.main(os.environ.pop('SSHEXEC_BLOBS', None))
+import sshexec._node.agent
+sshexec._node.agent.main(b, z)
 """
 
 # The bundle's package holds only what a worker needs. Code on the node that imports

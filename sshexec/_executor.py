@@ -181,6 +181,7 @@ class SSHPoolExecutor(Executor):
             shutdown_grace=shutdown_grace,
             reconnect_grace=reconnect_grace,
             output=output,
+            keepalive_interval=keepalive_interval,
             forward_modules=bool(forward_modules),
             log_level=logging.getLogger().getEffectiveLevel(),
         )
@@ -279,15 +280,19 @@ class SSHPoolExecutor(Executor):
         group: Optional[str],
         pickled_fn: Optional[bytes] = None,
         item: Optional[MapItem] = None,
+        stored: Optional[Tuple[bytes, bytes]] = None,
     ) -> Any:
         """A Future, or for ``map`` ``item``, its slot; ``pickled_fn``: ``fn`` already
-        pickled (by ``map``, once for all its items)."""
+        pickled (by ``map``, once for all its items); ``stored``: (its key, ``pickled_fn``)
+        when it is big enough to be stored once per host instead of sent with each item."""
         future: Any = Future() if item is None else item
         failure: Optional[BaseException] = None
         payload: calls.Payload = ((), b"")
         try:
             if pickled_fn is None:
                 payload = calls.call_payload(fn, args, kwargs)
+            elif stored is not None:
+                payload = calls.stored_call(stored[0], args)
             else:
                 payload = calls.split_call(pickled_fn, args)
         except Exception as exc:  # an unpicklable call fails its own Future, not the pool
@@ -318,7 +323,7 @@ class SSHPoolExecutor(Executor):
             if self._pool.broken is not None:
                 raise self._pool.broken
             if failure is None:
-                runtime.post(Task(task_id, payload, size, future, group=group))
+                runtime.post(Task(task_id, payload, size, future, group=group, blob=stored))
         if failure is not None:
             future.set_exception(failure)
         return future
@@ -369,6 +374,13 @@ class SSHPoolExecutor(Executor):
             raise
         except BaseException:  # each item's own pickling then fails its slot, and says why
             pickled_fn = None
+        stored: Optional[Tuple[bytes, bytes]] = None  # (key, pickled_fn): once per host
+        if pickled_fn is not None and len(pickled_fn) > self._max_frame - FRAME_OVERHEAD:
+            pickled_fn = None  # each item's own call then fails with the size error
+        if pickled_fn is not None:
+            ref = calls.stored_ref(pickled_fn)
+            if ref is not None:
+                stored = (ref[1], pickled_fn)
         shared = MapResults()  # one condition for all items: no Future per item
         executor = weakref.ref(self)  # an abandoned iterator must not keep the executor alive
 
@@ -376,7 +388,7 @@ class SSHPoolExecutor(Executor):
             owner = executor()
             if owner is None:
                 return None
-            item: MapItem = owner._submit(fn, args, {}, None, pickled_fn, MapItem(shared))
+            item: MapItem = owner._submit(fn, args, {}, None, pickled_fn, MapItem(shared), stored)
             return item
 
         runtime = self._runtime

@@ -92,6 +92,9 @@ class HostStats:
         bytes_received: Frame bytes received from them.
         rtt_seconds: Median of its live workers' latest pings; None when unknown.
         error: Why the host was given up, or None.
+        bytes_saved: Bytes that did not cross the network because the host's agent
+            already held them (a ``map``'s function or the initializer, sent once per
+            host instead of with every task or worker). ``bytes_sent`` counts them once.
     """
 
     host: str
@@ -104,6 +107,7 @@ class HostStats:
     bytes_received: int
     rtt_seconds: Optional[float]
     error: Optional[str] = None  # why the host was given up, if it was
+    bytes_saved: int = 0
 
     __module__ = "sshexec"
 
@@ -148,14 +152,21 @@ class Stats:
         """Aligned text table: one row per host (and per worker with ``per_worker``)."""
         header = ["host", "workers", "done", "failed", "retried", "busy s", "mean ms"]
         header += ["sent", "received", "rtt ms"]
+        saved = any(h.bytes_saved for h in self.hosts.values())
+        if saved:
+            header.append("saved")
         rows: List[List[str]] = []
         for host in self.hosts.values():
             rows.append(_row(host.host, str(host.workers), host))
+            if saved:
+                rows[-1].append(_size(host.bytes_saved))
             if per_worker:
                 for worker in self.workers.values():
                     if worker.host == host.host:
                         alive = "" if worker.is_alive else " (gone)"
                         rows.append(_row(f"  {worker.worker_id}{alive}", "", worker))
+                        if saved:
+                            rows[-1].append("")
         return _format([header, *rows])
 
     def __str__(self) -> str:

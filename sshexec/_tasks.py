@@ -36,6 +36,7 @@ class Task:
     is more work for the client's garbage collector."""
 
     __slots__ = (
+        "blob",
         "buffers",
         "future",
         "group",
@@ -56,11 +57,13 @@ class Task:
         size: int,
         future: TaskFuture,
         group: Optional[str] = None,
+        blob: Optional[Tuple[bytes, bytes]] = None,
     ) -> None:
         self.task_id, self.future = task_id, future
         self.payload, self.buffers = payload  # pickle stream + out-of-band buffers, sizes
         self.size = size  # bytes of payload, as calls.size() gave the submitter
         self.group = group  # run only on this host (run_on_hosts)
+        self.blob = blob  # (key, data) its payload names: stored on a host before it is sent
         self.is_started = False  # its Future is running (it has been sent at least once)
         self.is_abandoned = False  # nobody waits for it any more (a timed-out map)
         self.state = QUEUED

@@ -102,6 +102,7 @@ def make_executor(request: pytest.FixtureRequest) -> Iterator[Callable[..., SSHP
         return executor
 
     make.kind = request.param  # type: ignore[attr-defined]
+    make.sshd_pair = servers  # type: ignore[attr-defined]
     yield make
     for executor in made:
         shut_down(executor)  # as users end it: a queued task that cannot end fails here

@@ -1,20 +1,25 @@
-"""An in-memory transport for the pool-core model test: simulated workers speaking the
-real protocol over ``Channel`` objects, driven step by step by the test.
+"""An in-memory transport for the pool-core model test: a simulated agent and workers
+speaking the real protocols over ``Channel`` objects, driven step by step by the test.
 
-A ``SimWorker`` answers the handshake with the start marker and a ``Hello``, ``Init``
-with ``Ready``, ``Ping`` with ``Pong``; it holds ``Run`` commands until the test says
-``finish`` (a result computed by really running the call, or the exception it raised),
-answers ``Revoke`` at once or late, and can die idle or busy (EOF, an exit status), or
-hang. ``MemTransport`` can be told to fail the next starts. Everything here runs on the
-executor's loop thread (the test schedules its steps there), so it needs no locks.
-It also records what the pool must never do: send work to a worker it has forgotten.
+``MemTransport.open_channel`` gives the pipe to a ``SimAgent``: it answers the handshake
+with the start marker and its ``Hello``, and speaks the agent protocol (``Spawn`` ->
+``Spawned`` and a new ``SimWorker``; ``Data`` relayed both ways; ``CloseInput``,
+``Signal`` and ``Shutdown`` end workers with an ``Exited`` that tells how; ``Ping`` ->
+``Pong``). A ``SimWorker`` sends its ``Hello``, answers ``Init`` with ``Ready``, ``Ping``
+with ``Pong``; it holds ``Run`` commands until the test says ``finish`` (a result computed
+by really running the call, or the exception it raised), answers ``Revoke`` at once or
+late, and can die idle or busy, or hang. The transport can be told to fail the next
+starts (the session, or a spawn). Everything here runs on the executor's loop thread
+(the test schedules its steps there), so it needs no locks. It also records what the
+pool must never do: send work to a worker it has forgotten.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Any, Callable, List, Optional, Tuple
+import signal
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import cloudpickle
 
@@ -26,37 +31,29 @@ _pids = itertools.count(1000)
 
 
 class SimWorker:
-    def __init__(self, node: MemNode, host: str) -> None:
-        self.node, self.host = node, host
-        self.pid = next(_pids)
+    def __init__(self, agent: SimAgent, slot: int, pid: int) -> None:
+        self.agent, self.slot, self.node = agent, slot, agent.node
+        self.pid = pid
         self.worker_id = ""
         self.inbox: List[Tuple[int, Any, bytes]] = []  # Runs in arrival order
         self.held_revokes: List[int] = []
         self.is_alive = True
         self.is_hung = False
         self.slow_revokes = False
-        self.exit = "exit status 0"
-        self.channel: Optional[MemChannel] = None
         self.decoder = proto.FrameDecoder()
-        self.started = False
-
-    # ---- what the pool sends ------------------------------------------------------------
+        hello = proto.Hello(
+            proto.PROTOCOL_VERSION,
+            "3.11.7",
+            cloudpickle.__version__,
+            "1.0.0",
+            self.pid,
+            f"sim-{agent.host}",
+            2,
+            "/sim/python",
+        )
+        self._say(proto.encode(hello))
 
     def receive(self, data: bytes) -> None:
-        if not self.started:  # stage 1: answer the handshake, then Hello
-            self.started = True
-            hello = proto.Hello(
-                proto.PROTOCOL_VERSION,
-                "3.11.7",
-                cloudpickle.__version__,
-                "1.0.0",
-                self.pid,
-                f"sim-{self.host}",
-                2,
-                "/sim/python",
-            )
-            self._say(proto.START_MARKER + b"H" + proto.encode(hello))
-            return
         self.decoder.feed(data)
         for message in self.decoder.messages():
             self._on_command(message)
@@ -66,8 +63,6 @@ class SimWorker:
             self.worker_id = message.worker_id
             self._say(proto.encode(proto.Ready()))
         elif isinstance(message, proto.Run):
-            if not self.is_alive:
-                return
             if self.worker_id not in self.node.known_workers():
                 self.node.violations.append(
                     f"Run {message.task_id} sent to forgotten {self.worker_id}"
@@ -85,7 +80,7 @@ class SimWorker:
             self._say(proto.encode(proto.Pong(message.nonce)))
         elif isinstance(message, proto.Shutdown):
             self.node.drain_one(self)  # finishes what it holds, then exits
-            self.die("exit status 0")
+            self.die(0, 0)
 
     # ---- what the test makes it do ----------------------------------------------------
 
@@ -95,7 +90,7 @@ class SimWorker:
             return False
         task_id, payload, buffers = self.inbox.pop(0)
         try:
-            fn, args, kwargs = calls.load_call(payload, buffers)
+            fn, args, kwargs = calls.load_call(payload, buffers, self.agent.function)
             result = fn(*args, **kwargs)
         except Exception as exc:
             reply: proto.Message = proto.Failed(
@@ -117,22 +112,104 @@ class SimWorker:
             self._say(proto.encode(proto.Revoked(task_id)))
         self.held_revokes = []
 
-    def die(self, how: str = "killed by signal SIGKILL") -> None:
+    def die(self, status: int = 0, signum: int = int(signal.SIGKILL)) -> None:
         if self.is_alive:
-            self.is_alive, self.exit = False, how
+            self.is_alive = False
             self.inbox = []
-            if self.channel is not None:
-                self.channel.push(b"")
+            self.agent.exited(self, status, signum)
 
     def _say(self, data: bytes) -> None:
-        if self.is_alive and self.channel is not None:
-            self.channel.push(data)
+        if self.is_alive:
+            self.agent.relay(self.slot, data)
+
+
+class SimAgent:
+    """What the host's agent does, over one MemChannel."""
+
+    def __init__(self, node: MemNode, transport: MemTransport) -> None:
+        self.node, self.transport, self.host = node, transport, transport.host
+        self.channel = MemChannel(self)
+        self.workers: Dict[int, SimWorker] = {}
+        self.blobs: Dict[bytes, bytes] = {}
+        self.decoder = proto.FrameDecoder()
+        self.started = False
+        self.is_alive = True
+
+    def receive(self, data: bytes) -> None:
+        if not self.started:  # stage 1: answer the handshake, then the agent's Hello
+            self.started = True
+            hello = proto.Hello(
+                proto.PROTOCOL_VERSION,
+                "3.11.7",
+                cloudpickle.__version__,
+                "1.0.0",
+                999,
+                f"sim-{self.host}",
+                2,
+                "/sim/python",
+            )
+            self.channel.push(proto.START_MARKER + b"H" + proto.encode(hello))
+            return
+        self.decoder.feed(data)
+        for message in self.decoder.messages():
+            self._on_command(message)
+
+    def _on_command(self, message: proto.Message) -> None:
+        worker: Optional[SimWorker]
+        if isinstance(message, proto.Spawn):
+            if self.transport.fail_next and self.transport.fail_stage == "spawn":
+                self.transport.fail_next -= 1
+                self._say(proto.SpawnFailed(message.slot, "the simulated fork failed"))
+                return
+            pid = next(_pids)
+            self._say(proto.Spawned(message.slot, pid))
+            worker = SimWorker(self, message.slot, pid)
+            self.workers[message.slot] = worker
+            self.node.workers.append(worker)
+        elif isinstance(message, proto.Data):
+            worker = self.workers.get(message.slot)
+            if worker is not None and worker.is_alive:
+                worker.receive(bytes(message.data))  # type: ignore[arg-type]
+        elif isinstance(message, proto.CloseInput):
+            worker = self.workers.get(message.slot)
+            if worker is not None:
+                worker.die(0, 0)  # its stdin closed: a real worker exits
+        elif isinstance(message, proto.Signal):
+            worker = self.workers.get(message.slot)
+            if worker is not None:
+                worker.die(0, message.signum)
+        elif isinstance(message, proto.Store):
+            self.blobs[message.key] = bytes(message.data)  # type: ignore[arg-type]
+        elif isinstance(message, proto.Ping):
+            self._say(proto.Pong(message.nonce))
+        elif isinstance(message, proto.Shutdown):
+            self.end()
+
+    def function(self, key: bytes) -> Any:
+        return cloudpickle.loads(self.blobs[key])
+
+    def relay(self, slot: int, data: bytes) -> None:
+        self._say(proto.Data(slot, 1, data))
+
+    def exited(self, worker: SimWorker, status: int, signum: int) -> None:
+        if self.workers.pop(worker.slot, None) is not None:
+            self._say(proto.Exited(worker.slot, status, signum))
+
+    def _say(self, message: proto.Message) -> None:
+        if self.is_alive:
+            self.channel.push(proto.encode(message))
+
+    def end(self) -> None:
+        for worker in list(self.workers.values()):
+            worker.die(0, int(signal.SIGTERM))
+        if self.is_alive:
+            self.is_alive = False
+            self.channel.push(b"")
 
 
 class MemChannel:
-    def __init__(self, worker: SimWorker) -> None:
-        self.worker = worker
-        worker.channel = self
+    def __init__(self, agent: SimAgent) -> None:
+        self.agent = agent
         self.pid: Optional[int] = None
         self._chunks: asyncio.Queue[bytes] = asyncio.Queue()
         self._eof = False
@@ -148,56 +225,56 @@ class MemChannel:
         return await self._chunks.get()
 
     def write(self, data: Any) -> None:
-        if self.worker.is_alive:
-            self.worker.receive(bytes(data))
+        if self.agent.is_alive:
+            self.agent.receive(bytes(data))
 
     async def drain(self) -> None:
         pass
 
     async def aclose(self, grace: float) -> None:
-        self.worker.die("exit status 0")  # its stdin closed: a real worker exits
+        self.agent.end()  # its stdin closed: the agent ends its workers and exits
 
     async def exit_reason(self, timeout: float) -> str:
-        return self.worker.exit if not self.worker.is_alive else "still running"
+        return "exit status 0" if not self.agent.is_alive else "still running"
 
     def stderr_tail(self) -> str:
         return ""
 
     def kill(self) -> None:
-        self.worker.die("killed by signal SIGKILL")
+        self.agent.end()
 
 
 class MemTransport:
     def __init__(self, node: MemNode, host: str) -> None:
         self.node, self.host = node, host
         self.fail_next = 0  # the next starts that fail
-        self.fail_stage = "bootstrap"
+        self.fail_stage = "spawn"  # "spawn": the agent cannot fork; "connect": no session
 
     async def connect(self) -> None:
         pass
 
     async def open_channel(self, on_stderr: Callable[[bytes], None]) -> MemChannel:
         await asyncio.sleep(0)
-        if self.fail_next:
+        if self.fail_next and self.fail_stage == "connect":
             self.fail_next -= 1
-            raise WorkerStartupError(self.host, self.fail_stage, "the simulated start failed")
-        worker = SimWorker(self.node, self.host)
-        self.node.workers.append(worker)
-        return MemChannel(worker)
+            raise WorkerStartupError(self.host, "connect", "the simulated host is unreachable")
+        agent = SimAgent(self.node, self)
+        self.node.agents.append(agent)
+        return agent.channel
 
     async def aclose(self) -> None:
         pass
 
 
 class MemNode:
-    """The simulated hosts, their workers, and what the pool did wrong."""
+    """The simulated hosts, their agents and workers, and what the pool did wrong."""
 
     def __init__(self, hosts: int) -> None:
         self.transports = [MemTransport(self, f"sim{i}") for i in range(hosts)]
+        self.agents: List[SimAgent] = []
         self.workers: List[SimWorker] = []
         self.violations: List[str] = []
         self.known_workers: Callable[[], Any] = lambda: ()
-        self.draining = False  # the test is ending: answer everything at once
 
     def live(self) -> List[SimWorker]:
         return [w for w in self.workers if w.is_alive and w.worker_id]

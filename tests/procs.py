@@ -65,3 +65,24 @@ def wait_gone(pids: List[int], timeout: float = 10.0) -> List[int]:
     while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
+
+
+def parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def agents_and_workers(ancestor: int) -> Dict[int, List[int]]:
+    """The sshexec processes below ``ancestor`` (an sshd listener, say), as agent pid ->
+    its workers' pids: an agent is a bootstrapped process whose parent is not one (sshd's
+    session is), a worker one whose parent is an agent."""
+    found = set(worker_pids(ancestor))
+    tree: Dict[int, List[int]] = {pid: [] for pid in found if parent_of(pid) not in found}
+    for pid in found:
+        parent = parent_of(pid)
+        if parent in tree:
+            tree[parent].append(pid)
+    return tree

@@ -261,3 +261,16 @@ def failing_input(n: int) -> Any:
     """An input iterable that raises after ``n`` items."""
     yield from range(n)
     raise KeyError("input ran dry")
+
+
+def sleep_after_writing_pid(path: str, seconds: float) -> int:
+    """Writes this worker's pid to ``path``, then sleeps (to be killed from outside)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def loaded_module(name: str) -> bool:
+    return name in sys.modules

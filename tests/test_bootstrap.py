@@ -193,10 +193,33 @@ def hand_over_bundle(node: Node) -> None:
     check_hello(node.read_message(), node)
 
 
+def worker_replies(node: Node, commands: List[_protocol.Message], count: int) -> List[Any]:
+    """Have the node's agent fork a worker, send it ``commands``, and return its first
+    ``count`` replies after its Hello (the agent relays them in Data frames)."""
+    node.send(_protocol.encode(_protocol.Spawn(1)))
+    spawned = node.read_message()
+    assert isinstance(spawned, _protocol.Spawned) and spawned.slot == 1, spawned
+    node.send(_protocol.encode(_protocol.Data(1, 0, _protocol.frames(commands))))
+    worker = FrameDecoder()
+    replies: List[Any] = []
+    while len(replies) < count + 1:
+        message = node.read_message()
+        if isinstance(message, _protocol.Data) and message.stream == 1:
+            worker.feed(bytes(message.data))  # type: ignore[arg-type]
+            replies += list(worker.messages())
+    hello = replies.pop(0)
+    assert isinstance(hello, Hello) and hello.pid == spawned.pid  # forked: a pid of its own
+    return replies
+
+
 def finish(node: Node) -> None:
-    """Close stdin after the Hello: the worker must go, promptly and cleanly."""
+    """Close stdin after the Hello: the agent (and any worker it forked) must go, promptly
+    and cleanly, saying nothing more than how its workers ended."""
     node.close_stdin()
-    assert node.read_to_eof() == b""
+    node.decoder.feed(node.read_to_eof())
+    said = list(node.decoder.messages())
+    node.decoder.end()
+    assert all(isinstance(m, (_protocol.Exited, _protocol.Data)) for m in said), said
     assert node.wait() == 0, node.stderr
 
 
@@ -357,13 +380,9 @@ def test_second_run_hits_the_cache_and_picks_the_codec(
         " __import__('cloudpickle').__spec__.origin)"
     )
     payload = cloudpickle.dumps((eval, (probe,), {}))
-    second.send(
-        _protocol.frames(
-            [_protocol.Init("local#0", b"", 1 << 20, True, 30), _protocol.Run(1, payload)]
-        )
-    )
-    assert second.read_message() == _protocol.Ready()
-    done = second.read_message()
+    init = _protocol.Init("local#0", b"", 1 << 20, True, 30)
+    ready, done = worker_replies(second, [init, _protocol.Run(1, payload)], 2)
+    assert ready == _protocol.Ready()
     assert isinstance(done, _protocol.Done) and done.task_id == 1
     unpacker, codec, worker, pickler = cloudpickle.loads(done.payload)
     assert worker == "sshexec-bundle/sshexec/__init__.py"  # the bundle's, never this checkout
@@ -401,16 +420,12 @@ def test_the_bundle_code_runs_uncompiled_when_the_magic_matches(
         node = nodes(home)
         hand_over_bundle(node)
         probe = "hasattr(__import__('sshexec._node.worker').__dict__['_node'].worker, 'FROM_BUNDLE_CODE')"
-        node.send(
-            _protocol.frames(
-                [
-                    _protocol.Init("local#0", b"", 1 << 20, True, 30),
-                    _protocol.Run(1, cloudpickle.dumps((eval, (probe,), {}))),
-                ]
-            )
-        )
-        assert node.read_message() == _protocol.Ready()
-        done = node.read_message()
+        commands: List[_protocol.Message] = [
+            _protocol.Init("local#0", b"", 1 << 20, True, 30),
+            _protocol.Run(1, cloudpickle.dumps((eval, (probe,), {}))),
+        ]
+        ready, done = worker_replies(node, commands, 2)
+        assert ready == _protocol.Ready()
         assert isinstance(done, _protocol.Done), done
         assert cloudpickle.loads(done.payload) is (magic == "this-python")
         finish(node)

@@ -18,7 +18,11 @@ import pytest
 
 from sshexec import SSHPoolExecutor
 from sshexec._wire.calls import (
+    KEY_SIZE,
     OUT_OF_BAND_MIN,
+    STORE_MIN,
+    STORED_CALL,
+    blob_key,
     call_payload,
     dumps,
     load_call,
@@ -26,6 +30,8 @@ from sshexec._wire.calls import (
     serialize,
     size,
     split_call,
+    stored_call,
+    stored_ref,
 )
 
 from . import tasks
@@ -228,3 +234,39 @@ def test_reducers_registered_with_copyreg_later_still_apply() -> None:
     finally:
         del copyreg.dispatch_table[Registered]
     assert pickle.loads(serialize(Registered(21))).value == 21
+
+
+# ---- functions stored once per host ---------------------------------------------------
+
+
+def test_small_functions_travel_inline_big_ones_by_key() -> None:
+    assert stored_ref(b"x" * (STORE_MIN - 1)) is None
+    data = b"y" * STORE_MIN
+    ref = stored_ref(data)
+    assert ref is not None and ref == (STORED_CALL + blob_key(data), blob_key(data))
+    assert len(blob_key(data)) == KEY_SIZE
+
+
+def test_a_stored_call_names_its_function_and_carries_only_the_arguments() -> None:
+    big = b"z" * (1 << 20)
+
+    def fn(x: int, data: bytes = big) -> int:
+        return len(data) + x
+
+    pickled = serialize(fn)
+    ref = stored_ref(pickled)
+    assert ref is not None
+    pieces, sizes = stored_call(ref[1], (5,))
+    payload = b"".join(bytes(p) for p in pieces)
+    assert len(payload) < 200  # the function is not in it
+    asked = []
+
+    def stored(key: bytes) -> object:
+        asked.append(key)
+        return pickle.loads(pickled)
+
+    got_fn, args, kwargs = load_call(payload, sizes, stored)
+    assert asked == [ref[1]] and (args, kwargs) == ((5,), {})
+    assert got_fn(*args) == len(big) + 5
+    with pytest.raises(LookupError, match="stored"):
+        load_call(payload, sizes)  # a worker with no store says so

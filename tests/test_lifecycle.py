@@ -7,20 +7,20 @@ Future, while the suite stayed green. Every wait is bounded (``bounded``)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import logging
 import os
 import pickle
 import signal
-import stat
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Tuple
 
 import pytest
 
-from sshexec import SSHPoolExecutor, WorkerLostError
+from sshexec import Host, SSHPoolExecutor, WorkerLostError, parse_host
 
 from . import tasks
 from .sshd import SSHServer, executor_kwargs
@@ -179,24 +179,32 @@ def test_workers_dying_during_dispatch_lose_no_future(make_executor: Make, tmp_p
     bounded(lambda: ex.shutdown(wait=True), 30, "shutdown")
 
 
-def flaky_python(tmp_path: Path) -> Path:
-    """An interpreter wrapper that fails one start whenever the flag file exists."""
-    script = tmp_path / "flaky-python"
-    flag = tmp_path / "fail-next-start"
-    script.write_text(
-        "#!/bin/sh\n"
-        f"if [ -e {flag} ]; then rm -f {flag}; echo 'flaky: this start fails' >&2; exit 1; fi\n"
-        f'exec {sys.executable} "$@"\n'
+def flaky_site(tmp_path: Path) -> Tuple[Path, Path]:
+    """A sitecustomize that makes a fresh interpreter exit at once when the flag file
+    exists (removing it): with the agent spawning workers (no fork), the next worker to
+    start dies before its Hello, while the agent and the other workers live on."""
+    site, flag = tmp_path / "site", tmp_path / "fail-next-start"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\n"
+        f"if os.environ.get('SSHEXEC_ROLE') == 'worker' and os.path.exists({str(flag)!r}):\n"
+        f"    os.remove({str(flag)!r})\n"
+        "    os._exit(3)\n"
     )
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    return flag
+    return site, flag
 
 
 def test_a_failed_replacement_start_does_not_freeze_the_host(
     make_executor: Make, tmp_path: Path
 ) -> None:
-    flag = flaky_python(tmp_path)
-    ex = make_executor(4, python=str(tmp_path / "flaky-python"))
+    site, flag = flaky_site(tmp_path)
+    env = {"SSHEXEC_AGENT_START": "spawn", "PYTHONPATH": str(site)}
+    if make_executor.kind == "local":  # type: ignore[attr-defined]
+        hosts = [Host(":", workers=4, env=env)]
+    else:
+        specs = executor_kwargs(make_executor.sshd_pair)["hosts"]  # type: ignore[attr-defined]
+        hosts = [dataclasses.replace(parse_host(s), workers=2, env=env) for s in specs]
+    ex = make_executor(None, hosts=hosts)
     bounded(lambda: list(ex.map(tasks.square, range(8))), 30, "map")
     eventually(lambda: live_workers(ex) == 4, 30, "all four workers up")
     victim = next(w for w in ex.stats(refresh=0).workers.values() if w.is_alive)
@@ -204,6 +212,7 @@ def test_a_failed_replacement_start_does_not_freeze_the_host(
     os.kill(victim.pid, signal.SIGKILL)
     eventually(lambda: not flag.exists(), 30, "a replacement start was tried (and failed)")
     eventually(lambda: live_workers(ex) == 4, 30, "the host is topped up again")
+    assert not any(h.error for h in ex.stats(refresh=0).hosts.values())
     bounded(lambda: ex.shutdown(wait=True), 30, "shutdown")
 
 

@@ -145,9 +145,7 @@ class PoolModel(RuleBasedStateMachine):
             if not slow:
                 self.on_loop(worker.answer_revokes)
 
-    @rule(
-        host=st.integers(0, 1), n=st.integers(1, 3), stage=st.sampled_from(["bootstrap", "connect"])
-    )
+    @rule(host=st.integers(0, 1), n=st.integers(1, 3), stage=st.sampled_from(["spawn", "connect"]))
     def fail_next_starts(self, host: int, n: int, stage: str) -> None:
         transport = self.node.transports[host]
         transport.fail_next, transport.fail_stage = n, stage

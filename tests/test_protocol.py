@@ -16,7 +16,11 @@ from sshexec._wire.protocol import (
     DEFAULT_MAX_FRAME,
     HEADER,
     MAX_FRAME_LIMIT,
+    CloseInput,
+    Configure,
+    Data,
     Done,
+    Exited,
     Failed,
     Fetch,
     FrameDecoder,
@@ -33,7 +37,12 @@ from sshexec._wire.protocol import (
     Revoked,
     Run,
     Shutdown,
+    Signal,
     Source,
+    Spawn,
+    Spawned,
+    SpawnFailed,
+    Store,
 )
 
 FUZZ = settings(
@@ -82,6 +91,18 @@ SAMPLES: List[Message] = [
     Source("pkg", "source", "/src/pkg/__init__.py", "x = 1\n", True, ""),
     Source("numpy", "compiled", "numpy/core/_m.so", "", True, "numpy"),
     Source("nope", "missing", "", "", False, ""),
+    # the agent protocol, on a host's one channel
+    Configure(1 << 30, 30.0),
+    Spawn(1),
+    Data(1, 0, b"\x00\x00\x00\x05frame bytes"),
+    Data(2**31, 2, b""),
+    CloseInput(3),
+    Signal(4, 9),
+    Store(b"k" * 32, b"\x80\x05a pickled function" * 50),
+    Spawned(1, 31337),
+    Exited(1, 0, 9),
+    Exited(2, 7, 0),
+    SpawnFailed(5, "OSError: [Errno 11] Resource temporarily unavailable"),
 ]
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import logging
 import os
+import pickle
 import queue
 import sys
 import threading
@@ -31,6 +32,7 @@ from .remote_io import ClientFinder, FrameLogHandler, _write_all, frame_stream
 RESULT_OVERHEAD = 64  # msgpack envelope around a Done payload, generously
 EOF_GRACE_SECONDS = 2.0  # a task still running this long after the host vanished is abandoned
 FETCH_TIMEOUT = 60.0  # seconds to wait for the host to answer a Fetch
+KEEP_FUNCTIONS = 4  # stored map functions a worker keeps unpickled
 
 
 def _claim_stdio() -> Tuple[int, int]:
@@ -131,6 +133,8 @@ class Worker:
         self.sources: queue.SimpleQueue[Optional[proto.Source]] = queue.SimpleQueue()
         self.fetch_lock = threading.Lock()
         self.is_reading = True
+        self.blob_dir: Optional[str] = None  # the agent's store of this host's blobs
+        self.functions: Dict[bytes, Any] = {}  # stored functions, unpickled, by key
 
     def send(self, message: proto.Message) -> None:
         pieces = proto.frame_pieces([message])  # a big result is written from where it lies
@@ -260,13 +264,35 @@ class Worker:
         if not init.initializer:
             return proto.Ready()
         try:
-            initializer, initargs = cloudpickle.loads(init.initializer)
+            data = init.initializer
+            if data[:1] == calls.STORED_CALL:  # stored once per host by the agent
+                data = self.blob(bytes(data[1 : 1 + calls.KEY_SIZE]))
+            initializer, initargs = cloudpickle.loads(data)
             shared = self.namespaces.adopt((initializer, *initargs))
             initializer(*initargs)
             self.namespaces.keep(shared)
         except BaseException as exc:  # reported to the host, which retires this worker
             return self.failure(proto.INIT_TASK_ID, exc, proto.STAGE_INIT)
         return proto.Ready()
+
+    def blob(self, key: bytes) -> bytes:
+        """A blob the agent stores for this host's workers (it arrived before the first
+        command naming it)."""
+        if self.blob_dir is None:
+            raise LookupError("this worker has no agent store to read stored blobs from")
+        with open(os.path.join(self.blob_dir, key.hex()), "rb") as f:
+            return f.read()
+
+    def stored_function(self, key: bytes) -> Any:
+        """A map's stored function, unpickled once per worker and kept for its next items
+        (the last few functions are kept)."""
+        fn = self.functions.pop(key, None)
+        if fn is None:
+            fn = pickle.loads(self.blob(key))
+        self.functions[key] = fn  # most recent last
+        while len(self.functions) > KEEP_FUNCTIONS:
+            self.functions.pop(next(iter(self.functions)))
+        return fn
 
     def run(
         self, task_id: int, payload: proto.Tail, buffers: bytes = b""
@@ -278,7 +304,7 @@ class Worker:
     def _run(self, task_id: int, payload: proto.Tail, buffers: bytes) -> proto.Done | proto.Failed:
         stage = proto.STAGE_CALL
         try:
-            fn, args, kwargs = calls.load_call(payload, buffers)
+            fn, args, kwargs = calls.load_call(payload, buffers, self.stored_function)
             del payload
             shared = self.namespaces.adopt((fn, *args))
             stage = proto.STAGE_RUN
@@ -322,9 +348,12 @@ class Worker:
                 pass
 
 
-def main() -> None:
+def main(blob_dir: Optional[str] = None) -> None:
+    """A worker's life, in the process the agent forked (or spawned) for it: fds 0 and 1
+    are its frame pipes, ``blob_dir`` is where the agent keeps this host's blobs."""
     frames_in, frames_out = _claim_stdio()
     worker = Worker(frames_in, frames_out)
+    worker.blob_dir = blob_dir
     sys.stdout, sys.stderr = frame_stream(worker, 1), frame_stream(worker, 2)
     threading.Thread(target=worker.read_commands, name="sshexec-reader", daemon=True).start()
     try:

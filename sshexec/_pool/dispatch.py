@@ -50,7 +50,10 @@ class Dispatcher:
         batches: Dict[str, List[proto.Message]] = {}
         for worker_id, tasks in sends.items():
             messages = batches.setdefault(worker_id, [])
+            session = self.links[worker_id].session
             for task in tasks:
+                if task.blob is not None:  # a big map function: once per host
+                    session.store(*task.blob)
                 log.debug("dispatch task=%d worker=%s", task.task_id, worker_id)
                 self._payload_mean += (task.size - self._payload_mean) * 0.1
                 messages.append(proto.Run(task.task_id, task.payload, task.buffers))

@@ -1,7 +1,7 @@
 """One worker as the pool sees it: starting it, reading its replies, reporting its end.
 
-Owns: ``open_worker`` (open a channel, run the bootstrap handshake, read and check
-``Hello``, send ``Init``; bounded, leaving no process behind when it fails) and
+Owns: ``open_worker`` (have the host's agent fork a worker, read its ``Hello``, send
+``Init``; bounded, leaving no process behind when it fails) and
 ``WorkerLink``: the channel, the worker's counters and round-trip pings, what is not
 about a task (output, logs, module fetches, pongs), and the reader loop. The reader
 owns its end: whatever stops it (EOF, a bad frame, cancellation, a bug), it reports the
@@ -24,10 +24,11 @@ from .._forward import describe, find_source
 from .._logs import logger
 from .._output import OutputRouter
 from .._stats import Counters, WorkerStats
-from .._transports.base import Channel, Transport, handshake
+from .._transports.base import Channel
 from .._wire import protocol as proto
 
 if TYPE_CHECKING:
+    from .session import HostSession
     from .supervisor import Supervisor
 
 STARTUP_TIMEOUT = 60.0  # bootstrap + Hello, per worker (includes shipping the bundle)
@@ -55,6 +56,7 @@ class WorkerLink:
     channel: Channel
     hello: proto.Hello
     decoder: proto.FrameDecoder
+    session: HostSession  # the agent it runs under
     is_alive: bool = True  # until the reader has reported its end
     is_closing: bool = False  # we asked it to stop (or killed it): its end is not a loss
     end_reason: str = ""  # why we ended it, when we did
@@ -233,24 +235,28 @@ async def ping_all(links: List[WorkerLink], timeout: float) -> None:
 
 
 async def open_worker(
-    transport: Transport, python: str, worker_id: str, init: proto.Init, output: OutputRouter
+    session: HostSession,
+    worker_id: str,
+    init: proto.Init,
+    output: OutputRouter,
+    init_blob: Optional[Tuple[bytes, bytes]] = None,
 ) -> Tuple[Channel, proto.Hello, proto.FrameDecoder]:
-    """Start one worker up to its ``Init`` (``init`` with the worker's id filled in
-    here); raises WorkerStartupError."""
+    """Start one worker (the host's agent forks it) up to its ``Init`` (``init`` with the
+    worker's id filled in here; ``init_blob``, the initializer ``Init`` names, is stored
+    on the host first); raises WorkerStartupError."""
     channel: Optional[Channel] = None
     try:
-        channel = await transport.open_channel(lambda line: output.stderr_line(worker_id, line))
+        channel = await session.spawn(lambda line: output.stderr_line(worker_id, line))
         decoder = proto.FrameDecoder(init.max_frame)
-        hello = await asyncio.wait_for(
-            _read_hello(channel, transport.host, python, decoder), STARTUP_TIMEOUT
-        )
-        channel.pid = hello.pid
+        hello = await asyncio.wait_for(_read_hello(channel, session.host, decoder), STARTUP_TIMEOUT)
+        if init_blob is not None:
+            session.store(*init_blob)
         channel.write(proto.encode(dataclasses.replace(init, worker_id=worker_id)))
     except asyncio.TimeoutError as exc:
         if channel is not None:
             await channel.aclose(0.1)
         raise WorkerStartupError(
-            transport.host, "bootstrap", f"no Hello from the worker within {STARTUP_TIMEOUT:g} s"
+            session.host, "bootstrap", f"no Hello from the worker within {STARTUP_TIMEOUT:g} s"
         ) from exc
     except BaseException:
         if channel is not None:
@@ -259,10 +265,7 @@ async def open_worker(
     return channel, hello, decoder
 
 
-async def _read_hello(
-    channel: Channel, host: str, python: str, decoder: proto.FrameDecoder
-) -> proto.Hello:
-    decoder.feed(await handshake(channel, host, python))
+async def _read_hello(channel: Channel, host: str, decoder: proto.FrameDecoder) -> proto.Hello:
     while True:
         try:
             message = next(decoder.messages(), None)
@@ -283,11 +286,4 @@ async def _read_hello(
         decoder.feed(chunk)
     if not isinstance(message, proto.Hello):
         raise WorkerStartupError(host, "bootstrap", f"expected Hello, got {type(message).__name__}")
-    if message.protocol != proto.PROTOCOL_VERSION:
-        raise WorkerStartupError(
-            host,
-            "version",
-            f"worker speaks protocol {message.protocol}, this client {proto.PROTOCOL_VERSION}",
-            "Clear ~/.cache/sshexec on the node.",
-        )
     return message

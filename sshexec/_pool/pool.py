@@ -35,6 +35,7 @@ from .._scheduler import Scheduler
 from .._stats import Stats
 from .._tasks import Loss, Task, TaskFuture, TaskTable
 from .._transports.base import Channel, Transport
+from .._wire import calls
 from .._wire import protocol as proto
 from .dispatch import Dispatcher
 from .link import OutputGate, WorkerLink, ping_all
@@ -60,6 +61,7 @@ class Pool:
         shutdown_grace: float,
         reconnect_grace: float,
         output: OutputRouter,
+        keepalive_interval: float = 10.0,
         forward_modules: bool = True,
         log_level: int = logging.WARNING,
     ) -> None:
@@ -67,9 +69,14 @@ class Pool:
         self.table = TaskTable(
             Scheduler(prefetch=prefetch, max_retries=max_retries), self._now_idle
         )
-        self.init = proto.Init("", initializer, max_frame, forward_modules, log_level)
+        ref = calls.stored_ref(initializer) if initializer else None
+        self.init_blob = (ref[1], initializer) if ref is not None else None  # once per host
+        self.init = proto.Init(
+            "", ref[0] if ref is not None else initializer, max_frame, forward_modules, log_level
+        )
         self.max_tasks_per_child = max_tasks_per_child
         self.shutdown_grace, self.output = shutdown_grace, output
+        self.keepalive_interval = keepalive_interval
         self.gate = OutputGate(output)
         self.links: Dict[str, WorkerLink] = {}  # every worker the table knows, and only those
         self.dispatch = Dispatcher(self.table, self.links, self._retire_spent)
@@ -322,6 +329,9 @@ class Pool:
         if pending:
             await asyncio.wait(pending, timeout=5.0)
         self.table.fail_all(BrokenPool("the executor shut down before this task ended"))
+        await asyncio.gather(
+            *(h.close_session(self.shutdown_grace) for h in self.hosts), return_exceptions=True
+        )
         channels, self._channels = self._channels, set()
         await asyncio.gather(*(c.aclose(0.0) for c in channels), return_exceptions=True)
         await asyncio.gather(*(h.transport.aclose() for h in self.hosts), return_exceptions=True)

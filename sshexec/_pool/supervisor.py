@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import collections
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Coroutine, Deque, Dict, List, Optional, Protocol, Set
+from typing import TYPE_CHECKING, Any, Coroutine, Deque, Dict, List, Optional, Protocol, Set, Tuple
 
 from .._errors import WorkerStartupError
 from .._logs import logger
 from .._stats import Counters, HostStats, Stats, WorkerStats, median_rtt
 from .._transports.base import Transport
-from .link import WorkerLink, open_worker
+from .link import STARTUP_TIMEOUT, WorkerLink, open_worker
+from .session import HostSession
 
 if TYPE_CHECKING:
     from .._output import OutputRouter
@@ -49,7 +50,9 @@ class PoolHooks(Protocol):
     """What a supervisor needs of its pool."""
 
     init: Init
+    init_blob: Optional[Tuple[bytes, bytes]]
     output: OutputRouter
+    keepalive_interval: float
 
     def may_start(self) -> bool: ...
 
@@ -74,7 +77,11 @@ class Supervisor:
     last_error: Optional[str] = None  # why the latest start failed
     down_since: Optional[float] = None  # loop time of the first failed start, while no worker lives
     links: Set[WorkerLink] = field(default_factory=set)
+    session: Optional[HostSession] = None  # the host's agent, while there is one
+    opening: Optional[asyncio.Task[HostSession]] = None  # a session being opened
     ended: Counters = field(default_factory=Counters)  # totals of workers that are gone
+    blobs_saved: int = 0  # bytes_saved and bytes_stored of sessions that ended
+    blobs_stored: int = 0
     gone: Deque[WorkerStats] = field(
         default_factory=lambda: collections.deque(maxlen=KEEP_GONE_WORKERS)
     )
@@ -187,12 +194,59 @@ class Supervisor:
         worker_id = f"{self.name}#{self.next_index}"
         self.next_index += 1
         try:
+            session = await self._session()
             channel, hello, decoder = await open_worker(
-                self.transport, self.python, worker_id, self.pool.init, self.pool.output
+                session, worker_id, self.pool.init, self.pool.output, self.pool.init_blob
             )
         finally:
             self.starting -= 1
-        return WorkerLink(worker_id, self, channel, hello, decoder)
+        return WorkerLink(worker_id, self, channel, hello, decoder, session)
+
+    async def _session(self) -> HostSession:
+        """The host's agent: the live one, or one being opened, or a new one (the first
+        start after a loss reconnects)."""
+        if self.session is not None and self.session.is_alive:
+            return self.session
+        if self.opening is None:
+            self.opening = asyncio.get_running_loop().create_task(self._open_session())
+        opening = self.opening
+        try:
+            return await asyncio.shield(opening)
+        finally:
+            if opening.done() and self.opening is opening:
+                self.opening = None
+
+    async def _open_session(self) -> HostSession:
+        old, self.session = self.session, None
+        if old is not None:
+            self.blobs_saved += old.bytes_saved
+            self.blobs_stored += old.bytes_stored
+            self.pool.spawn(old.aclose(0.5))
+        output = self.pool.output
+        session = HostSession(
+            self.transport,
+            self.python,
+            lambda line: output.stderr_line(f"{self.name}#agent", line),
+            self.pool.init.max_frame,
+            self.pool.keepalive_interval,
+        )
+        try:
+            await asyncio.wait_for(session.open(), STARTUP_TIMEOUT)
+        except asyncio.TimeoutError as exc:
+            raise WorkerStartupError(
+                self.name, "bootstrap", f"no Hello from the agent within {STARTUP_TIMEOUT:g} s"
+            ) from exc
+        self.session = session
+        return session
+
+    async def close_session(self, grace: float) -> None:
+        opening, self.opening = self.opening, None
+        if opening is not None and not opening.done():
+            opening.cancel()
+            await asyncio.wait([opening], timeout=5.0)
+        session = self.session
+        if session is not None:
+            await session.aclose(grace)  # kept in self.session: its counts stay in stats
 
     def give_up(self, reason: str) -> None:
         if self.error is None:
@@ -212,6 +266,10 @@ class Supervisor:
     def stats(self) -> HostStats:
         total = Counters()
         total.add(self.ended)
+        saved, stored = self.blobs_saved, self.blobs_stored
+        if self.session is not None:
+            saved += self.session.bytes_saved
+            stored += self.session.bytes_stored
         live = sorted(self.links, key=lambda link: link.worker_id)
         for link in live:
             total.add(link.counters)
@@ -222,10 +280,11 @@ class Supervisor:
             total.tasks_failed,
             total.tasks_retried,
             total.busy_seconds,
-            total.bytes_sent,
+            total.bytes_sent + stored,
             total.bytes_received,
             median_rtt(link.counters.rtt_seconds for link in live),
             self.error,
+            saved,
         )
 
 

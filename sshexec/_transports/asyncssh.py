@@ -1,8 +1,8 @@
 """``SSHTransport``: workers on one host, reached through asyncssh.
 
-Owns: connections to one host (opened lazily through ``route.Route``, more of them
-when sshd's ``MaxSessions`` refuses further channels), exec channels running the
-bootstrap, the connection options (host-key and authentication policy), and
+Owns: the connection to one host (opened lazily through ``route.Route``, again when it
+was lost), the exec channel running the bootstrap and then the host's agent, the
+connection options (host-key and authentication policy), and
 translating asyncssh/OS errors into ``WorkerStartupError`` at this edge. Must not
 import: the pool or executor, or know about tasks, Futures or message contents.
 """
@@ -10,7 +10,7 @@ import: the pool or executor, or know about tasks, Futures or message contents.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import asyncssh
 
@@ -35,37 +35,21 @@ PREFERRED_CIPHERS = (
 )
 
 
-class _Connection:
-    """One SSH connection and how many worker channels it carries."""
-
-    def __init__(self, conn: asyncssh.SSHClientConnection) -> None:
-        self.conn = conn
-        self.sessions = 0
-        self.capacity: Optional[int] = None  # learnt when sshd refuses a channel
-
-    def has_room(self) -> bool:
-        return not self.conn.is_closed() and (
-            self.capacity is None or self.sessions < self.capacity
-        )
-
-
 class SSHChannel:
-    """An exec channel running the bootstrap and then one worker."""
+    """An exec channel running the bootstrap, then the host's agent."""
 
     def __init__(
         self,
         host: str,
         process: asyncssh.SSHClientProcess[bytes],
-        owner: _Connection,
+        conn: asyncssh.SSHClientConnection,
         on_stderr: StderrSink,
     ) -> None:
-        self.host, self.process, self.owner = host, process, owner
+        self.host, self.process, self.conn = host, process, conn
         self.stderr = StderrTail(on_stderr)
         self._stderr_task = asyncio.get_running_loop().create_task(self._read_stderr())
-        self._released = False
         self._closed = False
-        self.pid: Optional[int] = None  # the worker's, from its Hello
-        self._killer: Optional[asyncio.Task[None]] = None
+        self.pid: Optional[int] = None
 
     async def _read_stderr(self) -> None:
         try:
@@ -105,7 +89,7 @@ class SSHChannel:
         status = self.process.exit_status
         if status is not None and status >= 0:
             return describe_exit(status)
-        if self.owner.conn.is_closed():
+        if self.conn.is_closed():
             return f"the SSH connection to {self.host} was lost"
         return (
             "still running"
@@ -117,19 +101,9 @@ class SSHChannel:
         return self.stderr.text()
 
     def kill(self) -> None:
-        """sshd does not forward signals, so: ``kill -KILL <pid>`` in a session of its own,
-        and close this channel, whose EOF ends the worker within its grace anyway."""
-        if self.pid is not None and self._killer is None and not self.owner.conn.is_closed():
-            self._killer = asyncio.get_running_loop().create_task(self._kill_by_pid(self.pid))
+        """Close the channel: sshd forwards no signal, but the agent on the other end ends
+        its workers and itself when its channel closes."""
         self.process.close()
-
-    async def _kill_by_pid(self, pid: int) -> None:
-        try:
-            await asyncio.wait_for(self.owner.conn.run(f"kill -KILL {pid}", check=False), 5.0)
-        except (asyncio.TimeoutError, asyncssh.Error, OSError):  # MaxSessions, or gone
-            log.debug(
-                "host=%s could not run kill for pid %d; its channel is closed", self.host, pid
-            )
 
     async def aclose(self, grace: float) -> None:
         if self._closed:
@@ -143,13 +117,8 @@ class SSHChannel:
             self.kill()
             await self.exit_reason(1.0)
         self.process.close()
-        if self._killer is not None:
-            await asyncio.wait([self._killer], timeout=5.0)
         if not self._stderr_task.done():
             self._stderr_task.cancel()
-        if not self._released:
-            self._released = True
-            self.owner.sessions -= 1
 
 
 class SSHTransport:
@@ -204,7 +173,7 @@ class SSHTransport:
             jump["config"] = kwargs["config"]
         self._kwargs = kwargs
         self._route = Route(host, known_hosts, connect_timeout, jump)
-        self._connections: List[_Connection] = []
+        self._conn: Optional[asyncssh.SSHClientConnection] = None
         # One handshake at a time per host (sshd's MaxStartups); made on the loop thread,
         # since before 3.10 an asyncio.Lock binds to the loop current at its creation.
         self._lock: Optional[asyncio.Lock] = None
@@ -223,56 +192,33 @@ class SSHTransport:
 
     async def connect(self) -> None:
         async with self._connect_lock():
-            if not any(c.has_room() for c in self._connections):
-                await self._open_connection()
-
-    async def _open_connection(self) -> _Connection:
-        entry = _Connection(await self._route.connect(self.hostname, self._kwargs))
-        self._connections.append(entry)
-        log.info("connected host=%s connections=%d", self.host, len(self._connections))
-        return entry
+            if self._conn is None or self._conn.is_closed():
+                self._conn = await self._route.connect(self.hostname, self._kwargs)
+                log.info("connected host=%s", self.host)
 
     async def open_channel(self, on_stderr: StderrSink) -> Channel:
+        """The exec channel for the host's agent: one per host (a second only while a
+        lost one is replaced), so sshd's MaxSessions never limits the workers."""
+        await self.connect()
+        conn = self._conn
+        assert conn is not None
         command = _bootstrap.remote_command(self.python, self.env, self.cwd)
-        for _ in range(64):  # bounded: each pass either opens a channel or learns a capacity
-            async with self._connect_lock():
-                self._connections = [c for c in self._connections if not c.conn.is_closed()]
-                entry = next((c for c in self._connections if c.has_room()), None)
-                if entry is None:
-                    entry = await self._open_connection()
-                entry.sessions += 1
-            try:
-                process = await entry.conn.create_process(command, encoding=None)
-            except asyncssh.ChannelOpenError as exc:
-                entry.sessions -= 1
-                if entry.conn.is_closed():
-                    continue
-                if entry.sessions == 0:
-                    raise WorkerStartupError(
-                        self.host, "session", f"sshd refused to open a session: {exc.reason}"
-                    ) from exc
-                entry.capacity = entry.sessions  # sshd's MaxSessions, learnt the hard way
-                log.info(
-                    "host=%s refused channel %d on a connection (%s); opening another",
-                    self.host,
-                    entry.sessions + 1,
-                    exc.reason,
-                )
-                continue
-            except (asyncssh.Error, OSError) as exc:
-                entry.sessions -= 1
-                raise WorkerStartupError(
-                    self.host, "session", f"{type(exc).__name__}: {exc}"
-                ) from exc
-            return SSHChannel(self.host, process, entry, on_stderr)
-        raise WorkerStartupError(self.host, "session", "sshd refused every channel")
+        try:
+            process = await conn.create_process(command, encoding=None)
+        except asyncssh.ChannelOpenError as exc:
+            raise WorkerStartupError(
+                self.host, "session", f"sshd refused to open a session: {exc.reason}"
+            ) from exc
+        except (asyncssh.Error, OSError) as exc:
+            raise WorkerStartupError(self.host, "session", f"{type(exc).__name__}: {exc}") from exc
+        return SSHChannel(self.host, process, conn, on_stderr)
 
     async def aclose(self) -> None:
-        connections, self._connections = self._connections, []
-        for entry in connections:
-            entry.conn.close()
-        for entry in connections:
-            try:
-                await asyncio.wait_for(entry.conn.wait_closed(), 5.0)
-            except (asyncio.TimeoutError, asyncssh.Error, OSError):
-                log.warning("host=%s connection did not close in time", self.host)
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        conn.close()
+        try:
+            await asyncio.wait_for(conn.wait_closed(), 5.0)
+        except (asyncio.TimeoutError, asyncssh.Error, OSError):
+            log.warning("host=%s connection did not close in time", self.host)

@@ -12,6 +12,7 @@ beyond the stdlib and cloudpickle.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import types
@@ -24,6 +25,9 @@ from . import protocol as proto
 
 OUT_OF_BAND_MIN = 1 << 16  # smaller buffers are cheaper to copy into the pickle
 SPLIT_CALL = b"S"  # a payload holding the function and its arguments as two pickles
+STORED_CALL = b"R"  # a payload naming a function (or initializer) the host's agent stores
+KEY_SIZE = 32  # a stored blob's key: SHA-256
+STORE_MIN = 1 << 14  # pickled functions this big or bigger are stored once per host
 _PLAIN_TYPES = frozenset((int, float, str, bytes, bool, type(None)))
 
 Payload = Tuple[proto.Pieces, bytes]  # (pickle stream + buffers, their packed sizes)
@@ -162,10 +166,42 @@ def split_call(pickled_fn: bytes, args: Tuple[Any, ...]) -> Payload:
     return dumps((args, {}), copy=True, plain=plain, prefix=prefix)
 
 
-def load_call(payload: proto.Tail, sizes: bytes = b"") -> Call:
-    """Worker: ``(fn, args, kwargs)`` from a Run payload, either layout."""
+def stored_call(key: bytes, args: Tuple[Any, ...]) -> Payload:
+    """Client: a ``map`` item's payload whose function the host's agent holds as the
+    blob ``key`` (``STORE_MIN`` bytes or more, stored once per host): ``b"R"`` + the
+    32-byte key + the pickle of ``(args, {})``."""
+    plain = all(type(arg) in _PLAIN_TYPES for arg in args)
+    return dumps((args, {}), copy=True, plain=plain, prefix=STORED_CALL + key)
+
+
+def blob_key(data: bytes) -> bytes:
+    """The name a blob goes by on every host: its SHA-256."""
+    return hashlib.sha256(data).digest()
+
+
+def stored_ref(data: bytes) -> Optional[Tuple[bytes, bytes]]:
+    """(reference, key) for a pickled function or initializer big enough to be stored
+    once per host; None for a small one, which travels inline."""
+    if len(data) < STORE_MIN:
+        return None
+    key = blob_key(data)
+    return STORED_CALL + key, key
+
+
+def load_call(
+    payload: proto.Tail, sizes: bytes = b"", stored: Optional[Callable[[bytes], Any]] = None
+) -> Call:
+    """Worker: ``(fn, args, kwargs)`` from a Run payload, any layout; ``stored`` gives the
+    (unpickled) function the host holds under a key."""
     stream, buffers = _split(payload, sizes)
-    if stream[:1] != SPLIT_CALL:
+    kind = stream[:1]
+    if kind == STORED_CALL:
+        if stored is None:
+            raise LookupError("the call names a stored function, and this worker has no store")
+        fn = stored(bytes(stream[1 : 1 + KEY_SIZE]))
+        args, kwargs = pickle.loads(stream[1 + KEY_SIZE :], buffers=buffers)
+        return fn, args, kwargs
+    if kind != SPLIT_CALL:
         fn, args, kwargs = pickle.loads(stream, buffers=buffers)
         return fn, args, kwargs
     end = 5 + int.from_bytes(stream[1:5], "big")

@@ -176,6 +176,96 @@ class Fetch:
     name: str
 
 
+# ---- the agent protocol, on a host's one channel --------------------------------------
+# Slot: the agent's number for one of its workers, chosen by the client (1, 2, ...).
+
+
+@dataclass(frozen=True)
+class Configure:
+    """Client -> agent, first: its limits and deadline."""
+
+    TAG: ClassVar[int] = 30
+    max_frame: int  # the client's max_frame: what one Store or Data may carry
+    silence_deadline: float  # seconds without a byte from the client before the agent quits
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """Client -> agent: start a worker in ``slot`` (fork, or spawn where fork is missing)."""
+
+    TAG: ClassVar[int] = 31
+    slot: int
+
+
+@dataclass(frozen=True)
+class Data:
+    """Bytes of one worker's stream: client -> agent, its stdin (stream 0); agent ->
+    client, its stdout (1: its frames) or stderr (2). Relayed, never decoded."""
+
+    TAG: ClassVar[int] = 32
+    TAIL: ClassVar[str] = "data"
+    slot: int
+    stream: int
+    data: Tail
+
+
+@dataclass(frozen=True)
+class CloseInput:
+    """Client -> agent: end that worker's stdin (it exits after its EOF grace)."""
+
+    TAG: ClassVar[int] = 33
+    slot: int
+
+
+@dataclass(frozen=True)
+class Signal:
+    """Client -> agent: send ``signum`` to that worker's process group."""
+
+    TAG: ClassVar[int] = 34
+    slot: int
+    signum: int
+
+
+@dataclass(frozen=True)
+class Store:
+    """Client -> agent: keep ``data`` under ``key`` for this host's workers (a map's
+    function, an initializer): it crosses the network once per host, not once per task."""
+
+    TAG: ClassVar[int] = 35
+    TAIL: ClassVar[str] = "data"
+    key: bytes
+    data: Tail
+
+
+@dataclass(frozen=True)
+class Spawned:
+    """Agent -> client: the worker in ``slot`` runs as ``pid``."""
+
+    TAG: ClassVar[int] = 40
+    slot: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Exited:
+    """Agent -> client: the worker in ``slot`` ended, after the last byte of its stdout:
+    ``status`` its exit status, or ``signum`` the signal that killed it (else 0)."""
+
+    TAG: ClassVar[int] = 41
+    slot: int
+    status: int
+    signum: int
+
+
+@dataclass(frozen=True)
+class SpawnFailed:
+    """Agent -> client: no worker could be started in ``slot``."""
+
+    TAG: ClassVar[int] = 42
+    slot: int
+    reason: str
+
+
 Message = Union[
     Init,
     Run,
@@ -192,4 +282,13 @@ Message = Union[
     Output,
     Log,
     Fetch,
+    Configure,
+    Spawn,
+    Data,
+    CloseInput,
+    Signal,
+    Store,
+    Spawned,
+    Exited,
+    SpawnFailed,
 ]

@@ -37,6 +37,15 @@ from .messages import (  # re-exported (__all__): proto.Run, proto.Hello, ...
     STAGE_RUN,
     STAGES,
     Buffer,
+    CloseInput,
+    Configure,
+    Data,
+    Exited,
+    Signal,
+    Spawn,
+    Spawned,
+    SpawnFailed,
+    Store,
 )
 from .messages import (
     Done as Done,
@@ -109,8 +118,17 @@ __all__ = [
     "STAGE_RUN",
     "START_MARKER",
     "Buffer",
+    "CloseInput",
+    "Configure",
+    "Data",
+    "Exited",
     "FrameDecoder",
     "FrameError",
+    "Signal",
+    "Spawn",
+    "SpawnFailed",
+    "Spawned",
+    "Store",
     "encode",
     "encode_parts",
     "frame_pieces",
@@ -118,9 +136,11 @@ __all__ = [
     "tail_pieces",
 ]
 
-PROTOCOL_VERSION: Final = 5
+PROTOCOL_VERSION: Final = 6
 # 2: Failed.stage, Revoke/Revoked; 3: Init.max_frame; 4: Init.forward_modules/log_level,
-# Done/Failed.seconds, Ping/Pong, Output, Log, Fetch/Source; 5: head/tail frames
+# Done/Failed.seconds, Ping/Pong, Output, Log, Fetch/Source; 5: head/tail frames;
+# 6: the node agent (Configure, Spawn, Data, CloseInput, Signal, Store / Spawned, Exited,
+# SpawnFailed) and calls naming a stored function (calls.STORED_CALL)
 # Written by the worker right before its first frame; whatever precedes it on
 # stdout (a chatty .bashrc, a motd) is shell chatter, not protocol.
 START_MARKER: Final = b"\x00\x1fSSHEXEC-START-1\x1f\x00"

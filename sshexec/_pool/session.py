@@ -1,0 +1,369 @@
+"""The client end of a host's agent: one byte pipe per host, one ``Channel`` per worker.
+
+Owns: ``HostSession``: opening the pipe (the transport runs the bootstrap command), the
+handshake (shell chatter, the bundle), the agent's ``Hello`` and ``Configure``; the
+reader that hands each worker's bytes to its ``WorkerChannel``; every worker's writes
+coalesced into one pipe write per loop pass; spawning and signalling workers; blobs
+stored once per host (``store``); liveness (a ``Ping`` every ``keepalive_interval``;
+the session is lost when the agent has been silent for three of them, as the agent
+quits when the client is); and its end, which ends every worker channel with the
+reason. ``WorkerChannel`` is what a ``WorkerLink`` reads and writes: one worker's
+stdin and stdout, its stderr lines and its exit status as the agent reported it.
+Must not import: asyncssh or subprocess (it sees the ``Transport`` protocol only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import signal
+from typing import Deque, Dict, List, Optional, Set
+
+from .._errors import WorkerStartupError
+from .._logs import logger
+from .._transports.base import Channel, StderrSink, StderrTail, Transport, describe_exit, handshake
+from .._wire import protocol as proto
+
+log = logger("sshexec.pool")
+
+DATA_CHUNK = 4 << 20  # a worker's bytes travel in Data frames of at most this size
+SMALL = 1 << 16  # pieces under this size are joined into one write
+MISSED_BEATS = 3  # keepalive intervals of silence that end a session, on both ends
+_nonces = itertools.count(1)
+
+
+class WorkerChannel:
+    """One forked worker's byte streams, multiplexed over its host's session."""
+
+    def __init__(self, session: HostSession, slot: int, on_stderr: StderrSink) -> None:
+        self.session, self.slot = session, slot
+        self.pid: Optional[int] = None
+        self.stderr = StderrTail(on_stderr)
+        self._chunks: Deque[bytes] = collections.deque()
+        self._readable = asyncio.Event()
+        self._ended = asyncio.Event()  # Exited arrived, or the session was lost
+        self._how = ""  # how it ended, once it has
+        self._closed = False
+
+    # ---- fed by the session -------------------------------------------------------------
+
+    def data(self, stream: int, data: bytes) -> None:
+        if stream == 1:
+            self._chunks.append(data)
+            self._readable.set()
+        else:
+            self.stderr.feed(data)
+
+    def ended(self, how: str) -> None:
+        if not self._ended.is_set():
+            self._how = how
+            self.stderr.close()
+            self._ended.set()
+            self._readable.set()
+
+    # ---- the Channel protocol -----------------------------------------------------------
+
+    async def read(self) -> bytes:
+        while not self._chunks:
+            if self._ended.is_set():
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        return self._chunks.popleft()
+
+    def write(self, data: proto.Buffer) -> None:
+        if not self._ended.is_set():
+            self.session.send_data(self.slot, data)
+
+    async def drain(self) -> None:
+        await self.session.drain()
+
+    async def exit_reason(self, timeout: float) -> str:
+        try:
+            await asyncio.wait_for(self._ended.wait(), timeout)
+        except asyncio.TimeoutError:
+            return "still running"
+        return self._how
+
+    def stderr_tail(self) -> str:
+        return self.stderr.text()
+
+    def kill(self) -> None:
+        if not self._ended.is_set():
+            self.session.send(proto.Signal(self.slot, int(signal.SIGKILL)))
+
+    async def aclose(self, grace: float) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._ended.is_set():
+            return
+        self.session.send(proto.CloseInput(self.slot))  # it exits after its EOF grace
+        if await self.exit_reason(grace) == "still running":
+            self.kill()
+            await self.exit_reason(2.0)
+
+
+class HostSession:
+    """The agent on one host. Loop thread only."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        python: str,
+        on_stderr: StderrSink,
+        max_frame: int,
+        keepalive_interval: float,
+    ) -> None:
+        self.transport, self.python = transport, python
+        self.host = transport.host
+        self.on_stderr = on_stderr
+        self.max_frame, self.keepalive_interval = max_frame, keepalive_interval
+        self.hello: Optional[proto.Hello] = None
+        self.is_alive = False
+        self.lost_reason = ""
+        self.bytes_saved = 0  # bytes of blobs that did not cross again (stats)
+        self.bytes_stored = 0  # bytes of blobs sent (stats: part of the host's bytes sent)
+        self._pipe: Optional[Channel] = None
+        self._decoder = proto.FrameDecoder(max_frame + 4096)
+        self._channels: Dict[int, WorkerChannel] = {}
+        self._spawning: Dict[int, asyncio.Future[int]] = {}
+        self._slots = itertools.count(1)
+        self._stored: Set[bytes] = set()
+        self._out: List[proto.Buffer] = []
+        self._flush_due = False
+        self._heard = 0.0
+        self._tasks: List[asyncio.Task[None]] = []
+
+    async def open(self) -> proto.Hello:
+        """Start the agent (the bootstrap) and read its Hello; raises WorkerStartupError."""
+        loop = asyncio.get_running_loop()
+        pipe = await self.transport.open_channel(self.on_stderr)
+        self._pipe = pipe
+        try:
+            self._decoder.feed(await handshake(pipe, self.host, self.python))
+            hello = await self._read_hello(pipe)
+        except BaseException:
+            await pipe.aclose(0.1)
+            raise
+        self.hello, self.is_alive, self._heard = hello, True, loop.time()
+        self.send(proto.Configure(self.max_frame, MISSED_BEATS * self.keepalive_interval))
+        self._tasks = [loop.create_task(self._read()), loop.create_task(self._keep_alive())]
+        return hello
+
+    async def _read_hello(self, pipe: Channel) -> proto.Hello:
+        while True:
+            try:
+                message = next(self._decoder.messages(), None)
+            except proto.FrameError as exc:
+                raise WorkerStartupError(
+                    self.host, "bootstrap", f"garbled first frame: {exc}"
+                ) from exc
+            if message is not None:
+                break
+            chunk = await pipe.read()
+            if not chunk:
+                how = await pipe.exit_reason(2.0)
+                tail = pipe.stderr_tail()
+                raise WorkerStartupError(
+                    self.host,
+                    "bootstrap",
+                    f"the agent ended before saying Hello ({how})"
+                    + (f"; stderr: {tail[-600:]}" if tail else ""),
+                )
+            self._decoder.feed(chunk)
+        if not isinstance(message, proto.Hello):
+            raise WorkerStartupError(
+                self.host, "bootstrap", f"expected Hello, got {type(message).__name__}"
+            )
+        if message.protocol != proto.PROTOCOL_VERSION:
+            raise WorkerStartupError(
+                self.host,
+                "version",
+                f"the agent speaks protocol {message.protocol}, this client {proto.PROTOCOL_VERSION}",
+                "Clear ~/.cache/sshexec on the node.",
+            )
+        return message
+
+    # ---- workers ------------------------------------------------------------------------
+
+    async def spawn(self, on_stderr: StderrSink) -> WorkerChannel:
+        """A new worker (forked by the agent): its channel once it runs."""
+        if not self.is_alive:
+            raise WorkerStartupError(self.host, "connect", self.lost_reason or "no agent")
+        slot = next(self._slots)
+        channel = WorkerChannel(self, slot, on_stderr)
+        self._channels[slot] = channel
+        started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._spawning[slot] = started
+        self.send(proto.Spawn(slot))
+        try:
+            channel.pid = await started
+        except BaseException:
+            self._channels.pop(slot, None)
+            raise
+        finally:
+            self._spawning.pop(slot, None)
+        return channel
+
+    def store(self, key: bytes, data: bytes) -> bool:
+        """Make ``data`` available to this host's workers under ``key``; False when it
+        already was (then ``len(data)`` bytes did not travel again)."""
+        if key in self._stored:
+            self.bytes_saved += len(data)
+            return False
+        self._stored.add(key)
+        self.bytes_stored += len(data)
+        self.send(proto.Store(key, data))
+        return True
+
+    # ---- writing --------------------------------------------------------------------------
+
+    def send(self, message: proto.Message) -> None:
+        head, tail = proto.encode_parts(message)
+        self._out.append(head)
+        self._out.extend(tail)
+        self._flush_soon()
+
+    def send_data(self, slot: int, data: proto.Buffer) -> None:
+        if len(data) <= DATA_CHUNK:
+            self.send(proto.Data(slot, 0, (data,)))
+            return
+        view = memoryview(data)
+        for at in range(0, len(view), DATA_CHUNK):
+            self.send(proto.Data(slot, 0, (view[at : at + DATA_CHUNK],)))
+
+    def _flush_soon(self) -> None:
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Everything queued in this loop pass, small pieces joined: one write for the
+        frames of every worker, big tails written where they lie."""
+        self._flush_due = False
+        out, self._out = self._out, []
+        if self._pipe is None or not out:
+            return
+        small: List[proto.Buffer] = []
+        for piece in out:
+            if len(piece) < SMALL:
+                small.append(piece)
+                continue
+            if small:
+                self._pipe.write(b"".join(small))
+                small = []
+            self._pipe.write(piece)
+        if small:
+            self._pipe.write(b"".join(small) if len(small) > 1 else small[0])
+
+    async def drain(self) -> None:
+        if self._pipe is not None:
+            await self._pipe.drain()
+
+    # ---- reading --------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        assert self._pipe is not None
+        pipe, reason = self._pipe, ""
+        try:
+            while True:
+                for message in self._decoder.messages():
+                    self._on_message(message)
+                chunk = await pipe.read()
+                if not chunk:
+                    break
+                self._heard = asyncio.get_running_loop().time()
+                self._decoder.feed(chunk)
+        except proto.FrameError as exc:
+            reason = f"the agent on {self.host} sent an invalid frame: {exc}"
+            log.error("%s", reason)
+        except asyncio.CancelledError:
+            reason = "the session was closed"
+            raise
+        except BaseException as exc:  # a bug of ours: still end every worker channel
+            log.exception("reading from the agent on host=%s failed", self.host)
+            reason = f"sshexec could not read from the agent ({type(exc).__name__}: {exc})"
+        finally:
+            if not reason:
+                how = await pipe.exit_reason(1.0)
+                reason = f"the connection to {self.host} was lost (agent: {how})"
+            self._lost(reason)
+
+    def _on_message(self, message: proto.Message) -> None:
+        if isinstance(message, proto.Data):
+            channel = self._channels.get(message.slot)
+            if channel is not None:
+                channel.data(message.stream, bytes(message.data))  # type: ignore[arg-type]
+        elif isinstance(message, proto.Exited):
+            channel = self._channels.pop(message.slot, None)
+            if channel is not None:
+                channel.ended(describe_exit(message.status, _signal_name(message.signum)))
+        elif isinstance(message, proto.Spawned):
+            started = self._spawning.get(message.slot)
+            if started is not None and not started.done():
+                started.set_result(message.pid)
+        elif isinstance(message, proto.SpawnFailed):
+            started = self._spawning.get(message.slot)
+            if started is not None and not started.done():
+                started.set_exception(
+                    WorkerStartupError(
+                        self.host, "spawn", f"the agent could not start a worker: {message.reason}"
+                    )
+                )
+        elif isinstance(message, proto.Pong):
+            pass  # its arrival is the point (self._heard)
+        else:
+            log.warning(
+                "unexpected %s from the agent on host=%s", type(message).__name__, self.host
+            )
+
+    async def _keep_alive(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.keepalive_interval
+        while self.is_alive:
+            await asyncio.sleep(interval)
+            silent = loop.time() - self._heard
+            if silent > MISSED_BEATS * interval:
+                reason = f"the agent on {self.host} has said nothing for {silent:.0f} s"
+                log.warning("%s; giving its workers up", reason)
+                self._lost(reason)
+                if self._pipe is not None:
+                    self._pipe.kill()
+                return
+            self.send(proto.Ping(next(_nonces)))
+
+    def _lost(self, reason: str) -> None:
+        if not self.is_alive and not self._channels and not self._spawning:
+            return
+        self.is_alive, self.lost_reason = False, self.lost_reason or reason
+        for started in self._spawning.values():
+            if not started.done():
+                started.set_exception(WorkerStartupError(self.host, "connect", reason))
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            channel.ended(reason)
+
+    async def aclose(self, grace: float) -> None:
+        """End the agent: it ends what workers it still has, then exits. Bounded."""
+        if self._pipe is None:
+            return
+        if self.is_alive:
+            self.send(proto.Shutdown())
+            self._flush()
+        await self._pipe.aclose(grace)
+        self._lost("the session was closed")
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
+
+
+def _signal_name(signum: int) -> Optional[str]:
+    if not signum:
+        return None
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
