@@ -21,7 +21,7 @@ import pytest
 from sshexec import BrokenPool, SSHPoolExecutor, WorkerLostError
 
 from . import tasks
-from .procs import wait_gone
+from .procs import agents_and_workers, wait_gone
 from .sshd import Client, SSHServer, executor_kwargs
 
 Make = Callable[..., SSHPoolExecutor]
@@ -142,7 +142,7 @@ def partitioned_host(ssh_client: Client, tmp_path: Path) -> Iterator[Dict[str, A
             "server": server,
             "cut": lambda: ip("netns", "exec", ns, "ip", "link", "set", inside, "down"),
         }
-        server.stop()
+        server.go_down()  # sshd's own session for the vanished client stays otherwise
     finally:
         subprocess.run(["ip", "link", "del", outside], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -158,13 +158,21 @@ def test_silent_partition_is_detected_and_requeued(
     with SSHPoolExecutor(2, **kwargs) as executor:
         seen = {host for host, _, _ in executor.map(tasks.sleep_then_where, [0.1] * 8)}
         assert seen == {"alpha", "island"}
-        futures = [executor.submit(tasks.sleep_then_where, 0.5) for _ in range(8)]
-        time.sleep(0.3)
+        assert island.proc is not None
+        tree = agents_and_workers(island.proc.pid)  # the node's process table
+        on_node = [pid for agent, workers in tree.items() for pid in (agent, *workers)]
+        assert len(tree) == 1 and len(on_node) == 2, tree
+        futures = [executor.submit(tasks.sleep_then_where, 2.0) for _ in range(4)]
+        time.sleep(0.3)  # the island's worker is mid-task from here on
         partitioned_host["cut"]()
         started = time.monotonic()
+        # the node's side: its agent has heard nothing for 3 x 1 s and ends its worker,
+        # mid-task, and itself; nothing of the job is left there once that has passed
+        left = wait_gone(on_node, timeout=3 * 1.0 + 5.0)
+        assert left == [], f"still on the node {time.monotonic() - started:.1f} s after the cut"
         results = [f.result(timeout=60) for f in futures]
-        assert time.monotonic() - started < 20  # keepalives: 3 missed at 1 s intervals
-        assert len(results) == 8
+        assert time.monotonic() - started < 20  # the client's side: 3 missed keepalives
+        assert len(results) == 4
 
 
 # ---- the client goes away ----------------------------------------------------------------
