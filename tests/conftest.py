@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -11,7 +12,7 @@ from typing import Any, Callable, Iterator, List
 import cloudpickle
 import pytest
 
-from sshexec import SSHPoolExecutor
+from sshexec import Host, SSHPoolExecutor, parse_host
 
 from . import tasks
 from .procs import wait_no_workers, worker_pids
@@ -101,8 +102,15 @@ def make_executor(request: pytest.FixtureRequest) -> Iterator[Callable[..., SSHP
         made.append(executor)
         return executor
 
+    def hosts_with(total: int, **options: Any) -> List[Host]:
+        """This fixture's hosts as ``Host`` values with ``options``, ``total`` workers."""
+        if servers is None:
+            return [Host(":", workers=total, **options)]
+        share = total // len(servers)
+        return [dataclasses.replace(parse_host(s.spec), workers=share, **options) for s in servers]
+
     make.kind = request.param  # type: ignore[attr-defined]
-    make.sshd_pair = servers  # type: ignore[attr-defined]
+    make.hosts_with = hosts_with  # type: ignore[attr-defined]
     yield make
     for executor in made:
         shut_down(executor)  # as users end it: a queued task that cannot end fails here

@@ -4,7 +4,6 @@ behind (processes, blob files)."""
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import os
 import signal
@@ -14,7 +13,7 @@ from typing import Callable, Dict, List
 
 import pytest
 
-from sshexec import Host, SSHPoolExecutor, WorkerLostError, parse_host
+from sshexec import SSHPoolExecutor, WorkerLostError
 
 from . import tasks
 from .procs import agents_and_workers, parent_of, wait_gone
@@ -96,11 +95,7 @@ def test_a_big_initializer_crosses_once_per_host(make_executor: Make) -> None:
 
 def test_workers_can_be_spawned_instead_of_forked(make_executor: Make) -> None:
     env = {"SSHEXEC_AGENT_START": "spawn"}
-    if make_executor.kind == "local":  # type: ignore[attr-defined]
-        hosts = [Host(":", workers=2, env=env)]
-    else:
-        specs = executor_kwargs(make_executor.sshd_pair)["hosts"]  # type: ignore[attr-defined]
-        hosts = [dataclasses.replace(parse_host(s), workers=1, env=env) for s in specs]
+    hosts = make_executor.hosts_with(2, env=env)  # type: ignore[attr-defined]
     ex = make_executor(None, hosts=hosts)
     modules = set(ex.map(tasks.loaded_module, ["sshexec._node.agent"] * 6))
     assert modules == {False}  # a fresh interpreter, not a fork of the agent

@@ -7,7 +7,6 @@ Future, while the suite stayed green. Every wait is bounded (``bounded``)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import dataclasses
 import logging
 import os
 import pickle
@@ -20,7 +19,7 @@ from typing import Any, Callable, Iterator, List, Tuple
 
 import pytest
 
-from sshexec import Host, SSHPoolExecutor, WorkerLostError, parse_host
+from sshexec import SSHPoolExecutor, WorkerLostError
 
 from . import tasks
 from .sshd import SSHServer, executor_kwargs
@@ -199,11 +198,7 @@ def test_a_failed_replacement_start_does_not_freeze_the_host(
 ) -> None:
     site, flag = flaky_site(tmp_path)
     env = {"SSHEXEC_AGENT_START": "spawn", "PYTHONPATH": str(site)}
-    if make_executor.kind == "local":  # type: ignore[attr-defined]
-        hosts = [Host(":", workers=4, env=env)]
-    else:
-        specs = executor_kwargs(make_executor.sshd_pair)["hosts"]  # type: ignore[attr-defined]
-        hosts = [dataclasses.replace(parse_host(s), workers=2, env=env) for s in specs]
+    hosts = make_executor.hosts_with(4, env=env)  # type: ignore[attr-defined]
     ex = make_executor(None, hosts=hosts)
     bounded(lambda: list(ex.map(tasks.square, range(8))), 30, "map")
     eventually(lambda: live_workers(ex) == 4, 30, "all four workers up")

@@ -26,6 +26,7 @@ from .._output import OutputRouter
 from .._stats import Counters, WorkerStats
 from .._transports.base import Channel
 from .._wire import protocol as proto
+from .session import read_hello
 
 if TYPE_CHECKING:
     from .session import HostSession
@@ -248,7 +249,9 @@ async def open_worker(
     try:
         channel = await session.spawn(lambda line: output.stderr_line(worker_id, line))
         decoder = proto.FrameDecoder(init.max_frame)
-        hello = await asyncio.wait_for(_read_hello(channel, session.host, decoder), STARTUP_TIMEOUT)
+        hello = await asyncio.wait_for(
+            read_hello(channel, session.host, decoder, "worker"), STARTUP_TIMEOUT
+        )
         if init_blob is not None:
             session.store(*init_blob)
         channel.write(proto.encode(dataclasses.replace(init, worker_id=worker_id)))
@@ -263,27 +266,3 @@ async def open_worker(
             await channel.aclose(0.1)
         raise
     return channel, hello, decoder
-
-
-async def _read_hello(channel: Channel, host: str, decoder: proto.FrameDecoder) -> proto.Hello:
-    while True:
-        try:
-            message = next(decoder.messages(), None)
-        except proto.FrameError as exc:
-            raise WorkerStartupError(host, "bootstrap", f"garbled first frame: {exc}") from exc
-        if message is not None:
-            break
-        chunk = await channel.read()
-        if not chunk:
-            how = await channel.exit_reason(2.0)
-            tail = channel.stderr_tail()
-            raise WorkerStartupError(
-                host,
-                "bootstrap",
-                f"the worker ended before saying Hello ({how})"
-                + (f"; stderr: {tail[-600:]}" if tail else ""),
-            )
-        decoder.feed(chunk)
-    if not isinstance(message, proto.Hello):
-        raise WorkerStartupError(host, "bootstrap", f"expected Hello, got {type(message).__name__}")
-    return message

@@ -143,7 +143,7 @@ class HostSession:
         self._pipe = pipe
         try:
             self._decoder.feed(await handshake(pipe, self.host, self.python))
-            hello = await self._read_hello(pipe)
+            hello = await read_hello(pipe, self.host, self._decoder, "agent")
         except BaseException:
             await pipe.aclose(0.1)
             raise
@@ -151,40 +151,6 @@ class HostSession:
         self.send(proto.Configure(self.max_frame, MISSED_BEATS * self.keepalive_interval))
         self._tasks = [loop.create_task(self._read()), loop.create_task(self._keep_alive())]
         return hello
-
-    async def _read_hello(self, pipe: Channel) -> proto.Hello:
-        while True:
-            try:
-                message = next(self._decoder.messages(), None)
-            except proto.FrameError as exc:
-                raise WorkerStartupError(
-                    self.host, "bootstrap", f"garbled first frame: {exc}"
-                ) from exc
-            if message is not None:
-                break
-            chunk = await pipe.read()
-            if not chunk:
-                how = await pipe.exit_reason(2.0)
-                tail = pipe.stderr_tail()
-                raise WorkerStartupError(
-                    self.host,
-                    "bootstrap",
-                    f"the agent ended before saying Hello ({how})"
-                    + (f"; stderr: {tail[-600:]}" if tail else ""),
-                )
-            self._decoder.feed(chunk)
-        if not isinstance(message, proto.Hello):
-            raise WorkerStartupError(
-                self.host, "bootstrap", f"expected Hello, got {type(message).__name__}"
-            )
-        if message.protocol != proto.PROTOCOL_VERSION:
-            raise WorkerStartupError(
-                self.host,
-                "version",
-                f"the agent speaks protocol {message.protocol}, this client {proto.PROTOCOL_VERSION}",
-                "Clear ~/.cache/sshexec on the node.",
-            )
-        return message
 
     # ---- workers ------------------------------------------------------------------------
 
@@ -367,3 +333,38 @@ def _signal_name(signum: int) -> Optional[str]:
         return signal.Signals(signum).name
     except ValueError:
         return str(signum)
+
+
+async def read_hello(
+    channel: Channel, host: str, decoder: proto.FrameDecoder, who: str
+) -> proto.Hello:
+    """The first message on a channel, which must be the ``Hello`` of ``who`` (the agent,
+    or a worker it forked) in this client's protocol; raises WorkerStartupError."""
+    while True:
+        try:
+            message = next(decoder.messages(), None)
+        except proto.FrameError as exc:
+            raise WorkerStartupError(host, "bootstrap", f"garbled first frame: {exc}") from exc
+        if message is not None:
+            break
+        chunk = await channel.read()
+        if not chunk:
+            how = await channel.exit_reason(2.0)
+            tail = channel.stderr_tail()
+            raise WorkerStartupError(
+                host,
+                "bootstrap",
+                f"the {who} ended before saying Hello ({how})"
+                + (f"; stderr: {tail[-600:]}" if tail else ""),
+            )
+        decoder.feed(chunk)
+    if not isinstance(message, proto.Hello):
+        raise WorkerStartupError(host, "bootstrap", f"expected Hello, got {type(message).__name__}")
+    if message.protocol != proto.PROTOCOL_VERSION:
+        raise WorkerStartupError(
+            host,
+            "version",
+            f"the {who} speaks protocol {message.protocol}, this client {proto.PROTOCOL_VERSION}",
+            "Clear ~/.cache/sshexec on the node.",
+        )
+    return message
