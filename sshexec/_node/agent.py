@@ -1,16 +1,17 @@
 """The node agent: one process per host, started by stage 1 over the host's one channel.
 
-Owns: the agent's loop (one thread, ``select``: a parent that is safe to fork), starting
-workers (``fork`` from this pristine parent, which has imported the worker code once;
-a fresh interpreter where fork is missing or ``SSHEXEC_AGENT_START=spawn``), relaying
-each worker's stdin, stdout and stderr over the channel as ``Data`` frames (never
-decoding them; what several workers wrote goes out in one write), reaping workers and
-reporting each exit status or signal exactly (``Exited``, after the last byte of that
-worker's stdout), signals on request, the blob store (``Store``: a map's function or an
-initializer, in a private directory its workers read), and liveness: when the channel
-closes, or the client has said nothing for ``silence_deadline`` seconds (a silent
-partition), every worker's process group is killed and the agent exits.
-Must not import: any client module, asyncio; and it must never start a thread.
+Owns: the agent's loop (one thread, ``select``: a parent that is safe to fork), asking
+``spawn.start_worker`` for workers (forked from this pristine parent, which has imported
+the worker code once; fresh interpreters where fork is missing or
+``SSHEXEC_AGENT_START=spawn``), relaying each worker's stdin, stdout and stderr over the
+channel as ``Data`` frames (never decoding them; what several workers wrote goes out in
+one write), reaping workers and reporting each exit status or signal exactly
+(``Exited``, after the last byte of that worker's stdout), signals on request, the blob
+store (``Store``: a map's function or an initializer, in a private directory its workers
+read), and liveness: when the channel closes, or the client has said nothing for
+``silence_deadline`` seconds (a silent partition), every worker's process group is
+killed and the agent exits. Must not import: any client module, asyncio; and it must
+never start a thread.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from .._wire import protocol as proto
+from .spawn import close, kill_group, start_worker
 
 DEFAULT_SILENCE = 30.0  # seconds, until Configure says otherwise
 READ_SIZE = 1 << 20
@@ -157,7 +159,7 @@ class Agent:
         elif isinstance(message, proto.Signal):
             child = self.children.get(message.slot)
             if child is not None and child.status is None:
-                _kill_group(child.pid, message.signum)
+                kill_group(child.pid, message.signum)
         elif isinstance(message, proto.Store):
             self._store(message.key, message.data)
         elif isinstance(message, proto.Configure):
@@ -212,10 +214,12 @@ class Agent:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
             pipes = [in_r, in_w, out_r, out_w, err_r, err_w]
-            pid = self._start_process(in_r, out_w, err_w)
+            pid = start_worker(
+                in_r, out_w, err_w, self.blob_dir, self.stage1 if self.spawn_only else None
+            )
         except OSError as exc:
             for fd in pipes:
-                _close(fd)
+                close(fd)
             self._send(proto.SpawnFailed(slot, f"{type(exc).__name__}: {exc}"))
             return
         for fd in (in_r, out_w, err_w):
@@ -228,36 +232,6 @@ class Agent:
             header = len(self.bundle).to_bytes(8, "big")
             child.pending += [memoryview(self.stage1), memoryview(header + self.bundle)]
         self._send(proto.Spawned(slot, pid))
-
-    def _start_process(self, stdin: int, stdout: int, stderr: int) -> int:
-        if self.spawn_only:
-            import subprocess  # only here: a forking agent never needs it
-
-            n = len(self.stage1)
-            loader = (
-                f"import os;b=b'';exec('while len(b)<{n}:b+=os.read(0,{n}-len(b)) "
-                "or os._exit(4)');exec(b)"
-            )
-            proc = subprocess.Popen(
-                [sys.executable, "-c", loader],
-                stdin=stdin,
-                stdout=stdout,
-                stderr=stderr,
-                start_new_session=True,
-                env={**os.environ, "SSHEXEC_ROLE": "worker", "SSHEXEC_BLOBS": self.blob_dir},
-            )
-            return proc.pid
-        pid = os.fork()
-        if pid == 0:  # the child: becomes a worker, never returns
-            try:
-                _become_worker(stdin, stdout, stderr, self.blob_dir)
-            finally:
-                os._exit(70)
-        try:
-            os.setpgid(pid, pid)  # also done by the child: whichever runs first
-        except OSError:
-            pass
-        return pid
 
     def _pump(self, child: Child, readable: List[int], writable: List[int]) -> None:
         if child.stdin is not None and child.stdin in writable:
@@ -275,7 +249,7 @@ class Agent:
                     break
                 child.pending.pop(0)
         if child.close_input and not child.pending and child.stdin is not None:
-            _close(child.stdin)
+            close(child.stdin)
             child.stdin = None
         for stream in (1, 2):
             fd = child.stdout if stream == 1 else child.stderr
@@ -290,7 +264,7 @@ class Agent:
             if data:
                 self._send(proto.Data(child.slot, stream, data))
                 continue
-            _close(fd)
+            close(fd)
             if stream == 1:
                 child.stdout = None
             else:
@@ -322,10 +296,10 @@ class Agent:
             if child.stderr is not None:
                 if now - child.reaped_at < STDERR_LINGER:
                     continue
-                _close(child.stderr)
+                close(child.stderr)
                 child.stderr = None
             if child.stdin is not None:
-                _close(child.stdin)
+                close(child.stdin)
             del self.children[slot]
             self._send(proto.Exited(slot, *child.status))
 
@@ -338,60 +312,18 @@ class Agent:
             print(f"sshexec agent: {why}; ending its {len(self.children)} workers", file=sys.stderr)
         for child in self.children.values():
             if child.status is None:
-                _kill_group(child.pid, signal.SIGTERM)
+                kill_group(child.pid, signal.SIGTERM)
         deadline = time.monotonic() + TERM_GRACE
         while any(c.status is None for c in self.children.values()):
             if time.monotonic() > deadline:
                 for child in self.children.values():
                     if child.status is None:
-                        _kill_group(child.pid, signal.SIGKILL)
+                        kill_group(child.pid, signal.SIGKILL)
                 deadline = time.monotonic() + 5.0
             time.sleep(0.01)
             self._reap()
             if time.monotonic() > deadline:
                 break
-
-
-def _become_worker(stdin: int, stdout: int, stderr: int, blob_dir: str) -> None:
-    try:
-        os.setpgid(0, 0)  # its own group: a kill reaches the task's subprocesses too
-    except OSError:
-        pass
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
-        os.dup2(fd, target)
-    _close_from(3)  # the agent's channel and every other worker's pipes
-    from . import worker
-
-    worker.main(blob_dir)
-
-
-def _close_from(low: int) -> None:
-    try:
-        fds = [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:
-        fds = list(range(low, 4096))
-    for fd in fds:
-        if fd >= low:
-            _close(fd)
-
-
-def _kill_group(pid: int, signum: int) -> None:
-    try:
-        os.killpg(pid, signum)
-    except OSError:
-        try:
-            os.kill(pid, signum)
-        except OSError:
-            pass
-
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def _drain(fd: int) -> None:
