@@ -28,11 +28,9 @@ from sshexec._transports.ssh_command import CommandLine, diagnose, translate
 from . import tasks
 from .sshd import SSHServer, executor_kwargs, free_port
 from .test_executor import (
-    test_cancel_pending_future,
     test_exception_keeps_type_and_carries_remote_traceback,
     test_initializer_runs_in_every_worker,
     test_large_payload_round_trip,
-    test_map_chunksize,
     test_map_keeps_input_order,
     test_max_tasks_per_child_replaces_workers,
     test_print_inside_tasks_does_not_corrupt_frames,
@@ -41,7 +39,6 @@ from .test_executor import (
 )
 from .test_exit import test_killed_client_leaves_no_worker
 from .test_failures import (
-    test_callable_raises,
     test_os_exit_fails_only_that_future,
     test_segfault_names_the_signal,
     test_worker_killed_mid_task_from_outside,
@@ -53,18 +50,17 @@ REPO = Path(__file__).resolve().parents[1]
 Make = Callable[..., SSHPoolExecutor]
 StartServer = Callable[..., SSHServer]
 
-CONTRACT = [  # collected here, on this module's fixtures: the same tests over ssh(1)
+# Collected here, on this module's fixtures: the tests where the transport matters
+# (exit statuses and signals, kills, stdout/stderr, payload sizes, worker replacement).
+CONTRACT = [
     test_submit_returns_result,
     test_map_keeps_input_order,
-    test_map_chunksize,
     test_exception_keeps_type_and_carries_remote_traceback,
-    test_cancel_pending_future,
     test_shutdown_cancel_futures,
     test_print_inside_tasks_does_not_corrupt_frames,
     test_initializer_runs_in_every_worker,
     test_max_tasks_per_child_replaces_workers,
     test_large_payload_round_trip,
-    test_callable_raises,
     test_os_exit_fails_only_that_future,
     test_segfault_names_the_signal,
     test_worker_killed_mid_task_from_outside,
@@ -86,6 +82,7 @@ def make_executor(sshd_pair: List[SSHServer]) -> Iterator[Make]:
     def make(max_workers: Any = 2, **kwargs: Any) -> SSHPoolExecutor:
         executor = SSHPoolExecutor(max_workers, **openssh_kwargs(sshd_pair, **kwargs))
         made.append(executor)
+        assert {h.transport.kind for h in executor._pool.hosts} == {"openssh"}
         return executor
 
     make.kind = "openssh"  # type: ignore[attr-defined]
