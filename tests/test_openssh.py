@@ -397,6 +397,30 @@ def test_ssh_config_alias_through_F(sshd_pair: List[SSHServer], tmp_path: Path) 
         assert transport.resolved["port"] == str(alpha.port)  # type: ignore[attr-defined]
 
 
+def test_match_exec_in_the_ssh_config_is_honoured(
+    sshd_pair: List[SSHServer], tmp_path: Path
+) -> None:
+    """``Match host ... exec`` picks the port, user and key, as ssh evaluates it."""
+    alpha = sshd_pair[0]
+    marker = tmp_path / "use-alpha"
+    marker.touch()
+    config = tmp_path / "config"
+    config.write_text(
+        f'Match host 127.0.0.1 exec "test -e {marker}"\n  Port {alpha.port}\n'
+        f"  User {alpha.client.user}\n  IdentityFile {alpha.client.key}\n"
+    )
+    kwargs = openssh_kwargs([alpha], hosts=["127.0.0.1"])  # no port: only the Match has it
+    kwargs["ssh_options"] = {"config": [str(config)], "agent_path": None}
+    with SSHPoolExecutor(1, **kwargs) as executor:
+        assert executor.submit(tasks.where).result(timeout=30)[0] == "alpha"
+
+
+def test_ipv6_host(start_server: StartServer) -> None:
+    server = start_server("sixer-openssh", address="::1")
+    with SSHPoolExecutor(1, **openssh_kwargs([server])) as executor:
+        assert executor.submit(tasks.where).result(timeout=30)[0] == "sixer-openssh"
+
+
 def test_noisy_login_shell_on_stdout_and_stderr(
     start_server: StartServer,
     capfd: pytest.CaptureFixture[str],

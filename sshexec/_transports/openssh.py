@@ -188,6 +188,7 @@ class OpenSSHTransport:
         self._starts: Optional[asyncio.Semaphore] = None  # made on the loop thread (3.9)
         self._doomed: Set[int] = set()  # remote pids to kill -KILL
         self._killers: Set[asyncio.Task[None]] = set()
+        self._closed = False  # aclose() removed the private config: no new ssh after it
 
     def __repr__(self) -> str:
         return f"OpenSSHTransport({self.host!r})"
@@ -219,6 +220,8 @@ class OpenSSHTransport:
         self.resolved = parse_resolved(out)
 
     async def open_channel(self, on_stderr: StderrSink) -> Channel:
+        if self._closed:
+            raise WorkerStartupError(self.host, "session", "the transport is closed")
         await self.connect()
         command = reporting_signals(_bootstrap.remote_command(self.python, self.env, self.cwd))
         if self._starts is None:
@@ -337,6 +340,7 @@ class OpenSSHTransport:
                 log.debug("host=%s kill -KILL %s: status %s %s", self.host, pids, status, err)
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._killers:
             await asyncio.wait(set(self._killers), timeout=KILL_TIMEOUT + 1)
         self.command_line.remove()
