@@ -503,7 +503,7 @@ def test_unreachable_port(sshd_pair: List[SSHServer]) -> None:
     assert f"cannot reach 127.0.0.1 port {port}: connection refused" in info.value.reason
 
 
-def test_missing_and_wrong_remote_python(sshd_pair: List[SSHServer]) -> None:
+def test_missing_and_wrong_remote_python_and_cwd(sshd_pair: List[SSHServer]) -> None:
     """The remote command's own failures reach handshake() as with the other transports."""
     from .test_failures import _other_minor_python
 
@@ -514,6 +514,12 @@ def test_missing_and_wrong_remote_python(sshd_pair: List[SSHServer]) -> None:
         SSHPoolExecutor(1, **openssh_kwargs(sshd_pair[:1], python=_other_minor_python()))
     assert info.value.stage == "interpreter"
     assert "this client runs Python %d.%d" % sys.version_info[:2] in str(info.value)
+    missing = Host(
+        "127.0.0.1", user=sshd_pair[0].client.user, port=sshd_pair[0].port, cwd="/no/such/dir"
+    )
+    with pytest.raises(WorkerStartupError, match="/no/such/dir") as info:
+        SSHPoolExecutor(1, **openssh_kwargs(sshd_pair[:1], hosts=[missing]))
+    assert info.value.stage == "working directory"
 
 
 def test_bad_ssh_config_fails_at_connect(sshd_pair: List[SSHServer], tmp_path: Path) -> None:
