@@ -30,7 +30,7 @@ from typing import (
     TypeVar,
 )
 
-from ._hosts import build_transports, resolve_hosts
+from ._hosts import TRANSPORTS, build_transports, resolve_hosts
 from ._logs import logger
 from ._loop import Runtime, is_exiting
 from ._mapresults import MapItem, MapResults, flatten, in_chunks, ordered_results
@@ -90,7 +90,15 @@ class SSHPoolExecutor(Executor):
         shutdown_grace: Seconds a worker gets to exit after shutdown before it is killed.
         reconnect_grace: Seconds a host that went away is waited for (reconnecting with
             backoff) before its tasks fail or, with no host left, the pool is broken.
-        ssh_options: Extra keyword arguments for every ``asyncssh.connect``.
+        ssh_options: Extra keyword arguments for every ``asyncssh.connect``. With
+            ``transport="openssh"`` the ones ssh has an equivalent for are translated
+            (``client_keys``, ``config``, ``agent_path``, ``known_hosts``, ``username``,
+            ``port``, ...); any other is a ``ValueError`` naming it.
+        transport: What carries the bytes to remote hosts: ``"asyncssh"`` (default; SSH
+            in this process) or ``"openssh"`` (one ``ssh`` client process per worker:
+            encryption outside this process's GIL, and everything ``ssh`` honours, from
+            ``~/.ssh/config`` and ``Match exec`` to certificates, GSSAPI and hardware
+            keys). ``Host(transport=...)`` and a host file's ``transport=`` choose per host.
         forward_modules: When a worker cannot import a module a call needs (your project's
             ``utils.py``), send it the module's pure-Python source from this process
             (default True). A missing package with compiled code fails with an error
@@ -127,6 +135,7 @@ class SSHPoolExecutor(Executor):
         shutdown_grace: float = 5.0,
         reconnect_grace: float = 60.0,
         ssh_options: Optional[Mapping[str, Any]] = None,
+        transport: str = "asyncssh",
         forward_modules: bool = True,
         remote_output: str = "prefix",
     ) -> None:
@@ -156,6 +165,8 @@ class SSHPoolExecutor(Executor):
         ):
             if not isinstance(number, (int, float)) or number <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be 'asyncssh' or 'openssh', got {transport!r}")
         output = OutputRouter(remote_output)  # validates remote_output
         specs = resolve_hosts(hosts)
         transports = build_transports(
@@ -167,6 +178,7 @@ class SSHPoolExecutor(Executor):
             connect_timeout,
             keepalive_interval,
             ssh_options,
+            transport,
         )
         init_payload = serialize((initializer, tuple(initargs))) if initializer else b""
         self._max_frame = max_frame

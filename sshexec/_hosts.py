@@ -3,8 +3,9 @@
 Owns: ``Host`` and ``parse_host`` (``[N/][user@]host[:port]``, IPv6 in brackets, ``:``
 for this machine), host files (``read_hosts``), the ``SSHEXEC_HOSTS`` variable, turning
 the executor's ``hosts`` argument into ``Host`` values, how ``max_workers`` is shared
-over hosts, and building one transport per host (``_ssh``, hence asyncssh, is imported
-only for remote hosts). Must not import: asyncio, the pool, or know about tasks.
+over hosts, and building one transport per host: ``local``, ``asyncssh`` or ``openssh``
+(the asyncssh module, hence asyncssh, is imported only for hosts that use it). Must not
+import: asyncio, the pool, or know about tasks.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 HOSTS_ENV = "SSHEXEC_HOSTS"
 LOCAL = ":"  # GNU parallel's name for this machine
+TRANSPORTS = ("asyncssh", "openssh")  # what carries a remote host's bytes
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -52,15 +54,19 @@ class Host:
         workers: Worker processes on this host; default its usable cores.
         python: Remote interpreter (e.g. a venv's ``bin/python``); default
             ``python3.<client minor>``, then ``python3``.
-        options: Extra keyword arguments for ``asyncssh.connect``.
+        options: Extra keyword arguments for ``asyncssh.connect``, for this host only
+            (with ``transport="openssh"``: translated to ssh options where ssh has them).
         env: Environment variables for the workers, e.g. ``{"OMP_NUM_THREADS": "1"}``;
             set by the remote command (sshd's ``AcceptEnv`` is not needed). Values are
             literal, never expanded.
         cwd: The workers' working directory (``~/`` is the remote home); a host where
             it does not exist fails to start with a ``WorkerStartupError`` naming it.
+        transport: ``"asyncssh"`` or ``"openssh"`` (the ``ssh`` binary) for this host;
+            default the executor's ``transport=``.
 
     Raises:
-        ValueError: An invalid name, port, worker count, variable name or directory.
+        ValueError: An invalid name, port, worker count, variable name, directory or
+            transport.
     """
 
     hostname: str
@@ -71,6 +77,7 @@ class Host:
     options: Mapping[str, Any] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: Optional[str] = None
+    transport: Optional[str] = None
 
     __module__ = "sshexec"
 
@@ -86,8 +93,19 @@ class Host:
             and self.workers > 0
         ):
             raise ValueError(f"host {name}: workers must be a positive int, got {self.workers!r}")
-        if self.is_local and (self.user is not None or self.port is not None or self.options):
-            raise ValueError("host ':' is this machine: user, port and options do not apply")
+        if self.transport is not None and self.transport not in TRANSPORTS:
+            raise ValueError(
+                f"host {name}: transport must be 'asyncssh' or 'openssh', got {self.transport!r}"
+            )
+        if self.is_local and (
+            self.user is not None
+            or self.port is not None
+            or self.options
+            or self.transport is not None
+        ):
+            raise ValueError(
+                "host ':' is this machine: user, port, options and transport do not apply"
+            )
         env = dict(self.env)
         for key, value in env.items():
             if not isinstance(key, str) or not _ENV_NAME.match(key):
@@ -186,7 +204,7 @@ def _parse_line(line: str) -> Optional[Host]:
             raise ValueError(f"expected key=value after the host, got {word!r}")
         if key.startswith("env."):
             env[key[4:]] = value
-        elif key in ("python", "cwd"):
+        elif key in ("python", "cwd", "transport"):
             changes[key] = value
         elif key in ("workers", "slots"):  # slots= as in MPI host files
             if not value.isdigit() or host.workers is not None or "workers" in changes:
@@ -194,7 +212,8 @@ def _parse_line(line: str) -> Optional[Host]:
             changes["workers"] = int(value)
         else:
             raise ValueError(
-                f"unknown option {key!r} (expected python=, cwd=, workers=, slots= or env.NAME=)"
+                f"unknown option {key!r} "
+                "(expected python=, cwd=, workers=, slots=, transport= or env.NAME=)"
             )
     return dataclasses.replace(host, env=env, **changes) if changes or env else host
 
@@ -204,13 +223,15 @@ def read_hosts(path: Union[str, os.PathLike[str]]) -> List[Host]:
 
     Each line is ``[N/][user@]host[:port]`` (``N`` workers; ``:`` is this machine)
     followed by optional ``key=value`` options: ``python=``, ``cwd=``, ``workers=``
-    (or MPI's ``slots=``) and ``env.NAME=value``. Words are split as by a shell, so
+    (or MPI's ``slots=``), ``transport=`` (``asyncssh`` or ``openssh``) and
+    ``env.NAME=value``. Words are split as by a shell, so
     values may be quoted; ``#`` starts a comment (whole-line or trailing) unless
     quoted; blank lines are ignored. Example::
 
         # the cluster
         4/me@node1                       # 4 workers
         node2:2222 python=/opt/venv/bin/python cwd=/data env.OMP_NUM_THREADS=1
+        node3 transport=openssh          # through the ssh binary
         2/:                              # and 2 workers on this machine
 
     Args:
@@ -308,9 +329,15 @@ def build_transports(
     connect_timeout: float,
     keepalive_interval: float,
     ssh_options: Optional[Mapping[str, Any]],
+    transport: str = "asyncssh",
 ) -> List[Tuple[Transport, Optional[int], str]]:
     """(transport, planned workers, interpreter label) for each host; local workers when
-    ``specs`` is None, and for a ``":"`` entry. asyncssh is imported only for remote hosts."""
+    ``specs`` is None, and for a ``":"`` entry; ``transport`` for hosts without their own.
+    asyncssh is imported only when a remote host uses it.
+
+    Raises:
+        ValueError: A host listed twice, or (openssh) an option ssh has no equivalent for.
+    """
     if specs is None:
         return [
             (LocalTransport(python), max_workers or local_cpu_count(), python or sys.executable)
@@ -320,23 +347,23 @@ def build_transports(
     twice = sorted({x for x in labels if labels.count(x) > 1})
     if twice:
         raise ValueError(f"host {twice[0]} is listed twice; use Host(..., workers=N) instead")
-    if not all(h.is_local for h in parsed):
-        # asyncssh is imported only when there are remote hosts
+    kinds = {h.transport or transport for h in parsed if not h.is_local}
+    if "asyncssh" in kinds:  # imported only when a host uses it
         from ._transports.asyncssh import SSHTransport
+    if "openssh" in kinds:
+        from ._transports.openssh import OpenSSHTransport
 
     built: List[Tuple[Transport, Optional[int], str]] = []
     for host, count in zip(parsed, share_workers(max_workers, parsed)):
         if count == 0:
             continue  # max_workers is smaller than the number of hosts
         chosen = host.python or python
-        transport: Transport
+        made: Transport
         if host.is_local:
-            transport = LocalTransport(chosen, env=host.env, cwd=host.cwd, host=host.label)
-            built.append((transport, count or local_cpu_count(), chosen or sys.executable))
+            made = LocalTransport(chosen, env=host.env, cwd=host.cwd, host=host.label)
+            built.append((made, count or local_cpu_count(), chosen or sys.executable))
             continue
-        transport = SSHTransport(
-            host.label,
-            host.hostname,
+        common: Dict[str, Any] = dict(
             port=host.port,
             username=host.user,
             python=chosen,
@@ -344,10 +371,24 @@ def build_transports(
             unsafe_skip_host_key_check=unsafe,
             connect_timeout=connect_timeout,
             keepalive_interval=keepalive_interval,
-            options={**(ssh_options or {}), **host.options},
-            jump_options=ssh_options,
             env=host.env,
             cwd=host.cwd,
         )
-        built.append((transport, count, " or ".join(interpreters(chosen))))
+        if (host.transport or transport) == "openssh":
+            made = OpenSSHTransport(
+                host.label,
+                host.hostname,
+                options=host.options,  # this host only
+                shared_options=ssh_options,  # every host and its jump hosts
+                **common,
+            )
+        else:
+            made = SSHTransport(
+                host.label,
+                host.hostname,
+                options={**(ssh_options or {}), **host.options},
+                jump_options=ssh_options,
+                **common,
+            )
+        built.append((made, count, " or ".join(interpreters(chosen))))
     return built

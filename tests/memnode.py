@@ -245,6 +245,8 @@ class MemChannel:
 
 
 class MemTransport:
+    kind = "memory"
+
     def __init__(self, node: MemNode, host: str) -> None:
         self.node, self.host = node, host
         self.fail_next = 0  # the next starts that fail

@@ -48,8 +48,15 @@ def run_cli(
     )
 
 
-def ssh_args(client: Client, known_hosts: Optional[Path] = None) -> List[str]:
+TRANSPORTS = pytest.mark.parametrize("transport", ["asyncssh", "openssh"])
+
+
+def ssh_args(
+    client: Client, known_hosts: Optional[Path] = None, transport: str = "asyncssh"
+) -> List[str]:
     return [
+        "--transport",
+        transport,
         "-i",
         str(client.key),
         "-F",
@@ -87,13 +94,15 @@ def module_dir(tmp_path: Path) -> Path:
 # --- check -----------------------------------------------------------------------
 
 
-def test_check_good_host(sshd_pair: List[SSHServer], ssh_client: Client) -> None:
+@TRANSPORTS
+def test_check_good_host(sshd_pair: List[SSHServer], ssh_client: Client, transport: str) -> None:
     server = sshd_pair[0]
-    result = run_cli("check", server.spec, *ssh_args(ssh_client))
+    result = run_cli("check", server.spec, *ssh_args(ssh_client, transport=transport))
     assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr == ""
     row = table_row(result.stdout, server.spec)
-    _host, reachable, key, auth, python, match, cores, rtt, speed = row
-    assert (reachable, key, match) == ("yes", "known", "yes")
+    _host, reachable, key, auth, python, match, cores, rtt, speed, via = row
+    assert (reachable, key, match, via) == ("yes", "known", "yes", transport)
     assert auth == f"publickey ({ssh_client.key})"
     assert python == f"{platform.python_version()} {sys.executable}"
     assert int(cores) >= 1
@@ -102,9 +111,12 @@ def test_check_good_host(sshd_pair: List[SSHServer], ssh_client: Client) -> None
     assert "fix:" not in result.stdout
 
 
-def test_check_unknown_host_key(start_server: Callable[..., SSHServer], ssh_client: Client) -> None:
-    stranger = start_server("stranger", trusted=False)
-    result = run_cli("check", stranger.spec, *ssh_args(ssh_client))
+@TRANSPORTS
+def test_check_unknown_host_key(
+    start_server: Callable[..., SSHServer], ssh_client: Client, transport: str
+) -> None:
+    stranger = start_server(f"stranger-{transport}", trusted=False)
+    result = run_cli("check", stranger.spec, *ssh_args(ssh_client, transport=transport))
     assert result.returncode == 1
     row = table_row(result.stdout, stranger.spec)
     assert row[1:3] == ["yes", "UNKNOWN"] and row[3] == "-"  # never authenticates to it
@@ -114,8 +126,9 @@ def test_check_unknown_host_key(start_server: Callable[..., SSHServer], ssh_clie
     assert "0 of 1 hosts usable" in result.stdout
 
 
+@TRANSPORTS
 def test_check_changed_key_and_refused_auth(
-    sshd_pair: List[SSHServer], ssh_client: Client, tmp_path: Path
+    sshd_pair: List[SSHServer], ssh_client: Client, tmp_path: Path, transport: str
 ) -> None:
     alpha, beta = sshd_pair
     known = tmp_path / "known_hosts"  # beta recorded with alpha's key: a changed key
@@ -124,8 +137,8 @@ def test_check_changed_key_and_refused_auth(
     )
     stranger_key = tmp_path / "id_other"
     keygen(stranger_key)
-    args = ssh_args(ssh_client, known)
-    args[1] = str(stranger_key)  # -i a key that no host accepts
+    args = ssh_args(ssh_client, known, transport)
+    args[args.index("-i") + 1] = str(stranger_key)  # a key that no host accepts
     result = run_cli("check", alpha.spec, beta.spec, *args)
     assert result.returncode == 1
     assert table_row(result.stdout, alpha.spec)[2:4] == ["known", "REFUSED"]
@@ -137,10 +150,12 @@ def test_check_changed_key_and_refused_auth(
     assert fingerprint(beta) in result.stdout
 
 
-def test_check_unreachable_port_is_quick(ssh_client: Client) -> None:
+@TRANSPORTS
+def test_check_unreachable_port_is_quick(ssh_client: Client, transport: str) -> None:
     port = free_port()
     started = time.monotonic()
-    result = run_cli("check", f"127.0.0.1:{port}", *ssh_args(ssh_client), "--timeout", "5")
+    args = ssh_args(ssh_client, transport=transport)
+    result = run_cli("check", f"127.0.0.1:{port}", *args, "--timeout", "5")
     assert time.monotonic() - started < 10
     assert result.returncode == 1
     assert table_row(result.stdout, f"127.0.0.1:{port}")[1] == "refused"
@@ -148,14 +163,16 @@ def test_check_unreachable_port_is_quick(ssh_client: Client) -> None:
     assert f"listens on port {port}" in result.stdout
 
 
-def test_check_silent_server_times_out(ssh_client: Client) -> None:
+@TRANSPORTS
+def test_check_silent_server_times_out(ssh_client: Client, transport: str) -> None:
     """A port that accepts TCP but never speaks SSH: reported within --timeout."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(4)
         port = listener.getsockname()[1]
         started = time.monotonic()
-        result = run_cli("check", f"127.0.0.1:{port}", *ssh_args(ssh_client), "--timeout", "1.5")
+        args = ssh_args(ssh_client, transport=transport)
+        result = run_cli("check", f"127.0.0.1:{port}", *args, "--timeout", "1.5")
         elapsed = time.monotonic() - started
     assert result.returncode == 1
     assert elapsed < 8
@@ -167,11 +184,17 @@ def test_check_reads_a_host_file(
     sshd_pair: List[SSHServer], ssh_client: Client, tmp_path: Path
 ) -> None:
     host_file = tmp_path / "hosts.txt"
-    host_file.write_text(f"# the test cluster\n2/{sshd_pair[1].spec}\n1/:\n")
+    alpha, beta = sshd_pair
+    host_file.write_text(
+        f"# the test cluster\n2/{beta.spec}\n{alpha.spec} transport=openssh\n1/:\n"
+    )
     result = run_cli("check", "--hosts", f"@{host_file}", *ssh_args(ssh_client))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert table_row(result.stdout, sshd_pair[1].spec)[1:3] == ["yes", "known"]
-    assert "1 of 1 hosts usable" in result.stdout  # ":" (this machine) is not probed
+    assert table_row(result.stdout, beta.spec)[1:3] == ["yes", "known"]
+    assert table_row(result.stdout, beta.spec)[-1] == "asyncssh"  # --transport's
+    assert table_row(result.stdout, alpha.spec)[1:3] == ["yes", "known"]
+    assert table_row(result.stdout, alpha.spec)[-1] == "openssh"  # the line's own
+    assert "2 of 2 hosts usable" in result.stdout  # ":" (this machine) is not probed
 
 
 def test_check_needs_hosts() -> None:
@@ -258,6 +281,28 @@ def test_map_over_sshd(module_dir: Path, sshd_pair: List[SSHServer], ssh_client:
     assert result.stdout.splitlines() == [str(n * n) for n in range(1, 13)]
     assert "line 13 failed" in result.stderr and "ValueError: unlucky 13" in result.stderr
     assert 'cli_tasks_mod.py", line 6, in square' in result.stderr
+
+
+def test_map_over_sshd_through_openssh(
+    module_dir: Path, sshd_pair: List[SSHServer], ssh_client: Client
+) -> None:
+    hosts = ",".join(s.spec for s in sshd_pair)
+    stdin = "".join(f"{n}\n" for n in range(12))
+    result = run_cli(
+        "map",
+        "cli_tasks_mod:where",
+        "--hosts",
+        hosts,
+        "--workers",
+        "2",
+        *ssh_args(ssh_client, transport="openssh"),
+        cwd=module_dir,
+        stdin=stdin,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [str(n) for n in range(12)]
+    assert {line.split()[1] for line in lines} <= {"alpha", "beta"}
 
 
 # --- demo ------------------------------------------------------------------------

@@ -257,3 +257,43 @@ def test_proxyjump_in_a_host_file_line(site: JumpSite, tmp_path: Path) -> None:
         hosts=hosts, known_hosts=both, ssh_options=options(config), python=sys.executable
     ) as ex:
         assert set(ex.map(net_namespace, range(4))) == {(site.namespace_inode(), "target", "filed")}
+
+
+# ---- the same through the ssh binary (transport="openssh") ---------------------------------
+
+
+def test_openssh_follows_proxyjump_with_sshexec_options_on_the_hop(site: JumpSite) -> None:
+    """ssh(1) does the ProxyJump itself; known_hosts= and the no-agent setting reach the
+    hop's ``ssh -W`` through the private -F file, the only option ssh passes on."""
+    config = site.config("config-no-known-hosts")
+    both = site.known_hosts(site.bastion, site.target)
+    host = Host("target", workers=2, env={"SITE": "via ssh"}, transport="openssh")
+    with SSHPoolExecutor(
+        hosts=[host], known_hosts=both, ssh_options=options(config), python=sys.executable
+    ) as ex:
+        seen = set(ex.map(net_namespace, range(8)))
+        assert len(connections(site.bastion)) == 2  # one hop per worker's ssh client
+    assert seen == {(site.namespace_inode(), "target", "via ssh")}
+    assert site.bastion.proc is not None
+    deadline = time.monotonic() + 10
+    while descendants(site.bastion.proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert descendants(site.bastion.proc.pid) == []
+
+
+def test_openssh_unknown_jump_host_key_is_refused_naming_the_hop(site: JumpSite) -> None:
+    config = site.config("config-no-known-hosts")
+    only_target = site.known_hosts(site.target)
+    with pytest.raises(WorkerStartupError) as info:
+        SSHPoolExecutor(
+            1,
+            hosts="target",
+            known_hosts=only_target,
+            ssh_options=options(config),
+            python=sys.executable,
+            transport="openssh",
+        )
+    error, hop = info.value, f"[{BASTION_ADDRESS}]:{site.bastion.port}"
+    assert (error.host, error.stage) == ("target", "host key")
+    assert f"{hop} (a jump host on the way) is not in {only_target}" in error.reason
+    assert f"ssh-keyscan -p {site.bastion.port} {BASTION_ADDRESS} >> {only_target}" in error.fix

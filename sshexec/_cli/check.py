@@ -1,9 +1,10 @@
 """``sshexec check``: probe hosts over SSH and say exactly what to fix.
 
-Owns: one asyncssh probe per host (reachability, host key status looked up in
-known_hosts, which authentication worked, remote Python, cores, round-trip time,
-channel throughput), all hosts in parallel, each bounded by a timeout. The report
-and its fixes are in ``_checkreport``. Must not import: the executor or the pool.
+Owns: one probe per host, all hosts in parallel, each bounded by a timeout: through
+asyncssh here (reachability, host key status looked up in known_hosts, which
+authentication worked, remote Python, cores, round-trip time, channel throughput), or
+through the ``ssh`` binary (``sshprobe``) for hosts whose transport is ``openssh``. The
+report and its fixes are in ``report``. Must not import: the executor or the pool.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class CheckSettings:
     identities: Sequence[str] = ()
     ssh_config: Sequence[str] = ()
     extra: Dict[str, Any] = field(default_factory=dict)
+    transport: str = "asyncssh"  # for hosts without their own Host(transport=...)
 
 
 class _AuthTracker(asyncssh.SSHClient):
@@ -72,9 +74,14 @@ async def check_hosts(hosts: Sequence[Host], settings: CheckSettings) -> List[Ho
 
 
 async def check_host(host: Host, settings: CheckSettings) -> HostReport:
-    report = HostReport(host.label, host.hostname, host.port or 22, host.user)
+    transport = host.transport or settings.transport
+    report = HostReport(host.label, host.hostname, host.port or 22, host.user, transport)
+    if transport == "openssh":
+        from .sshprobe import probe  # imports this module: not at the top
+    else:
+        probe = _probe
     try:
-        await asyncio.wait_for(_probe(host, settings, report), settings.timeout)
+        await asyncio.wait_for(probe(host, settings, report), settings.timeout)
     except asyncio.TimeoutError:
         report.timed_out(settings.timeout)
     except Exception as exc:  # an unforeseen asyncssh or OS error is reported, not raised

@@ -15,7 +15,7 @@ import sys
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Union
 
 from .._errors import SSHExecError
-from .._hosts import HOSTS_ENV
+from .._hosts import HOSTS_ENV, TRANSPORTS
 
 DESCRIPTION = "Run Python functions on other machines over SSH."
 EXAMPLES = """\
@@ -48,6 +48,12 @@ def _host_options(parser: argparse.ArgumentParser, workers: bool = True) -> None
         "-i", "--identity", metavar="FILE", action="append", help="private key (repeatable)"
     )
     group.add_argument("-F", "--ssh-config", metavar="FILE", help="ssh config file to use")
+    group.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        help="asyncssh (default) or openssh: the ssh binary, with everything it honours "
+        "(a host file's transport= wins)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +122,8 @@ def executor_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
         kwargs["python"] = args.python
     if args.known_hosts:
         kwargs["known_hosts"] = args.known_hosts
+    if args.transport:
+        kwargs["transport"] = args.transport
     ssh_options: Dict[str, Any] = {}
     if args.identity:
         ssh_options["client_keys"] = list(args.identity)
@@ -174,6 +182,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         known_hosts=args.known_hosts,
         identities=list(args.identity or ()),
         ssh_config=[args.ssh_config] if args.ssh_config else [],
+        transport=args.transport or "asyncssh",
     )
     reports = asyncio.run(check_hosts(hosts, settings))
     print(render(reports))

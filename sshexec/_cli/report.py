@@ -19,6 +19,7 @@ class HostReport:
     hostname: str
     port: int
     user: Optional[str]
+    transport: str = "asyncssh"  # what the probe went through: asyncssh or openssh
     stage: str = "connect"
     reachable: str = "-"
     host_key: str = "-"
@@ -153,6 +154,7 @@ class HostReport:
             self.cores,
             rtt,
             speed,
+            self.transport,
         ]
 
 
@@ -160,7 +162,19 @@ def _file_option(path: str) -> str:
     return "" if path == KNOWN_HOSTS else f" -f {path}"
 
 
-HEADER = ["host", "reachable", "host key", "auth", "python", "match", "cores", "rtt ms", "MB/s"]
+HEADER = [
+    "host",
+    "reachable",
+    "host key",
+    "auth",
+    "python",
+    "match",
+    "cores",
+    "rtt ms",
+    "MB/s",
+    "transport",
+]
+NUMBERS = range(6, 9)  # right-aligned columns
 
 
 def render(reports: Sequence[HostReport]) -> str:
@@ -169,7 +183,9 @@ def render(reports: Sequence[HostReport]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
     lines = []
     for index, row in enumerate(rows):
-        cells = [c.ljust(w) if i < 6 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        cells = [
+            c.rjust(w) if i in NUMBERS else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))
+        ]
         lines.append("  ".join(cells).rstrip())
         if index == 0:
             lines.append("  ".join("-" * w for w in widths))

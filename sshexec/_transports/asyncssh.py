@@ -124,6 +124,8 @@ class SSHChannel:
 class SSHTransport:
     """Connections to one host. Only the loop thread uses it."""
 
+    kind = "asyncssh"
+
     def __init__(
         self,
         host: str,

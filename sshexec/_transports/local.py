@@ -126,6 +126,8 @@ class PipeChannel:
 class LocalTransport:
     """Workers as subprocesses of this machine: no SSH, the same bootstrap and frames."""
 
+    kind = "local"
+
     def __init__(
         self,
         python: Optional[str] = None,
