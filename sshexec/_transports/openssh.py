@@ -1,8 +1,8 @@
 """``OpenSSHTransport``: workers on one host, reached through the ``ssh`` binary.
 
-Each channel is one ``ssh -T`` subprocess running the bootstrap on the host: its stdin
-and stdout are the byte pipe (a ``PipeChannel``, as for local workers), its stderr is
-ssh's own messages and then the worker's. Being ``ssh``, it honours everything ssh does
+A channel is one ``ssh -T`` subprocess running the bootstrap, then the host's agent: its
+stdin and stdout are the byte pipe (a ``PipeChannel``, as for local workers), its stderr
+is ssh's own messages and then the agent's. Being ``ssh``, it honours everything ssh does
 (``~/.ssh/config``, ``Match exec``, ProxyJump/ProxyCommand, certificates, GSSAPI,
 hardware keys, the agent), and encryption runs in the ``ssh`` process, outside this
 one's GIL. The command line is ``ssh_command``'s.
@@ -10,9 +10,10 @@ one's GIL. The command line is ``ssh_command``'s.
 Owns: ``OpenSSHChannel`` (holds ssh's stderr back until the remote command has written
 its first byte, so that ssh's exit status 255 before that becomes a
 ``WorkerStartupError`` naming host, stage and fix instead of worker output; tells a
-worker killed by a signal from a lost connection), ``OpenSSHTransport`` (the private
-config's life, at most ``STARTS_AT_ONCE`` handshakes at a time for sshd's
-``MaxStartups``, and ``kill -KILL`` of killed workers in a session of its own). Must not
+lost connection from the agent's own end), ``OpenSSHTransport`` (the private config's
+life, at most ``STARTS_AT_ONCE`` handshakes at a time for sshd's ``MaxStartups``).
+Killing the local ssh is enough to end a host's workers: the agent ends them when its
+channel closes. Must not
 import: asyncssh, the pool, or know about tasks, Futures or message contents.
 """
 
@@ -20,16 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import shlex
 import shutil
 import subprocess
 import time
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
 
 from .. import _bootstrap
 from .._errors import WorkerStartupError
 from .._logs import logger
-from .base import READ_SIZE, Channel, StderrSink, describe_exit
+from .base import READ_SIZE, Channel, StderrSink
 from .local import PipeChannel
 from .ssh_command import DEFAULT_KNOWN_HOSTS, CommandLine, Finding, diagnose, parse_resolved
 
@@ -38,16 +38,6 @@ log = logger("sshexec.ssh")
 STARTS_AT_ONCE = 8  # ssh handshakes in flight per host: below sshd's MaxStartups (10:30:100)
 EXIT_WAIT = 5.0  # seconds to wait for ssh's exit status once its stdout has ended
 HELD_LINES = 400  # ssh's last stderr lines held back before the remote command's first output
-KILL_TIMEOUT = 10.0
-
-
-def reporting_signals(command: str) -> str:
-    """``command`` under a shell that waits for it: sshd reports a worker killed by a signal
-    as exit-signal, which ssh(1) turns into 255, its status for its own failures too; the
-    shell's ``$?`` is 128 + the signal's number instead. The shell's own stderr is
-    /dev/null, so its job report ("Killed") never reads as the worker's output."""
-    script = f"exec 3>&2 2>/dev/null; (exec 2>&3 3>&-; {command}); exit $?"
-    return "exec /bin/sh -c " + shlex.quote(script)
 
 
 class _HeldStderr:
@@ -114,19 +104,9 @@ class OpenSSHChannel(PipeChannel):
 
     async def exit_reason(self, timeout: float) -> str:
         how = await super().exit_reason(timeout)
-        status = self.proc.poll()
-        if status == 255:
+        if self.proc.poll() == 255:
             return f"the SSH connection to {self.transport.host} was lost (ssh exit status 255)"
-        if status is not None and 128 < status <= 128 + 64:  # reporting_signals' shell
-            return describe_exit(128 - status)
         return how
-
-    def kill(self) -> None:
-        """``kill -KILL <pid>`` on the host, in an ssh session of its own, and the local
-        ssh process: the worker's stdin closes with it, which ends it within its grace."""
-        if self.pid is not None and self.proc.poll() is None:
-            self.transport.kill_remote(self.pid)
-        super().kill()
 
     async def aclose(self, grace: float) -> None:
         self._started()
@@ -186,8 +166,6 @@ class OpenSSHTransport:
         )
         self.resolved: Dict[str, str] = {}  # ssh -G: what the config makes of the host
         self._starts: Optional[asyncio.Semaphore] = None  # made on the loop thread (3.9)
-        self._doomed: Set[int] = set()  # remote pids to kill -KILL
-        self._killers: Set[asyncio.Task[None]] = set()
         self._closed = False  # aclose() removed the private config: no new ssh after it
 
     def __repr__(self) -> str:
@@ -223,7 +201,7 @@ class OpenSSHTransport:
         if self._closed:
             raise WorkerStartupError(self.host, "session", "the transport is closed")
         await self.connect()
-        command = reporting_signals(_bootstrap.remote_command(self.python, self.env, self.cwd))
+        command = _bootstrap.remote_command(self.python, self.env, self.cwd)
         if self._starts is None:
             self._starts = asyncio.Semaphore(STARTS_AT_ONCE)
         starts = self._starts
@@ -322,27 +300,8 @@ class OpenSSHTransport:
         )
         return WorkerStartupError(self.host, "connect", reason, fix)
 
-    def kill_remote(self, pid: int) -> None:
-        """``kill -KILL`` ``pid`` on the host soon; the pids of one burst share a session."""
-        self._doomed.add(pid)
-        if not self._killers:
-            task = asyncio.get_running_loop().create_task(self._kill_doomed())
-            self._killers.add(task)
-            task.add_done_callback(self._killers.discard)
-
-    async def _kill_doomed(self) -> None:
-        await asyncio.sleep(0)  # the rest of this burst's kill() calls
-        while self._doomed:
-            pids, self._doomed = sorted(self._doomed), set()
-            argv = self.command_line.argv("kill -KILL " + " ".join(map(str, pids)))
-            status, _, err = await run(argv, KILL_TIMEOUT)
-            if status != 0:
-                log.debug("host=%s kill -KILL %s: status %s %s", self.host, pids, status, err)
-
     async def aclose(self) -> None:
         self._closed = True
-        if self._killers:
-            await asyncio.wait(set(self._killers), timeout=KILL_TIMEOUT + 1)
         self.command_line.remove()
 
 
