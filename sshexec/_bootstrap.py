@@ -44,18 +44,21 @@ BUNDLE_LENGTH_BYTES: Final = 8
 MISSING_PYTHON_EXIT: Final = 127
 MISSING_CWD_EXIT: Final = 125
 CWD_ERROR: Final = "sshexec: cannot change to the working directory"
-HAVE, NEED, WRONG_VERSION = b"H", b"N", b"V"
+HAVE, NEED, NEED_SOURCE, WRONG_VERSION = b"H", b"N", b"n", b"V"
+OLDEST: Final = (3, 9)  # the oldest Python a node may run
 SHIPPED: Final = ("_wire", "_node")  # the sshexec folders a node runs, nothing else
 
 # Runs on the node's interpreter, which may be any Python 3: keep it 3.6-compatible
 # so that a wrong version is *reported* rather than a SyntaxError.
 _STAGE1: Final = r"""
 import sys, os, hashlib, io, zipfile
-H, V, M, C = %(hash)r, %(version)r, %(marker)r, %(cache)r
+V, M, C = %(version)r, %(marker)r, %(cache)r
 R = os.environ.pop('SSHEXEC_ROLE', '')
-if '%%d.%%d' %% sys.version_info[:2] != V:
+if sys.version_info[:2] < %(oldest)r:
     os.write(1, M + b'V' + ('%%d.%%d.%%d' %% sys.version_info[:3]).encode())
     sys.exit(3)
+S = '%%d.%%d' %% sys.version_info[:2] == V  # the client's version: compiled code helps
+H = %(hash)r if S else %(source_hash)r
 def rd(n):
     b = b''
     while len(b) < n:
@@ -93,7 +96,7 @@ if R == 'worker':  # spawned by the agent: the bundle follows on stdin, no hands
     z = rd(int.from_bytes(rd(%(length_bytes)d), 'big'))
 else:
     z = cached()
-    os.write(1, M + (b'H' if z else b'N'))
+    os.write(1, M + (b'H' if z else b'N' if S else b'n'))
     if z is None:
         z = rd(int.from_bytes(rd(%(length_bytes)d), 'big'))
         if hashlib.sha256(z).hexdigest() != H:
@@ -182,9 +185,11 @@ def _compiled(name: str, source: bytes) -> bytes:
     return importlib.util.MAGIC_NUMBER + marshal.dumps(code, 2)
 
 
-@functools.lru_cache(maxsize=1)
-def bundle() -> bytes:
-    """The zip shipped to nodes; deterministic, so its hash names it in the node cache."""
+@functools.lru_cache(maxsize=2)
+def bundle(compiled: bool = True) -> bytes:
+    """The zip shipped to nodes; deterministic, so its hash names it in the node cache.
+    ``compiled``: with this interpreter's byte code beside the sources, for a node of the
+    client's version; a node of another version gets the sources alone."""
     here = Path(__file__).parent
     entries = [
         ("sshexec/__init__.py", _BUNDLE_INIT.encode()),
@@ -195,7 +200,8 @@ def bundle() -> bytes:
             entries.append((f"sshexec/{folder}/{path.name}", path.read_bytes()))
     for module in (cloudpickle, msgpack):
         entries.extend((name, path.read_bytes()) for name, path in _package_files(module))
-    entries += [(name + "c", _compiled(name, data)) for name, data in entries]
+    if compiled:
+        entries += [(name + "c", _compiled(name, data)) for name, data in entries]
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, data in entries:
@@ -205,14 +211,15 @@ def bundle() -> bytes:
     return buffer.getvalue()
 
 
-@functools.lru_cache(maxsize=1)
-def bundle_hash() -> str:
-    return hashlib.sha256(bundle()).hexdigest()
+@functools.lru_cache(maxsize=2)
+def bundle_hash(compiled: bool = True) -> str:
+    return hashlib.sha256(bundle(compiled)).hexdigest()
 
 
-def bundle_message() -> bytes:
-    """What the host writes after the node answers ``NEED``."""
-    data = bundle()
+def bundle_message(compiled: bool = True) -> bytes:
+    """What the host writes after the node answers ``NEED`` (``compiled``) or
+    ``NEED_SOURCE``."""
+    data = bundle(compiled)
     return len(data).to_bytes(BUNDLE_LENGTH_BYTES, "big") + data
 
 
@@ -221,6 +228,8 @@ def stage1_code() -> bytes:
     """Stage 1, written to the interpreter's stdin right after the channel opens."""
     code = _STAGE1 % {
         "hash": bundle_hash(),
+        "source_hash": bundle_hash(compiled=False),
+        "oldest": OLDEST,
         "version": client_version(),
         "marker": protocol.START_MARKER,
         "cache": CACHE_DIR,

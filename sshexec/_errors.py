@@ -23,6 +23,7 @@ __all__ = [
     "BrokenPool",
     "CallDecodeError",
     "ProtocolError",
+    "PythonVersionError",
     "RemoteError",
     "ResultDecodeError",
     "SSHExecError",
@@ -99,6 +100,14 @@ class WorkerStartupError(SSHExecError):
 
     def __reduce__(self) -> Any:
         return (WorkerStartupError, (self.host, self.stage, self.reason, self.fix))
+
+
+class PythonVersionError(SSHExecError):
+    """A task carries code only the client's Python version can load (a lambda, a
+    closure, a nested function, a notebook cell), and no host runs that version; the
+    message names the function, its file and line, the versions and the fix."""
+
+    __module__ = "sshexec"
 
 
 class ProtocolError(SSHExecError):

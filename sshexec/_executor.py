@@ -30,6 +30,7 @@ from typing import (
     TypeVar,
 )
 
+from ._encode import FRAME_OVERHEAD, Encoded, MapFunction, encode
 from ._hosts import TRANSPORTS, build_transports, resolve_hosts
 from ._logs import logger
 from ._loop import Runtime, is_exiting
@@ -41,7 +42,7 @@ from ._pool.supervisor import snapshot
 from ._stats import Stats
 from ._tasks import Task
 from ._wire import calls
-from ._wire.calls import serialize
+from ._wire.calls import carried_code, serialize
 from ._wire.protocol import DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT
 
 if TYPE_CHECKING:
@@ -53,8 +54,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 log = logger("sshexec.executor")
-
-FRAME_OVERHEAD = 64  # msgpack envelope around a Run payload, generously
 
 
 class SSHPoolExecutor(Executor):
@@ -180,12 +179,19 @@ class SSHPoolExecutor(Executor):
             ssh_options,
             transport,
         )
-        init_payload = serialize((initializer, tuple(initargs))) if initializer else b""
+        init_payload = b""
+        other_init: Optional[bytes] = b""
+        if initializer:
+            init_payload = other_init = serialize((initializer, tuple(initargs)))
+            if carried_code():  # for a host of another Python: by reference, if it can be
+                portable = serialize((initializer, tuple(initargs)), portable=True)
+                other_init = None if carried_code() else portable
         self._max_frame = max_frame
         self._task_ids = itertools.count(1)
         self._runtime = Runtime(shutdown_grace)
         pool_args = dict(
             initializer=init_payload,
+            other_initializer=other_init,
             max_tasks_per_child=max_tasks_per_child,
             prefetch=prefetch,
             max_retries=max_retries,
@@ -224,6 +230,7 @@ class SSHPoolExecutor(Executor):
         state = "shut down" if self._runtime.is_shut_down else "running"
         hosts = ", ".join(
             f"{h.name}: {len(h.links)}/{h.workers or 0}"
+            + (f" python {h.python_version}" if h.python_version else "")
             + ("" if h.is_usable else " (given up)")
             + (" (down)" if h.down_since is not None else "")
             for h in self._pool.hosts
@@ -290,23 +297,16 @@ class SSHPoolExecutor(Executor):
         args: Any,
         kwargs: Any,
         group: Optional[str],
-        pickled_fn: Optional[bytes] = None,
+        function: Optional[MapFunction] = None,
         item: Optional[MapItem] = None,
-        stored: Optional[Tuple[bytes, bytes]] = None,
     ) -> Any:
-        """A Future, or for ``map`` ``item``, its slot; ``pickled_fn``: ``fn`` already
-        pickled (by ``map``, once for all its items); ``stored``: (its key, ``pickled_fn``)
-        when it is big enough to be stored once per host instead of sent with each item."""
+        """A Future, or for ``map`` ``item``, its slot; ``function``: ``fn`` already
+        pickled (by ``map``, once for all its items)."""
         future: Any = Future() if item is None else item
         failure: Optional[BaseException] = None
-        payload: calls.Payload = ((), b"")
+        encoded: Optional[Encoded] = None
         try:
-            if pickled_fn is None:
-                payload = calls.call_payload(fn, args, kwargs)
-            elif stored is not None:
-                payload = calls.stored_call(stored[0], args)
-            else:
-                payload = calls.split_call(pickled_fn, args)
+            encoded = encode(fn, args, kwargs, function, self._pool.other_python)
         except Exception as exc:  # an unpicklable call fails its own Future, not the pool
             failure = exc
         except KeyboardInterrupt:  # Ctrl-C while pickling: the user stops the program
@@ -314,13 +314,13 @@ class SSHPoolExecutor(Executor):
         except BaseException as exc:  # SystemExit from a __reduce__, say: as loky does
             failure = pickle.PicklingError(f"pickling the call raised {type(exc).__name__}: {exc}")
             failure.__cause__ = exc
-        size = calls.size(payload)
-        on_wire = size + len(payload[1])  # and the out-of-band buffers' sizes
-        if failure is None and on_wire > self._max_frame - FRAME_OVERHEAD:
-            failure = ValueError(
-                f"the pickled call is {on_wire} bytes, over max_frame={self._max_frame}; "
-                "send less data per call or raise max_frame"
-            )
+        if encoded is not None:
+            on_wire = encoded.size + len(encoded.payload[1])  # and the buffers' sizes
+            if on_wire > self._max_frame - FRAME_OVERHEAD:
+                failure = ValueError(
+                    f"the pickled call is {on_wire} bytes, over max_frame={self._max_frame}; "
+                    "send less data per call or raise max_frame"
+                )
         runtime = self._runtime
         task_id = next(self._task_ids)
         if item is not None:
@@ -334,8 +334,9 @@ class SSHPoolExecutor(Executor):
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             if self._pool.broken is not None:
                 raise self._pool.broken
-            if failure is None:
-                runtime.post(Task(task_id, payload, size, future, group=group, blob=stored))
+            if failure is None and encoded is not None:
+                payload, size, blob, bound, other = encoded
+                runtime.post(Task(task_id, payload, size, future, group, blob, bound, other))
         if failure is not None:
             future.set_exception(failure)
         return future
@@ -381,18 +382,11 @@ class SSHPoolExecutor(Executor):
         buffersize: Optional[int],
     ) -> Iterator[T]:
         try:  # once for every item; a function that cannot be pickled fails each item
-            pickled_fn: Optional[bytes] = serialize(fn)
+            function: Optional[MapFunction] = MapFunction(fn, self._max_frame)
         except KeyboardInterrupt:
             raise
         except BaseException:  # each item's own pickling then fails its slot, and says why
-            pickled_fn = None
-        stored: Optional[Tuple[bytes, bytes]] = None  # (key, pickled_fn): once per host
-        if pickled_fn is not None and len(pickled_fn) > self._max_frame - FRAME_OVERHEAD:
-            pickled_fn = None  # each item's own call then fails with the size error
-        if pickled_fn is not None:
-            ref = calls.stored_ref(pickled_fn)
-            if ref is not None:
-                stored = (ref[1], pickled_fn)
+            function = None
         shared = MapResults()  # one condition for all items: no Future per item
         executor = weakref.ref(self)  # an abandoned iterator must not keep the executor alive
 
@@ -400,7 +394,7 @@ class SSHPoolExecutor(Executor):
             owner = executor()
             if owner is None:
                 return None
-            item: MapItem = owner._submit(fn, args, {}, None, pickled_fn, MapItem(shared), stored)
+            item: MapItem = owner._submit(fn, args, {}, None, function, MapItem(shared))
             return item
 
         runtime = self._runtime

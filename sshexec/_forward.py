@@ -22,7 +22,10 @@ MAX_SCAN_FILES = 5000  # files looked at when searching a package directory for 
 
 
 def find_source(name: str) -> proto.Source:
-    """What to answer a worker that cannot import ``name``."""
+    """What to answer a worker that cannot import ``name``; ``"__main__"`` asks for the
+    client's main script (a worker of another Python version runs it as ``__mp_main__``)."""
+    if name == "__main__":
+        return _main_script()
     try:
         spec = importlib.util.find_spec(name)
     except (ImportError, ValueError, AttributeError) as exc:
@@ -61,6 +64,23 @@ def find_source(name: str) -> proto.Source:
             return proto.Source(name, "source", spec.origin or "", found, is_package, "")
     kind = type(loader).__name__ if loader is not None else "no loader"
     return _missing(name, f"the client imports it with {kind}, which has no source to send")
+
+
+def _main_script() -> proto.Source:
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path:
+        return _missing(
+            "__main__",
+            "the client's __main__ is not a script (an interactive session, a notebook, "
+            "python -c): what it defines can run only on nodes of the client's Python version",
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            code = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        return _missing("__main__", f"the client cannot read its script {path}: {exc}")
+    return proto.Source("__main__", "source", os.path.abspath(path), code, False, "")
 
 
 def _missing(name: str, why: str) -> proto.Source:

@@ -22,6 +22,7 @@ class _Slots:
     in_flight: Deque[int] = field(default_factory=collections.deque)  # dispatch order == run order
     budget: Optional[int] = None  # tasks it may still be given (max_tasks_per_child)
     group: Optional[str] = None  # its host: tasks pinned to the group run only there
+    same_python: bool = True  # runs the client's Python version: may take bound tasks
     depth: int = 1  # tasks it may hold at once (the pool deepens it for long round trips)
 
 
@@ -67,23 +68,33 @@ class Scheduler:
         self._revoking: Set[int] = set()  # asked back from a worker; not stolen twice
         self._pinned: Dict[str, collections.OrderedDict[int, None]] = {}  # group -> its own queue
         self._group_of: Dict[int, str] = {}  # pinned task id -> its group, until complete
+        # tasks only a worker of the client's Python version can run (code by value)
+        self._bound: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._is_bound: Set[int] = set()  # bound task ids, until complete
 
     # ---- tasks ------------------------------------------------------------------------
 
-    def submit(self, task_id: int, group: Optional[str] = None) -> None:
-        """Queue a task; with ``group`` only that group's workers may run it."""
-        if group is None:
-            self._queue[task_id] = None
-        else:
+    def submit(self, task_id: int, group: Optional[str] = None, bound: bool = False) -> None:
+        """Queue a task; with ``group`` only that group's workers may run it; ``bound``:
+        only workers of the client's Python version (``add_worker(same_python=...)``)."""
+        if bound:
+            self._is_bound.add(task_id)
+        if group is not None:
             self._group_of[task_id] = group
-            self._pinned.setdefault(group, collections.OrderedDict())[task_id] = None
+        self._queue_of(task_id)[task_id] = None
+
+    def _queue_of(self, task_id: int) -> collections.OrderedDict[int, None]:
+        group = self._group_of.get(task_id)
+        if group is not None:
+            return self._pinned.setdefault(group, collections.OrderedDict())
+        return self._bound if task_id in self._is_bound else self._queue
 
     def cancel(self, task_id: int) -> bool:
         """Drop a queued (never dispatched) task; False if it is not in the queue."""
         group = self._group_of.get(task_id)
-        queue = self._queue if group is None else self._pinned.get(group)
-        if queue is None:
+        if group is not None and group not in self._pinned:
             return False
+        queue = self._queue_of(task_id)
         if queue.pop(task_id, False) is not None:  # absent: the default, False
             return False
         if group is not None and not queue:
@@ -93,14 +104,27 @@ class Scheduler:
 
     def drain_queue(self) -> List[int]:
         """Every queued task id, removing them (cancel_futures, broken pool)."""
-        drained = list(self._queue)
+        drained = list(self._queue) + list(self._bound)
         self._queue.clear()
+        self._bound.clear()
         for pinned in self._pinned.values():
             drained.extend(pinned)
         self._pinned.clear()
         for task_id in drained:
             self._forget(task_id)
         return drained
+
+    def drain_bound(self) -> List[int]:
+        """The queued tasks only the client's Python version can run, removed (no host
+        of that version is left)."""
+        drained = list(self._bound)
+        self._bound.clear()
+        for task_id in drained:
+            self._forget(task_id)
+        return drained
+
+    def _has_queued(self) -> bool:
+        return bool(self._queue or self._pinned or self._bound)
 
     def drain_group(self, group: str) -> List[int]:
         """The queued tasks pinned to ``group``, removed (its host is given up)."""
@@ -112,20 +136,17 @@ class Scheduler:
     def _forget(self, task_id: int) -> None:
         self._losses.pop(task_id, None)
         self._group_of.pop(task_id, None)
+        self._is_bound.discard(task_id)
 
     def _requeue_front(self, task_ids: List[int]) -> None:
         for task_id in reversed(task_ids):
-            group = self._group_of.get(task_id)
-            if group is None:
-                queue = self._queue
-            else:
-                queue = self._pinned.setdefault(group, collections.OrderedDict())
+            queue = self._queue_of(task_id)
             queue[task_id] = None
             queue.move_to_end(task_id, last=False)
 
     @property
     def queued(self) -> int:
-        return len(self._queue) + sum(len(p) for p in self._pinned.values())
+        return len(self._queue) + len(self._bound) + sum(len(p) for p in self._pinned.values())
 
     @property
     def in_flight(self) -> int:
@@ -137,9 +158,15 @@ class Scheduler:
     # ---- workers ----------------------------------------------------------------------
 
     def add_worker(
-        self, worker_id: str, budget: Optional[int] = None, group: Optional[str] = None
+        self,
+        worker_id: str,
+        budget: Optional[int] = None,
+        group: Optional[str] = None,
+        same_python: bool = True,
     ) -> None:
-        self._workers[worker_id] = _Slots(budget=budget, group=group, depth=self.prefetch)
+        self._workers[worker_id] = _Slots(
+            budget=budget, group=group, depth=self.prefetch, same_python=same_python
+        )
 
     def set_depth(self, worker_id: str, depth: int) -> None:
         """Let the worker hold up to ``depth`` tasks (never fewer than ``prefetch``): more
@@ -166,7 +193,7 @@ class Scheduler:
         """Fill free slots breadth-first (every idle worker gets one task before any
         worker gets a second) and return the new (worker_id, task_id) pairs in order."""
         placed: List[Tuple[str, int]] = []
-        if not self._queue and not self._pinned:
+        if not self._has_queued():
             return placed
         room = [
             (worker_id, slots)
@@ -177,14 +204,14 @@ class Scheduler:
             return placed
         lowest = min(len(slots.in_flight) for _, slots in room)
         for depth in range(lowest, max(slots.depth for _, slots in room)):
-            if not self._queue and not self._pinned:
+            if not self._has_queued():
                 break
             for worker_id, slots in room:
                 if len(slots.in_flight) > depth or depth >= slots.depth or slots.budget == 0:
                     continue
                 task_id = self._next_for(slots)
                 if task_id is None:
-                    if not self._queue and not self._pinned:
+                    if not self._has_queued():
                         break
                     continue
                 slots.in_flight.append(task_id)
@@ -194,7 +221,8 @@ class Scheduler:
         return placed
 
     def _next_for(self, slots: _Slots) -> Optional[int]:
-        """A task pinned to the worker's group first, else the next shared one."""
+        """A task pinned to the worker's group first, else the oldest shared one it may
+        run (bound ones only on a worker of the client's Python version)."""
         if slots.group is not None:
             pinned = self._pinned.get(slots.group)
             if pinned:
@@ -202,22 +230,29 @@ class Scheduler:
                 if not pinned:
                     del self._pinned[slots.group]
                 return task_id
+        if slots.same_python and self._bound:
+            if not self._queue or next(iter(self._bound)) < next(iter(self._queue)):
+                return self._bound.popitem(last=False)[0]  # ids grow: the older first
         return self._queue.popitem(last=False)[0] if self._queue else None
 
     def steals(self) -> List[Tuple[str, int]]:
         """Prefetched tasks to ask back, as (worker_id, task_id): one for each idle worker
         while the queue is empty, taken from the back of the longest line. A task waiting
         behind a slow one then runs on the idle worker instead."""
-        if self._queue:
+        if self._queue or self._bound:
             return []
-        idle = sum(1 for s in self._workers.values() if not s.in_flight and s.budget != 0)
+        idle_workers = [s for s in self._workers.values() if not s.in_flight and s.budget != 0]
+        idle = len(idle_workers)
+        bound_ok = any(s.same_python for s in idle_workers)  # else a bound one would go back
         asked: List[Tuple[str, int]] = []
         while idle > 0:
             waiting = {
                 worker_id: [
                     t
                     for t in list(slots.in_flight)[1:]
-                    if t not in self._revoking and t not in self._group_of
+                    if t not in self._revoking
+                    and t not in self._group_of
+                    and (bound_ok or t not in self._is_bound)
                 ]
                 for worker_id, slots in self._workers.items()
             }

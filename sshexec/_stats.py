@@ -92,6 +92,10 @@ class HostStats:
         bytes_received: Frame bytes received from them.
         rtt_seconds: Median of its live workers' latest pings; None when unknown.
         error: Why the host was given up, or None.
+        python: The Python version its workers run ("3.12.1"), once it is known. A
+            version other than the client's runs what travels between versions (see the
+            README's "What a node needs"); code that exists only as code (a lambda, a
+            closure) goes to hosts of the client's version.
         bytes_saved: Bytes that did not cross the network because the host's agent
             already held them (a ``map``'s function or the initializer, sent once per
             host instead of with every task or worker). ``bytes_sent`` counts them once.
@@ -108,6 +112,7 @@ class HostStats:
     rtt_seconds: Optional[float]
     error: Optional[str] = None  # why the host was given up, if it was
     bytes_saved: int = 0
+    python: Optional[str] = None
 
     __module__ = "sshexec"
 

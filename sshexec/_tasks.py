@@ -28,6 +28,7 @@ log = logger("sshexec.pool")
 QUEUED, SENT, ENDING = "queued", "sent", "ending"
 
 TaskFuture = Union["Future[Any]", MapItem]  # a submit's Future, or a map item's slot
+Encoding = Tuple[calls.Payload, Optional[Tuple[bytes, bytes]]]  # payload, (key, blob)
 
 
 class Task:
@@ -37,12 +38,14 @@ class Task:
 
     __slots__ = (
         "blob",
+        "bound",
         "buffers",
         "future",
         "group",
         "is_abandoned",
         "is_started",
         "losses",
+        "other",
         "payload",
         "size",
         "state",
@@ -58,12 +61,17 @@ class Task:
         future: TaskFuture,
         group: Optional[str] = None,
         blob: Optional[Tuple[bytes, bytes]] = None,
+        bound: Optional[str] = None,
+        other: Optional[Encoding] = None,
     ) -> None:
         self.task_id, self.future = task_id, future
         self.payload, self.buffers = payload  # pickle stream + out-of-band buffers, sizes
         self.size = size  # bytes of payload, as calls.size() gave the submitter
         self.group = group  # run only on this host (run_on_hosts)
         self.blob = blob  # (key, data) its payload names: stored on a host before it is sent
+        # what only a worker of the client's Python can run: its function, named (else None)
+        self.bound = bound
+        self.other = other  # (payload, blob) for a worker of another Python, when different
         self.is_started = False  # its Future is running (it has been sent at least once)
         self.is_abandoned = False  # nobody waits for it any more (a timed-out map)
         self.state = QUEUED
@@ -116,7 +124,7 @@ class TaskTable:
     def add(self, task: Task) -> None:
         self._tasks[task.task_id] = task
         self._waited += 1
-        self.scheduler.submit(task.task_id, task.group)
+        self.scheduler.submit(task.task_id, task.group, task.bound is not None)
 
     def cancel(self, task_id: int) -> bool:
         """A queued task's Future was cancelled: it leaves at once. False when it is not
@@ -134,7 +142,7 @@ class TaskTable:
         for task_id in self.scheduler.drain_queue():
             task = self._tasks[task_id]
             if task.is_started:
-                self.scheduler.submit(task_id, task.group)  # back, in order
+                self.scheduler.submit(task_id, task.group, task.bound is not None)  # back
                 continue
             self._remove(task)
             _safely(task.future.cancel)
@@ -184,8 +192,10 @@ class TaskTable:
 
     # ---- workers ----------------------------------------------------------------------
 
-    def add_worker(self, worker_id: str, budget: Optional[int], group: Optional[str]) -> None:
-        self.scheduler.add_worker(worker_id, budget=budget, group=group)
+    def add_worker(
+        self, worker_id: str, budget: Optional[int], group: Optional[str], same_python: bool
+    ) -> None:
+        self.scheduler.add_worker(worker_id, budget=budget, group=group, same_python=same_python)
 
     def remove_worker(self, worker_id: str, *, charge: bool, requeue: bool = True) -> Loss:
         """Forget a worker, in one step: its running task is charged a loss (``charge``)
@@ -242,6 +252,13 @@ class TaskTable:
         for task in tasks:
             if self._tasks.get(task.task_id) is task:
                 self.fail(task, error(task))
+
+    def fail_bound(self, error: Callable[[Task], BaseException]) -> None:
+        """The queued tasks only the client's Python version can run fail (no host of
+        that version is left)."""
+        for task_id in self.scheduler.drain_bound():
+            task = self._tasks[task_id]
+            self.fail(task, error(task))
 
     def fail_group(self, group: str, error: BaseException) -> None:
         """The queued tasks pinned to ``group`` fail (its host is unusable)."""

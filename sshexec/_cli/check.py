@@ -236,15 +236,13 @@ async def _probe_session(
         words = str(result.stdout or "").split()
         if result.exit_status == 0 and len(words) == 5:
             report.python = f"{words[2]} {words[3]}"
-            report.python_matches = f"{words[0]}.{words[1]}" == wanted
+            report.python_found(int(words[0]), int(words[1]), wanted)
             report.cores = words[4]
             break
     else:
         report.python_missing(interpreters(python), wanted)
         result = await conn.run("nproc || getconf _NPROCESSORS_ONLN", check=False)
         report.cores = str(result.stdout or "").strip() or "-"
-    if report.python_matches is False:
-        report.python_mismatch(wanted)
     report.stage = "round trips"
     report.rtt_ms = await _round_trip_ms(conn)
     report.stage = "throughput"

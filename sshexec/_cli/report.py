@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
+from .._bootstrap import OLDEST
+
 KNOWN_HOSTS = "~/.ssh/known_hosts"
 
 
@@ -27,7 +29,7 @@ class HostReport:
     known_hosts: List[str] = field(default_factory=list)
     auth: str = "-"
     python: str = "-"
-    python_matches: Optional[bool] = None
+    python_fit: str = "-"  # same (the client's version), portable (3.9+), too old
     cores: str = "-"
     rtt_ms: Optional[float] = None
     mb_per_s: Optional[float] = None
@@ -132,16 +134,25 @@ class HostReport:
             "or pass --python /path/to/python3 (a venv's bin/python works)",
         )
 
-    def python_mismatch(self, wanted: str) -> None:
-        self.problem(
-            f"{self.hostname} runs Python {self.python.split()[0]}, this client runs {wanted}: "
-            "pickles need the same minor version",
-            f"install python{wanted} on {self.hostname}, or pass --python with the path of a "
-            f"Python {wanted} there",
-        )
+    def python_found(self, major: int, minor: int, wanted: str) -> None:
+        """The node's Python: the client's version runs everything, another 3.9+ what
+        travels between versions (lambdas and closures go to hosts of the client's)."""
+        if f"{major}.{minor}" == wanted:
+            self.python_fit = "same"
+        elif (major, minor) >= OLDEST:
+            self.python_fit = "portable"
+        else:
+            self.python_fit = "too old"
+            oldest = "%d.%d" % OLDEST
+            self.problem(
+                f"{self.hostname} runs Python {self.python.split()[0]}; sshexec needs "
+                f"{oldest} or newer on the nodes",
+                f"install python{wanted} (best: everything runs there) or any Python {oldest}+ "
+                f"on {self.hostname}, or pass --python with the path of one there",
+            )
 
     def row(self) -> List[str]:
-        match = {None: "-", True: "yes", False: "NO"}[self.python_matches]
+        match = self.python_fit
         rtt = "-" if self.rtt_ms is None else f"{self.rtt_ms:.2f}"
         speed = "-" if self.mb_per_s is None else f"{self.mb_per_s:.0f}"
         return [

@@ -217,10 +217,8 @@ def _facts(text: str, python: Optional[str], report: HostReport) -> None:
     if words[:1] == ["python"] and len(words) >= 6:
         major, minor, version, path, cores = words[1:6]
         report.python = f"{version} {path}"
-        report.python_matches = f"{major}.{minor}" == wanted
+        report.python_found(int(major), int(minor), wanted)
         report.cores = cores
-        if not report.python_matches:
-            report.python_mismatch(wanted)
     else:
         report.python_missing(interpreters(python), wanted)
         report.cores = words[1] if words[:1] == ["nopython"] and len(words) > 1 else "-"

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import linecache
 import logging
 import os
-import pickle
 import queue
 import sys
 import threading
 import time
 import traceback
 import types
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import cloudpickle
 import msgpack
@@ -33,6 +33,7 @@ RESULT_OVERHEAD = 64  # msgpack envelope around a Done payload, generously
 EOF_GRACE_SECONDS = 2.0  # a task still running this long after the host vanished is abandoned
 FETCH_TIMEOUT = 60.0  # seconds to wait for the host to answer a Fetch
 KEEP_FUNCTIONS = 4  # stored map functions a worker keeps unpickled
+MAIN, SCRIPT = "__main__", "__mp_main__"  # the client's script, and its name here
 
 
 def _claim_stdio() -> Tuple[int, int]:
@@ -135,6 +136,8 @@ class Worker:
         self.is_reading = True
         self.blob_dir: Optional[str] = None  # the agent's store of this host's blobs
         self.functions: Dict[bytes, Any] = {}  # stored functions, unpickled, by key
+        self.find: Optional[Callable[[str, str, calls.FindClass], Any]] = None  # see Init
+        self._script: Optional[types.ModuleType] = None
 
     def send(self, message: proto.Message) -> None:
         pieces = proto.frame_pieces([message])  # a big result is written from where it lies
@@ -255,6 +258,8 @@ class Worker:
 
     def initialize(self, init: proto.Init) -> proto.Message:
         self.worker_id = init.worker_id
+        if init.python and init.python.split(".")[:2] != [str(v) for v in sys.version_info[:2]]:
+            self.find = self._find_in_script  # calls come pickled for another Python
         self.max_frame = init.max_frame
         root = logging.getLogger()
         root.addHandler(FrameLogHandler(self))
@@ -267,7 +272,7 @@ class Worker:
             data = init.initializer
             if data[:1] == calls.STORED_CALL:  # stored once per host by the agent
                 data = self.blob(bytes(data[1 : 1 + calls.KEY_SIZE]))
-            initializer, initargs = cloudpickle.loads(data)
+            initializer, initargs = calls.unpickle(data, (), self.find)
             shared = self.namespaces.adopt((initializer, *initargs))
             initializer(*initargs)
             self.namespaces.keep(shared)
@@ -283,12 +288,51 @@ class Worker:
         with open(os.path.join(self.blob_dir, key.hex()), "rb") as f:
             return f.read()
 
+    def _find_in_script(self, module: str, name: str, find: calls.FindClass) -> Any:
+        """Globals of the client's ``__main__`` are the script's, run here as ``__mp_main__``
+        (as ``multiprocessing``'s spawn does): the client of another Python version sends
+        them by reference."""
+        if module not in (MAIN, SCRIPT):
+            return find(module, name)
+        found: Any = self.script()
+        for part in name.split("."):
+            found = getattr(found, part)
+        return found
+
+    def script(self) -> types.ModuleType:
+        """The client's main script, fetched and run once as ``__mp_main__`` (its
+        ``if __name__ == "__main__":`` part does not run), standing in for ``__main__``."""
+        if self._script is None:
+            reply = self.fetch(MAIN)
+            if reply is None or reply.kind != "source":
+                detail = reply.detail if reply is not None else "the client did not answer"
+                raise ImportError(f"the client's __main__ script cannot run here: {detail}")
+            import multiprocessing  # noqa: F401  (its import points __mp_main__ at __main__)
+
+            module = types.ModuleType(SCRIPT)
+            module.__file__ = reply.origin
+            linecache.cache[reply.origin] = (
+                len(reply.code),
+                None,
+                reply.code.splitlines(keepends=True),
+                reply.origin,
+            )
+            sys.modules[SCRIPT] = module
+            try:
+                exec(compile(reply.code, reply.origin, "exec"), module.__dict__)
+            except BaseException:
+                del sys.modules[SCRIPT]
+                raise
+            sys.modules[MAIN] = sys.modules[SCRIPT] = module  # as multiprocessing's spawn
+            self._script = module
+        return self._script
+
     def stored_function(self, key: bytes) -> Any:
         """A map's stored function, unpickled once per worker and kept for its next items
         (the last few functions are kept)."""
         fn = self.functions.pop(key, None)
         if fn is None:
-            fn = pickle.loads(self.blob(key))
+            fn = calls.unpickle(self.blob(key), (), self.find)
         self.functions[key] = fn  # most recent last
         while len(self.functions) > KEEP_FUNCTIONS:
             self.functions.pop(next(iter(self.functions)))
@@ -304,7 +348,7 @@ class Worker:
     def _run(self, task_id: int, payload: proto.Tail, buffers: bytes) -> proto.Done | proto.Failed:
         stage = proto.STAGE_CALL
         try:
-            fn, args, kwargs = calls.load_call(payload, buffers, self.stored_function)
+            fn, args, kwargs = calls.load_call(payload, buffers, self.stored_function, self.find)
             del payload
             shared = self.namespaces.adopt((fn, *args))
             stage = proto.STAGE_RUN

@@ -50,13 +50,19 @@ class Dispatcher:
         batches: Dict[str, List[proto.Message]] = {}
         for worker_id, tasks in sends.items():
             messages = batches.setdefault(worker_id, [])
-            session = self.links[worker_id].session
+            link = self.links[worker_id]
+            session, same_python = link.session, link.same_python
             for task in tasks:
-                if task.blob is not None:  # a big map function: once per host
-                    session.store(*task.blob)
+                payload, blob = task.payload, task.blob
+                if not same_python and task.other is not None:  # pickled portably for it
+                    (payload, buffers), blob = task.other
+                else:
+                    buffers = task.buffers
+                if blob is not None:  # a big map function: once per host
+                    session.store(*blob)
                 log.debug("dispatch task=%d worker=%s", task.task_id, worker_id)
                 self._payload_mean += (task.size - self._payload_mean) * 0.1
-                messages.append(proto.Run(task.task_id, task.payload, task.buffers))
+                messages.append(proto.Run(task.task_id, payload, buffers))
         for worker_id, task_id in steals:
             log.debug("revoke task=%d worker=%s", task_id, worker_id)
             batches.setdefault(worker_id, []).append(proto.Revoke(task_id))

@@ -27,6 +27,7 @@ from .._stats import Counters, WorkerStats
 from .._transports.base import Channel
 from .._wire import protocol as proto
 from .session import read_hello
+from .versions import same_python
 
 if TYPE_CHECKING:
     from .session import HostSession
@@ -71,6 +72,11 @@ class WorkerLink:
     @property
     def pid(self) -> int:
         return self.hello.pid
+
+    @property
+    def same_python(self) -> bool:
+        """It runs the client's Python version: it may take tasks that carry code."""
+        return same_python(self.hello.python)
 
     def start(self, replies: Replies) -> None:
         self.reader = asyncio.get_running_loop().create_task(self._read_replies(replies))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from typing import Any, Coroutine, Dict, List, Optional, Sequence, Set, Tuple
 
 from .._errors import BrokenPool, WorkerLostError, WorkerStartupError
@@ -35,11 +36,11 @@ from .._scheduler import Scheduler
 from .._stats import Stats
 from .._tasks import Loss, Task, TaskFuture, TaskTable
 from .._transports.base import Channel, Transport
-from .._wire import calls
 from .._wire import protocol as proto
 from .dispatch import Dispatcher
 from .link import OutputGate, WorkerLink, ping_all
 from .supervisor import Supervisor, snapshot
+from .versions import Starts, bound_error, same_python
 
 log = logger("sshexec.pool")
 
@@ -54,6 +55,7 @@ class Pool:
         hosts: Sequence[Tuple[Transport, Optional[int], str]],
         *,
         initializer: bytes,
+        other_initializer: Optional[bytes] = b"",
         max_tasks_per_child: Optional[int],
         prefetch: int,
         max_retries: int,
@@ -69,11 +71,12 @@ class Pool:
         self.table = TaskTable(
             Scheduler(prefetch=prefetch, max_retries=max_retries), self._now_idle
         )
-        ref = calls.stored_ref(initializer) if initializer else None
-        self.init_blob = (ref[1], initializer) if ref is not None else None  # once per host
-        self.init = proto.Init(
-            "", ref[0] if ref is not None else initializer, max_frame, forward_modules, log_level
+        self.starts = Starts(
+            proto.Init("", b"", max_frame, forward_modules, log_level),
+            initializer,
+            other_initializer,
         )
+        self.other_python = False  # a host runs another Python version (read by submit())
         self.max_tasks_per_child = max_tasks_per_child
         self.shutdown_grace, self.output = shutdown_grace, output
         self.keepalive_interval = keepalive_interval
@@ -131,7 +134,9 @@ class Pool:
             return
         link.host.links.add(link)
         self.links[link.worker_id] = link
-        self.table.add_worker(link.worker_id, self.max_tasks_per_child, link.host.name)
+        self.table.add_worker(
+            link.worker_id, self.max_tasks_per_child, link.host.name, link.same_python
+        )
         link.start(self)
         link.ping()
         log.info(
@@ -145,6 +150,25 @@ class Pool:
 
     def host_changed(self, host: Supervisor) -> None:
         self._check_broken()
+
+    def python_seen(self, version: str) -> None:
+        """A host's agent runs ``version``: another one than the client's means calls are
+        pickled portably too, and results may name the script as ``__mp_main__``."""
+        if not same_python(version) and not self.other_python:
+            self.other_python = True
+            main = sys.modules.get("__main__")
+            if main is not None:
+                sys.modules.setdefault("__mp_main__", main)  # as multiprocessing's spawn does
+
+    def _bound_runnable(self) -> bool:
+        """Some usable host runs, or may run (not connected yet), the client's Python."""
+        return any(
+            h.is_usable and (h.python_version is None or same_python(h.python_version))
+            for h in self.hosts
+        )
+
+    def _bound_error(self, task: Task) -> BaseException:
+        return bound_error(task, [(h.name, h.python_version) for h in self.hosts if h.is_usable])
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -164,6 +188,8 @@ class Pool:
         for task in tasks:
             if self.broken is not None:
                 self.table.fail(task, self.broken)
+            elif task.bound is not None and not self._bound_runnable():
+                self.table.fail(task, self._bound_error(task))
             else:
                 self.table.add(task)
         if not self.table.is_idle:
@@ -251,6 +277,8 @@ class Pool:
             self._channels.discard(link.channel)
 
     def _check_broken(self) -> None:
+        if not self._bound_runnable():
+            self.table.fail_bound(self._bound_error)
         now, closing = asyncio.get_running_loop().time(), self.is_closing
         for host in self.hosts:
             if not host.links and not host.is_waited_for(now, closing):

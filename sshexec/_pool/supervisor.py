@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Coroutine, Deque, Dict, List, Optional, Protocol, Set, Tuple
+from typing import TYPE_CHECKING, Any, Coroutine, Deque, Dict, List, Optional, Protocol, Set
 
 from .._errors import WorkerStartupError
 from .._logs import logger
@@ -29,10 +29,10 @@ from .._stats import Counters, HostStats, Stats, WorkerStats, median_rtt
 from .._transports.base import Transport
 from .link import STARTUP_TIMEOUT, WorkerLink, open_worker
 from .session import HostSession
+from .versions import CLIENT, Starts, minor
 
 if TYPE_CHECKING:
     from .._output import OutputRouter
-    from .._wire.protocol import Init
 
 log = logger("sshexec.pool")
 
@@ -49,10 +49,11 @@ TRANSIENT_STAGES = frozenset({"connect", "session"})  # retried for as long as t
 class PoolHooks(Protocol):
     """What a supervisor needs of its pool."""
 
-    init: Init
-    init_blob: Optional[Tuple[bytes, bytes]]
+    starts: Starts
     output: OutputRouter
     keepalive_interval: float
+
+    def python_seen(self, version: str) -> None: ...
 
     def may_start(self) -> bool: ...
 
@@ -78,6 +79,7 @@ class Supervisor:
     down_since: Optional[float] = None  # loop time of the first failed start, while no worker lives
     links: Set[WorkerLink] = field(default_factory=set)
     session: Optional[HostSession] = None  # the host's agent, while there is one
+    python_version: Optional[str] = None  # what its agent runs ("3.12.1"), once known
     opening: Optional[asyncio.Task[HostSession]] = None  # a session being opened
     ended: Counters = field(default_factory=Counters)  # totals of workers that are gone
     blobs_saved: int = 0  # bytes_saved and bytes_stored of sessions that ended
@@ -195,8 +197,20 @@ class Supervisor:
         self.next_index += 1
         try:
             session = await self._session()
+            assert session.hello is not None
+            start = self.pool.starts.for_python(session.hello.python)
+            if start is None:
+                raise WorkerStartupError(
+                    self.name,
+                    "initializer",
+                    f"the initializer exists only as code (a lambda, a closure, a nested "
+                    f"function), which only Python {minor(CLIENT)} can load; this host runs "
+                    f"{session.hello.python}",
+                    "Define the initializer at module level, or give this host "
+                    f"python='/path/to/python{minor(CLIENT)}'.",
+                )
             channel, hello, decoder = await open_worker(
-                session, worker_id, self.pool.init, self.pool.output, self.pool.init_blob
+                session, worker_id, start[0], self.pool.output, start[1]
             )
         finally:
             self.starting -= 1
@@ -227,7 +241,7 @@ class Supervisor:
             self.transport,
             self.python,
             lambda line: output.stderr_line(f"{self.name}#agent", line),
-            self.pool.init.max_frame,
+            self.pool.starts.max_frame,
             self.pool.keepalive_interval,
         )
         try:
@@ -237,6 +251,9 @@ class Supervisor:
                 self.name, "bootstrap", f"no Hello from the agent within {STARTUP_TIMEOUT:g} s"
             ) from exc
         self.session = session
+        assert session.hello is not None
+        self.python_version = session.hello.python
+        self.pool.python_seen(session.hello.python)
         return session
 
     async def close_session(self, grace: float) -> None:
@@ -285,6 +302,7 @@ class Supervisor:
             median_rtt(link.counters.rtt_seconds for link in live),
             self.error,
             saved,
+            self.python_version,
         )
 
 

@@ -131,8 +131,8 @@ async def handshake(channel: Channel, host: str, python: str) -> bytes:
         chatter = bytes(buffer[:at]).decode("utf-8", "replace").strip()
         log.warning("shell chatter before the worker started host=%s: %.200r", host, chatter)
     answer, rest = buffer[at + len(START_MARKER)], bytes(buffer[at + len(START_MARKER) + 1 :])
-    if answer == _bootstrap.NEED[0]:
-        channel.write(_bootstrap.bundle_message())
+    if answer in (_bootstrap.NEED[0], _bootstrap.NEED_SOURCE[0]):
+        channel.write(_bootstrap.bundle_message(compiled=answer == _bootstrap.NEED[0]))
         await channel.drain()
         return rest
     if answer == _bootstrap.HAVE[0]:
@@ -141,13 +141,15 @@ async def handshake(channel: Channel, host: str, python: str) -> bytes:
         while chunk := await channel.read():
             rest += chunk
         found = rest.decode("ascii", "replace")
-        wanted = _bootstrap.client_version()
+        oldest = "%d.%d" % _bootstrap.OLDEST
         raise WorkerStartupError(
             host,
             "interpreter",
-            f"remote interpreter {python!r} is Python {found}, this client runs Python {wanted}",
-            f"Install python{wanted} on {host} or point at one with python='/path/to/python{wanted}' "
-            "(SSHPoolExecutor(python=...) or Host(..., python=...)).",
+            f"remote interpreter {python!r} is Python {found}; sshexec needs Python {oldest} "
+            "or newer on the nodes",
+            f"Install Python {oldest}+ on {host} (python{_bootstrap.client_version()} is best: "
+            "everything runs there, lambdas included) or point at one with "
+            "python='/path/to/python3' (SSHPoolExecutor(python=...) or Host(..., python=...)).",
         )
     raise WorkerStartupError(host, "bootstrap", f"unexpected handshake byte {answer!r}")
 

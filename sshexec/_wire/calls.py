@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import sys
+import threading
 import types
 from collections import ChainMap
 from typing import Any, Callable, ClassVar, Dict, Final, Iterable, List, Mapping, Optional, Tuple
@@ -61,9 +63,13 @@ def _filename_argument() -> int:
 _FILENAME_AT: Final = _filename_argument()
 
 
+_marks = threading.local()  # .code: serialize() on this thread pickled code by value
+
+
 def _reduce_code(code: types.CodeType) -> Any:
     # cloudpickle >= 3.1.3 writes co_filename as "<dynamic-code>" (a payload independent
     # of where the code was defined); remote tracebacks and log records need the real one.
+    _marks.code = True  # only a node of this Python version can load it
     reduced = _reduce_code_by_cloudpickle(code)
     at = _FILENAME_AT
     if at < 0 or reduced[0] is not types.CodeType or reduced[1][at] == code.co_filename:
@@ -91,15 +97,60 @@ class Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is unty
     dispatch_table: ClassVar[Mapping[type, Callable[[Any], Any]]] = _dispatch_table()
 
 
-def serialize(obj: Any, buffer_callback: Optional[BufferCallback] = None) -> bytes:
+class PortablePickler(Pickler):
+    """``Pickler`` for a node of another Python version, where code objects pickled by
+    value cannot be loaded: functions and classes of the client's ``__main__`` script
+    travel by reference instead (``__main__.name``; the node runs the script as
+    ``__mp_main__``, as ``multiprocessing``'s spawn does), and so do those of modules
+    registered for pickling by value (the node is sent their source). Code that exists only as code
+    (a lambda, a closure, a nested function, a notebook cell) still travels by value, and
+    ``carried_code()`` says so."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if _is_script_global(obj):
+            return NotImplemented  # the standard pickler's reference: module + qualname
+        return super().reducer_override(obj)
+
+
+def _is_script_global(obj: Any) -> bool:
+    """A function or class defined at the top of a module with a source file: the
+    client's ``__main__`` script, or a module registered with cloudpickle's
+    ``register_pickle_by_value`` (a node of another version gets its source instead)."""
+    if not isinstance(obj, (types.FunctionType, type)):
+        return False
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    if module is None or not getattr(module, "__file__", None):
+        return False  # no file to send: a REPL, a notebook, python -c, a builtin
+    found: Any = module
+    for part in obj.__qualname__.split("."):
+        found = getattr(found, part, None)
+    return found is obj
+
+
+def serialize(
+    obj: Any, buffer_callback: Optional[BufferCallback] = None, portable: bool = False
+) -> bytes:
     """One pickle of ``obj`` by ``Pickler`` (protocol 5): what either end sends of a
-    call, a ``map``'s function, an initializer, a result or an exception."""
+    call, a ``map``'s function, an initializer, a result or an exception. ``portable``:
+    with ``PortablePickler``, for a node of another Python version. Afterwards
+    ``carried_code()`` tells whether code went by value."""
+    _marks.code = False
     with io.BytesIO() as file:
-        Pickler(file, protocol=5, buffer_callback=buffer_callback).dump(obj)
+        (PortablePickler if portable else Pickler)(
+            file, protocol=5, buffer_callback=buffer_callback
+        ).dump(obj)
         return file.getvalue()
 
 
-def dumps(obj: Any, *, copy: bool, plain: bool = False, prefix: bytes = b"") -> Payload:
+def carried_code() -> bool:
+    """Whether the latest ``serialize`` (or ``dumps``) on this thread pickled a code
+    object by value: then only a node of the client's Python version can load it."""
+    return bool(getattr(_marks, "code", False))
+
+
+def dumps(
+    obj: Any, *, copy: bool, plain: bool = False, prefix: bytes = b"", portable: bool = False
+) -> Payload:
     """Pickle ``obj`` with its big contiguous buffers left out of the stream.
 
     ``copy``: take a snapshot of each buffer (the client, whose caller may change an
@@ -120,9 +171,10 @@ def dumps(obj: Any, *, copy: bool, plain: bool = False, prefix: bytes = b"") -> 
         return False
 
     if plain:
+        _marks.code = False
         stream = pickle.dumps(obj, protocol=5)
     else:
-        stream = serialize(obj, buffer_callback=out_of_band)
+        stream = serialize(obj, buffer_callback=out_of_band, portable=portable)
     sizes = b"".join(proto.BUFFER_SIZE.pack(len(b)) for b in buffers)
     return (prefix + stream if prefix else stream, *buffers), sizes
 
@@ -153,25 +205,30 @@ def loads(payload: proto.Tail, sizes: bytes = b"") -> Any:
     return pickle.loads(stream, buffers=buffers)
 
 
-def call_payload(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Payload:
+def call_payload(
+    fn: Callable[..., Any],
+    args: Tuple[Any, ...],
+    kwargs: Dict[str, Any],
+    portable: bool = False,
+) -> Payload:
     """Client: a ``submit``'s payload, one pickle of ``(fn, args, kwargs)``."""
-    return dumps((fn, args, kwargs), copy=True)
+    return dumps((fn, args, kwargs), copy=True, portable=portable)
 
 
-def split_call(pickled_fn: bytes, args: Tuple[Any, ...]) -> Payload:
+def split_call(pickled_fn: bytes, args: Tuple[Any, ...], portable: bool = False) -> Payload:
     """Client: a ``map`` item's payload from its function pickled once: ``b"S"`` +
     4-byte length of ``pickled_fn`` + it + the pickle of ``(args, {})``."""
     prefix = SPLIT_CALL + len(pickled_fn).to_bytes(4, "big") + pickled_fn
     plain = all(type(arg) in _PLAIN_TYPES for arg in args)
-    return dumps((args, {}), copy=True, plain=plain, prefix=prefix)
+    return dumps((args, {}), copy=True, plain=plain, prefix=prefix, portable=portable)
 
 
-def stored_call(key: bytes, args: Tuple[Any, ...]) -> Payload:
+def stored_call(key: bytes, args: Tuple[Any, ...], portable: bool = False) -> Payload:
     """Client: a ``map`` item's payload whose function the host's agent holds as the
     blob ``key`` (``STORE_MIN`` bytes or more, stored once per host): ``b"R"`` + the
     32-byte key + the pickle of ``(args, {})``."""
     plain = all(type(arg) in _PLAIN_TYPES for arg in args)
-    return dumps((args, {}), copy=True, plain=plain, prefix=STORED_CALL + key)
+    return dumps((args, {}), copy=True, plain=plain, prefix=STORED_CALL + key, portable=portable)
 
 
 def blob_key(data: bytes) -> bytes:
@@ -188,25 +245,53 @@ def stored_ref(data: bytes) -> Optional[Tuple[bytes, bytes]]:
     return STORED_CALL + key, key
 
 
+FindClass = Callable[[str, str], Any]  # (module, qualified name) -> the object
+
+
+class _Unpickler(pickle.Unpickler):
+    """An unpickler whose globals are looked up by ``find`` (which may fall back on the
+    standard lookup, ``super().find_class``)."""
+
+    def __init__(self, file: Any, buffers: Any, find: Callable[[str, str, FindClass], Any]):
+        super().__init__(file, buffers=buffers)
+        self._find = find
+
+    def find_class(self, module: str, name: str) -> Any:
+        return self._find(module, name, super().find_class)
+
+
+def unpickle(
+    data: Any, buffers: Any = (), find: Optional[Callable[[str, str, FindClass], Any]] = None
+) -> Any:
+    """``pickle.loads``, with globals found by ``find`` when given (a worker of another
+    Python version, which finds the client's ``__main__`` in the script it runs)."""
+    if find is None:
+        return pickle.loads(data, buffers=buffers)
+    return _Unpickler(io.BytesIO(data), buffers, find).load()
+
+
 def load_call(
-    payload: proto.Tail, sizes: bytes = b"", stored: Optional[Callable[[bytes], Any]] = None
+    payload: proto.Tail,
+    sizes: bytes = b"",
+    stored: Optional[Callable[[bytes], Any]] = None,
+    find: Optional[Callable[[str, str, FindClass], Any]] = None,
 ) -> Call:
     """Worker: ``(fn, args, kwargs)`` from a Run payload, any layout; ``stored`` gives the
-    (unpickled) function the host holds under a key."""
+    (unpickled) function the host holds under a key; ``find`` looks globals up."""
     stream, buffers = _split(payload, sizes)
     kind = stream[:1]
     if kind == STORED_CALL:
         if stored is None:
             raise LookupError("the call names a stored function, and this worker has no store")
         fn = stored(bytes(stream[1 : 1 + KEY_SIZE]))
-        args, kwargs = pickle.loads(stream[1 + KEY_SIZE :], buffers=buffers)
+        args, kwargs = unpickle(stream[1 + KEY_SIZE :], buffers, find)
         return fn, args, kwargs
     if kind != SPLIT_CALL:
-        fn, args, kwargs = pickle.loads(stream, buffers=buffers)
+        fn, args, kwargs = unpickle(stream, buffers, find)
         return fn, args, kwargs
     end = 5 + int.from_bytes(stream[1:5], "big")
-    fn = pickle.loads(stream[5:end])
-    args, kwargs = pickle.loads(stream[end:], buffers=buffers)
+    fn = unpickle(stream[5:end], (), find)
+    args, kwargs = unpickle(stream[end:], buffers, find)
     return fn, args, kwargs
 
 

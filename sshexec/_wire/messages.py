@@ -31,6 +31,7 @@ class Init:
     max_frame: int  # the host's limit: a larger result fails on the worker, not the link
     forward_modules: bool  # ask the host for modules this interpreter cannot import
     log_level: int  # the root logger level on the worker (the client's, at construction)
+    python: str = ""  # the client's Python ("3.11.7"): another minor loads calls portably
 
 
 @dataclass(frozen=True)

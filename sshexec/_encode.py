@@ -1,0 +1,99 @@
+"""How a call becomes what its task carries: its payload for workers of the client's
+Python, and, for a host running another Python version, a portable one.
+
+Owns: ``MapFunction`` (a ``map``'s function pickled once, stored once per host when
+big, and pickled portably once when needed) and ``encode`` (a call's ``Encoded``: the
+payload, its stored blob, whether only the client's Python can run it, and the portable
+encoding for the others). A call whose pickle carries no code by value runs anywhere
+as it is; one that does is pickled again portably (``__main__``'s functions and classes
+by reference) only when some host runs another version, and is *bound* (named, for the
+error) when code remains even then. Must not import: asyncio, the pool's internals
+beyond ``_pool.versions``, or do I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+
+from ._pool.versions import describe
+from ._wire import calls
+
+FRAME_OVERHEAD = 64  # msgpack envelope around a Run payload, generously
+Blob = Tuple[bytes, bytes]  # key, data: stored once per host
+Other = Tuple[calls.Payload, Optional[Blob]]
+
+
+class Encoded(NamedTuple):
+    payload: calls.Payload
+    size: int
+    blob: Optional[Blob]
+    bound: Optional[str]  # the function, named, when only the client's Python can run it
+    other: Optional[Other]  # for a worker of another Python, when it differs
+
+
+class MapFunction:
+    """A ``map``'s function, pickled once for all its items."""
+
+    def __init__(self, fn: Callable[..., Any], max_frame: int) -> None:
+        self.fn = fn
+        self.data: Optional[bytes] = calls.serialize(fn)  # raises: each item says why
+        self.code = calls.carried_code()
+        if len(self.data) > max_frame - FRAME_OVERHEAD:
+            self.data = None  # each item's own call then fails with the size error
+        self.stored = _stored(self.data)
+        self._portable: Optional[Tuple[Optional[bytes], Optional[Blob]]] = None
+
+    def portable(self) -> Tuple[Optional[bytes], Optional[Blob]]:
+        """(pickled portably, its blob), once; (None, None) when it still carries code."""
+        if self._portable is None:
+            data: Optional[bytes] = calls.serialize(self.fn, portable=True)
+            if calls.carried_code():
+                data = None
+            self._portable = (data, _stored(data))
+        return self._portable
+
+
+def _stored(data: Optional[bytes]) -> Optional[Blob]:
+    ref = calls.stored_ref(data) if data is not None else None
+    return (ref[1], data) if ref is not None and data is not None else None
+
+
+def _with_function(
+    data: bytes, stored: Optional[Blob], args: Tuple[Any, ...], portable: bool
+) -> calls.Payload:
+    if stored is not None:
+        return calls.stored_call(stored[0], args, portable=portable)
+    return calls.split_call(data, args, portable=portable)
+
+
+def encode(
+    fn: Callable[..., Any],
+    args: Tuple[Any, ...],
+    kwargs: Dict[str, Any],
+    function: Optional[MapFunction],
+    other_python: bool,
+) -> Encoded:
+    """Pickle one call (``function``: ``fn`` pickled once, by ``map``). Raises what
+    pickling raises."""
+    if function is None or function.data is None:
+        payload = calls.call_payload(fn, args, kwargs)
+        code, blob = calls.carried_code(), None
+    else:
+        payload = _with_function(function.data, function.stored, args, False)
+        code, blob = function.code or calls.carried_code(), function.stored
+    size = calls.size(payload)
+    if not code:
+        return Encoded(payload, size, blob, None, None)
+    other: Optional[Other] = None
+    if other_python:  # a host runs another version: try the portable pickling
+        if function is None or function.data is None:
+            portable = calls.call_payload(fn, args, kwargs, portable=True)
+            if not calls.carried_code():
+                other = (portable, None)
+        else:
+            data, stored = function.portable()
+            if data is not None:
+                portable = _with_function(data, stored, args, True)
+                if not calls.carried_code():
+                    other = (portable, stored)
+    return Encoded(payload, size, blob, None if other else describe(fn), other)

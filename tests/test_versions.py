@@ -1,0 +1,261 @@
+"""Any Python 3.9+ on the nodes: what travels between versions, and what needs the
+client's. The nodes are real sshd hosts whose workers run another interpreter
+(``Host(python=...)``: pyenv's 3.9, 3.10, 3.12, 3.13 beside the client's); run under
+another client version (CI does, with 3.9 and 3.13) the same tests cover the others."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, List, Optional
+
+import pytest
+
+from sshexec import Host, PythonVersionError, SSHPoolExecutor, WorkerStartupError, parse_host
+
+from . import tasks
+from .sshd import Client, SSHServer, executor_kwargs
+from .test_cli import run_cli, ssh_args, table_row
+from .waits import shut_down
+
+CLIENT = "%d.%d" % sys.version_info[:2]
+SUPPORTED = ("3.9", "3.10", "3.11", "3.12", "3.13")
+REQUIRE_ENV = "SSHEXEC_REQUIRE_PYTHONS"  # set by .ci/run: a missing interpreter fails
+
+
+def interpreter(minor: str) -> Optional[str]:
+    """A Python of that minor version on this machine: pyenv's, else on PATH."""
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    found = sorted(glob.glob(str(root / f"{minor}.*" / "bin" / "python")))
+    return found[-1] if found else shutil.which(f"python{minor}")
+
+
+def need(minor: str) -> str:
+    path = interpreter(minor)
+    if path is None:
+        message = (
+            f"Python {minor} not found here (pyenv install {minor}, or put python{minor} on PATH)"
+        )
+        if os.environ.get(REQUIRE_ENV):
+            pytest.fail(f"{message}; {REQUIRE_ENV} is set")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(params=[v for v in SUPPORTED if v != CLIENT])
+def other(request: pytest.FixtureRequest) -> str:
+    """(A path to) a node Python of another minor version than the client's."""
+    return need(request.param)
+
+
+def on(server: SSHServer, python: Optional[str], workers: int = 2) -> Host:
+    return dataclasses.replace(parse_host(server.spec), workers=workers, python=python)
+
+
+@pytest.fixture
+def made() -> Iterator[List[SSHPoolExecutor]]:
+    executors: List[SSHPoolExecutor] = []
+    yield executors
+    for executor in executors:
+        shut_down(executor)
+
+
+def executor_on(servers: List[SSHServer], hosts: List[Host], made: List[Any]) -> SSHPoolExecutor:
+    executor = SSHPoolExecutor(**executor_kwargs(servers, hosts=hosts))
+    made.append(executor)
+    return executor
+
+
+def version_of(python: str) -> str:
+    done = subprocess.run(
+        [python, "-c", "import platform; print(platform.python_version())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def client_module(tmp_path: Path) -> Iterator[Any]:
+    """A module importable here only: its functions travel by reference, its source is
+    forwarded to a node that lacks it, and the node's Python compiles it."""
+    name = f"only_here_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "import platform, time\n\n"
+        "def twice(x):\n    return 2 * x, platform.python_version()\n\n"
+        "def python(seconds):\n    time.sleep(seconds)\n    return platform.python_version()\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        yield __import__(name)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop(name, None)
+
+
+# ---- what travels --------------------------------------------------------------------
+
+
+@pytest.mark.ssh
+def test_a_client_only_modules_function_runs_there(
+    sshd_pair: List[SSHServer], other: str, client_module: Any, made: List[Any]
+) -> None:
+    ex = executor_on(sshd_pair[:1], [on(sshd_pair[0], other)], made)
+    got = list(ex.map(client_module.twice, range(6)))
+    assert [x for x, _ in got] == [2 * i for i in range(6)]
+    assert {v for _, v in got} == {version_of(other)}
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, platform, sys
+    from dataclasses import dataclass
+    from sshexec import SSHPoolExecutor
+
+    @dataclass
+    class Point:
+        x: int
+        y: int
+
+    class Refused(Exception):
+        def __init__(self, why):
+            super().__init__(why)
+            self.why = why
+
+    def shifted(p):
+        return Point(p.x + 1, p.y * 2), platform.python_version()
+
+    def refuse(why):
+        raise Refused(why)
+
+    if __name__ == "__main__":  # as with multiprocessing's spawn: the nodes run the rest
+        kwargs = json.loads(os.environ["KW"])
+        with SSHPoolExecutor(**kwargs) as ex:
+            results = list(ex.map(shifted, [Point(i, i) for i in range(4)]))
+            assert all(type(p) is Point for p, _ in results)  # this script's class again
+            try:
+                ex.submit(refuse, "no thanks").result(timeout=60)
+                raised = None
+            except Refused as exc:  # the script's own exception class, rebuilt here
+                raised = [type(exc).__name__, exc.why, "no thanks" in str(exc.__cause__)]
+            stats = ex.stats(refresh=0)
+        print(json.dumps({
+            "points": [[p.x, p.y] for p, _ in results],
+            "versions": sorted({v for _, v in results}),
+            "raised": raised,
+            "python": [h.python for h in stats.hosts.values()],
+        }))
+    """
+)
+
+
+@pytest.mark.ssh
+def test_a_scripts_functions_classes_and_exceptions_travel(
+    sshd_pair: List[SSHServer], other: str, tmp_path: Path
+) -> None:
+    """``__main__``'s functions, a dataclass as argument and result, and an exception class
+    defined in the script: the node runs the script as ``__mp_main__`` (spawn's way)."""
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    kwargs = executor_kwargs(sshd_pair[:1], python=other, max_workers=2)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env={
+            **os.environ,
+            "KW": json.dumps(kwargs),
+            "PYTHONPATH": str(Path(__file__).parent.parent),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["points"] == [[i + 1, 2 * i] for i in range(4)]
+    assert got["versions"] == [version_of(other)]
+    assert got["raised"] == ["Refused", "no thanks", True]
+    assert got["python"] == [version_of(other)]
+
+
+@pytest.mark.ssh
+def test_a_lambda_runs_only_where_the_clients_python_runs(
+    sshd_pair: List[SSHServer], other: str, client_module: Any, made: List[Any]
+) -> None:
+    """A mixed pool: code that exists only as code goes to the workers of the client's
+    version; the rest runs everywhere."""
+    ex = executor_on(sshd_pair, [on(sshd_pair[0], sys.executable), on(sshd_pair[1], other)], made)
+    everywhere = set(ex.map(client_module.python, [0.05] * 40))
+    assert everywhere == {version_of(sys.executable), version_of(other)}
+    only_mine = set(ex.map(lambda _: __import__("platform").python_version(), range(40)))
+    assert only_mine == {version_of(sys.executable)}
+
+
+@pytest.mark.ssh
+def test_a_lambda_no_host_can_run_fails_saying_why(
+    sshd_pair: List[SSHServer], other: str, made: List[Any]
+) -> None:
+    ex = executor_on(sshd_pair[:1], [on(sshd_pair[0], other)], made)
+    with pytest.raises(PythonVersionError) as info:
+        ex.submit(lambda: 1).result(timeout=30)
+    message = str(info.value)
+    assert "<lambda>" in message and f"{Path(__file__).name}:" in message  # what and where
+    assert CLIENT in message and version_of(other) in message  # both versions
+    assert "module level" in message and f"python{CLIENT}" in message  # the fixes
+    assert ex.submit(tasks.square, 7).result(timeout=30) == 49  # the pool is fine: a
+    # function of a module pickled by value (tests.tasks is) travels by reference there
+
+
+@pytest.mark.ssh
+@pytest.mark.parametrize("old", ["2.7", "3.6"])
+def test_too_old_a_python_is_refused(sshd_pair: List[SSHServer], old: str) -> None:
+    python = need(old)
+    with pytest.raises(WorkerStartupError) as info:
+        SSHPoolExecutor(**executor_kwargs(sshd_pair[:1], hosts=[on(sshd_pair[0], python)]))
+    error = info.value
+    assert error.stage == "interpreter"
+    assert f"Python {version_of(python)}" in str(error)
+    assert "3.9 or newer" in str(error) and "python=" in str(error)
+
+
+@pytest.mark.ssh
+def test_each_hosts_python_is_shown(
+    sshd_pair: List[SSHServer], other: str, made: List[Any]
+) -> None:
+    ex = executor_on(sshd_pair, [on(sshd_pair[0], sys.executable), on(sshd_pair[1], other)], made)
+    versions = {h.host: h.python for h in ex.stats(refresh=0).hosts.values()}
+    assert versions == {
+        sshd_pair[0].spec: version_of(sys.executable),
+        sshd_pair[1].spec: version_of(other),
+    }
+    assert version_of(other) in repr(ex) and version_of(sys.executable) in repr(ex)
+
+
+@pytest.mark.ssh
+@pytest.mark.parametrize("transport", ["asyncssh", "openssh"])
+def test_check_says_same_portable_or_too_old(
+    sshd_pair: List[SSHServer], ssh_client: Client, transport: str
+) -> None:
+    server = sshd_pair[0]
+    other = need(next(v for v in SUPPORTED if v != CLIENT))
+    args = ssh_args(ssh_client, transport=transport)
+    for python, fit, status in ((sys.executable, "same", 0), (other, "portable", 0)):
+        result = run_cli("check", server.spec, *args, "--python", python)
+        assert result.returncode == status, result.stdout + result.stderr
+        assert table_row(result.stdout, server.spec)[5] == fit
+    old = interpreter("3.6") or interpreter("2.7")
+    if old is None:
+        pytest.skip("no Python older than 3.9 here to check the refusal with")
+    result = run_cli("check", server.spec, *args, "--python", old)
+    assert result.returncode == 1
+    assert table_row(result.stdout, server.spec)[5] == "too old"
+    assert "3.9 or newer" in result.stdout
