@@ -123,14 +123,17 @@ class SourceLoader(importlib.abc.Loader):
 
 class ClientFinder(importlib.abc.MetaPathFinder):
     """Last on ``sys.meta_path``: a module this interpreter cannot import is asked for
-    from the client (pure-Python source only) and kept in ``sys.modules`` from then on."""
+    from the client (pure-Python source only) and kept in ``sys.modules`` from then on.
+    With ``prefix`` (``"sshexec."``), early on ``sys.meta_path`` and only for names under
+    it: the rest of the client's own sshexec always comes from the client, never from an
+    sshexec installed on the node (another version, an editable install's finder)."""
 
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
+    def __init__(self, worker: Worker, prefix: str = "") -> None:
+        self.worker, self.prefix = worker, prefix
         self.absent: Set[str] = set()
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname in self.absent:
+        if fullname in self.absent or not fullname.startswith(self.prefix):
             return None
         reply = self.worker.fetch(fullname)
         if reply is None or reply.kind == "missing":

@@ -266,6 +266,8 @@ class Worker:
         root.setLevel(init.log_level)
         if init.forward_modules:
             sys.meta_path.append(ClientFinder(self))
+            # after the bundle's own finder, before any other: see ClientFinder
+            sys.meta_path.insert(min(1, len(sys.meta_path)), ClientFinder(self, "sshexec."))
         if not init.initializer:
             return proto.Ready()
         try:
