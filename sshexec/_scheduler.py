@@ -243,7 +243,8 @@ class Scheduler:
             return []
         idle_workers = [s for s in self._workers.values() if not s.in_flight and s.budget != 0]
         idle = len(idle_workers)
-        bound_ok = any(s.same_python for s in idle_workers)  # else a bound one would go back
+        # a bound task taken back must find an idle worker of the client's Python
+        bound_ok = sum(1 for s in idle_workers if s.same_python)
         asked: List[Tuple[str, int]] = []
         while idle > 0:
             waiting = {
@@ -252,7 +253,7 @@ class Scheduler:
                     for t in list(slots.in_flight)[1:]
                     if t not in self._revoking
                     and t not in self._group_of
-                    and (bound_ok or t not in self._is_bound)
+                    and (bound_ok > 0 or t not in self._is_bound)
                 ]
                 for worker_id, slots in self._workers.items()
             }
@@ -263,6 +264,8 @@ class Scheduler:
             self._revoking.add(task_id)
             asked.append((victim, task_id))
             idle -= 1
+            if task_id in self._is_bound:
+                bound_ok -= 1
         return asked
 
     def returned(self, worker_id: str, task_id: int) -> None:

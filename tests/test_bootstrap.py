@@ -30,6 +30,7 @@ from sshexec._bootstrap import (
     HAVE,
     MISSING_PYTHON_EXIT,
     NEED,
+    NEED_SOURCE,
     WRONG_VERSION,
     bundle,
     bundle_hash,
@@ -512,18 +513,46 @@ def test_there_is_another_python_to_check_against() -> None:
     assert OTHER_PYTHONS[0][1] != "%d.%d" % sys.version_info[:2]
 
 
-@pytest.mark.parametrize("python, minor", OTHER_PYTHONS, ids=[m for _, m in OTHER_PYTHONS])
-def test_wrong_python_version_is_reported(nodes: Any, home: Path, python: str, minor: str) -> None:
-    version = subprocess.run(
+def version_of(python: str) -> str:
+    return subprocess.run(
         [python, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
         capture_output=True,
         check=True,
         timeout=TIMEOUT,
         text=True,
     ).stdout.strip()
+
+
+@pytest.mark.parametrize("python, minor", OTHER_PYTHONS, ids=[m for _, m in OTHER_PYTHONS])
+def test_another_python_gets_the_sources_alone(
+    nodes: Any, home: Path, python: str, minor: str
+) -> None:
+    version = version_of(python)
     assert version.startswith(minor + ".")
     node = nodes(home, [python, "-c", loader()])
-    assert node.read_to_eof() == START_MARKER + WRONG_VERSION + version.encode()
+    if tuple(map(int, minor.split("."))) < _bootstrap.OLDEST:  # too old: reported, no bundle
+        assert node.read_to_eof() == START_MARKER + WRONG_VERSION + version.encode()
+        assert node.wait() == 3, node.stderr
+        assert node.stderr == ""  # reported, not a SyntaxError
+        assert not cache_dir(home).exists()
+        return
+    assert node.answer() == NEED_SOURCE  # this client's byte code is of no use there
+    node.send(bundle_message(compiled=False))
+    hello = node.read_message()
+    assert isinstance(hello, Hello) and hello.python == version and hello.pid == node.proc.pid
+    finish(node)
+    cached = cache_dir(home) / f"{bundle_hash(compiled=False)}.zip"
+    assert cached.read_bytes() == bundle(compiled=False)
+    names = zipfile.ZipFile(cached).namelist()
+    assert "sshexec/_node/agent.py" in names and not any(n.endswith(".pyc") for n in names)
+
+
+@pytest.mark.parametrize("old", ["2.7", "3.6"])
+def test_too_old_a_python_is_reported(nodes: Any, home: Path, old: str) -> None:
+    paths = sorted(glob.glob(f"/root/.pyenv/versions/{old}.*/bin/python"))
+    if not paths:
+        pytest.skip(f"no Python {old} in /root/.pyenv/versions")
+    node = nodes(home, [paths[-1], "-c", loader()])
+    assert node.read_to_eof() == START_MARKER + WRONG_VERSION + version_of(paths[-1]).encode()
     assert node.wait() == 3, node.stderr
-    assert node.stderr == ""  # reported, not a SyntaxError
-    assert not cache_dir(home).exists()
+    assert node.stderr == ""  # reported, not a SyntaxError (stage 1 parses on any Python)

@@ -356,3 +356,70 @@ def test_zero_budget_is_spent_at_once() -> None:
 def test_is_spent_of_unknown_worker_raises() -> None:
     with pytest.raises(KeyError):
         Scheduler().is_spent("nobody#0")
+
+
+# ---- tasks only the client's Python can run --------------------------------------------
+
+
+def test_bound_tasks_go_only_to_workers_of_the_clients_python() -> None:
+    sched = Scheduler(prefetch=1, max_retries=0)
+    sched.add_worker("same#0")
+    sched.add_worker("other#0", same_python=False)
+    sched.submit(0, bound=True)
+    sched.submit(1)
+    sched.submit(2, bound=True)
+    assert sched.queued == 3
+    assert sorted(sched.assignments()) == [("other#0", 1), ("same#0", 0)]
+    sched.complete("other#0", 1)
+    assert sched.assignments() == []  # task 2 waits for the worker that may run it
+    sched.complete("same#0", 0)
+    assert sched.assignments() == [("same#0", 2)]
+
+
+def test_bound_and_shared_tasks_keep_their_order_on_a_same_python_worker() -> None:
+    sched = Scheduler(prefetch=1, max_retries=0)
+    sched.add_worker("same#0")
+    for task_id, bound in ((0, False), (1, True), (2, False), (3, True)):
+        sched.submit(task_id, bound=bound)
+    order = []
+    for _ in range(4):
+        ((worker, task_id),) = sched.assignments()
+        order.append(task_id)
+        sched.complete(worker, task_id)
+    assert order == [0, 1, 2, 3]
+
+
+def test_a_lost_bound_task_goes_back_to_the_bound_queue() -> None:
+    sched = Scheduler(prefetch=2, max_retries=1)
+    sched.add_worker("same#0")
+    sched.add_worker("other#0", same_python=False)
+    sched.submit(0, bound=True)
+    sched.submit(1, bound=True)
+    assert sched.assignments() == [("same#0", 0), ("same#0", 1)]
+    loss = sched.remove_worker("same#0")
+    assert loss.requeued == (0, 1)
+    assert sched.assignments() == []  # the other worker never takes them
+    sched.add_worker("same#1")
+    assert sched.assignments() == [("same#1", 0), ("same#1", 1)]
+
+
+def test_bound_tasks_drain_and_cancel() -> None:
+    sched = Scheduler()
+    sched.submit(0, bound=True)
+    sched.submit(1)
+    sched.submit(2, bound=True)
+    assert sched.cancel(2) is True and sched.cancel(2) is False
+    assert sched.drain_bound() == [0]
+    assert sched.queued == 1 and sched.drain_queue() == [1]
+
+
+def test_no_bound_task_is_stolen_for_an_idle_worker_of_another_python() -> None:
+    sched = Scheduler(prefetch=3, max_retries=0)
+    sched.add_worker("same#0")
+    for task_id in range(3):
+        sched.submit(task_id, bound=True)
+    assert len(sched.assignments()) == 3
+    sched.add_worker("other#0", same_python=False)
+    assert sched.steals() == []  # it could not run what it took back
+    sched.add_worker("same#1")
+    assert sched.steals() == [("same#0", 2)]
