@@ -3,8 +3,8 @@ Python, and, for a host running another Python version, a portable one.
 
 Owns: ``MapFunction`` (a ``map``'s function pickled once, stored once per host when
 big, and pickled portably once when needed) and ``encode`` (a call's ``Encoded``: the
-payload, its stored blob, whether only the client's Python can run it, and the portable
-encoding for the others). A call whose pickle carries no code by value runs anywhere
+payload, the blobs to store first (that function, shared objects: ``calls.share``),
+whether only the client's Python can run it, and the portable encoding for the others). A call whose pickle carries no code by value runs anywhere
 as it is; one that does is pickled again portably (``__main__``'s functions and classes
 by reference) only when some host runs another version, and is *bound* (named, for the
 error) when code remains even then. Must not import: asyncio, the pool's internals
@@ -20,13 +20,13 @@ from ._wire import calls
 
 FRAME_OVERHEAD = 64  # msgpack envelope around a Run payload, generously
 Blob = Tuple[bytes, bytes]  # key, data: stored once per host
-Other = Tuple[calls.Payload, Optional[Blob]]
+Other = Tuple[calls.Payload, Tuple[Blob, ...]]
 
 
 class Encoded(NamedTuple):
     payload: calls.Payload
     size: int
-    blob: Optional[Blob]
+    blobs: Tuple[Blob, ...]  # stored on a host before the call is sent there
     bound: Optional[str]  # the function, named, when only the client's Python can run it
     other: Optional[Other]  # for a worker of another Python, when it differs
 
@@ -77,23 +77,28 @@ def encode(
     pickling raises."""
     if function is None or function.data is None:
         payload = calls.call_payload(fn, args, kwargs)
-        code, blob = calls.carried_code(), None
+        code, blobs = calls.carried_code(), calls.shared_blobs()
     else:
         payload = _with_function(function.data, function.stored, args, False)
-        code, blob = function.code or calls.carried_code(), function.stored
+        code = function.code or calls.carried_code()
+        blobs = _with_stored(function.stored, calls.shared_blobs())
     size = calls.size(payload)
     if not code:
-        return Encoded(payload, size, blob, None, None)
+        return Encoded(payload, size, blobs, None, None)
     other: Optional[Other] = None
     if other_python:  # a host runs another version: try the portable pickling
         if function is None or function.data is None:
             portable = calls.call_payload(fn, args, kwargs, portable=True)
             if not calls.carried_code():
-                other = (portable, None)
+                other = (portable, calls.shared_blobs())
         else:
             data, stored = function.portable()
             if data is not None:
                 portable = _with_function(data, stored, args, True)
                 if not calls.carried_code():
-                    other = (portable, stored)
-    return Encoded(payload, size, blob, None if other else describe(fn), other)
+                    other = (portable, _with_stored(stored, calls.shared_blobs()))
+    return Encoded(payload, size, blobs, None if other else describe(fn), other)
+
+
+def _with_stored(stored: Optional[Blob], shared: Tuple[Blob, ...]) -> Tuple[Blob, ...]:
+    return (stored, *shared) if stored is not None else shared

@@ -335,8 +335,8 @@ class SSHPoolExecutor(Executor):
             if self._pool.broken is not None:
                 raise self._pool.broken
             if failure is None and encoded is not None:
-                payload, size, blob, bound, other = encoded
-                runtime.post(Task(task_id, payload, size, future, group, blob, bound, other))
+                payload, size, blobs, bound, other = encoded
+                runtime.post(Task(task_id, payload, size, future, group, blobs, bound, other))
         if failure is not None:
             future.set_exception(failure)
         return future

@@ -28,7 +28,7 @@ log = logger("sshexec.pool")
 QUEUED, SENT, ENDING = "queued", "sent", "ending"
 
 TaskFuture = Union["Future[Any]", MapItem]  # a submit's Future, or a map item's slot
-Encoding = Tuple[calls.Payload, Optional[Tuple[bytes, bytes]]]  # payload, (key, blob)
+Encoding = Tuple[calls.Payload, Tuple[Tuple[bytes, bytes], ...]]  # payload, its blobs
 
 
 class Task:
@@ -37,7 +37,7 @@ class Task:
     is more work for the client's garbage collector."""
 
     __slots__ = (
-        "blob",
+        "blobs",
         "bound",
         "buffers",
         "future",
@@ -60,7 +60,7 @@ class Task:
         size: int,
         future: TaskFuture,
         group: Optional[str] = None,
-        blob: Optional[Tuple[bytes, bytes]] = None,
+        blobs: Tuple[Tuple[bytes, bytes], ...] = (),
         bound: Optional[str] = None,
         other: Optional[Encoding] = None,
     ) -> None:
@@ -68,10 +68,10 @@ class Task:
         self.payload, self.buffers = payload  # pickle stream + out-of-band buffers, sizes
         self.size = size  # bytes of payload, as calls.size() gave the submitter
         self.group = group  # run only on this host (run_on_hosts)
-        self.blob = blob  # (key, data) its payload names: stored on a host before it is sent
+        self.blobs = blobs  # (key, data) its payload names: stored on a host before it is sent
         # what only a worker of the client's Python can run: its function, named (else None)
         self.bound = bound
-        self.other = other  # (payload, blob) for a worker of another Python, when different
+        self.other = other  # (payload, blobs) for a worker of another Python, when different
         self.is_started = False  # its Future is running (it has been sent at least once)
         self.is_abandoned = False  # nobody waits for it any more (a timed-out map)
         self.state = QUEUED

@@ -38,6 +38,7 @@ from ._executor import SSHPoolExecutor
 from ._hosts import local_cpu_count, resolve_hosts, share_workers
 from ._layers import byvalue as _byvalue
 from ._layers.adapters import CallbackThread, planned_workers
+from ._wire import calls
 
 __all__ = ["NAME", "Backend", "register"]
 
@@ -207,9 +208,18 @@ class Backend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
         return out.result()
 
     def _outgoing(self, batch: Callable[[], Any]) -> Callable[[], Any]:
-        """What travels for one batch. Today each batch carries its own arguments: a
-        training set passed to every fit is pickled into every batch. This is the one place
-        where a node agent's per-host cache would swap big arguments for references."""
+        """What travels for one batch: its big array arguments (a training set passed to
+        every fit; 1 MB or more, joblib's own threshold for memmapping them) are shared,
+        so each crosses once per host, held by the host's agent, and reaches the workers
+        read-only, as joblib's memmapped arrays do."""
+        for item in getattr(batch, "items", ()):  # joblib's BatchedCalls: (func, args, kwargs)
+            try:
+                _, args, kwargs = item
+            except (TypeError, ValueError):
+                continue
+            for value in (*args, *kwargs.values()):
+                if _is_big_array(value):
+                    calls.share(value)
         return batch
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
@@ -277,3 +287,20 @@ def register(make_default: bool = False) -> None:
 
 
 register()
+
+
+SHARE_MIN = 1 << 20  # joblib's default max_nbytes for memmapping large arrays ("1M")
+
+
+def _is_big_array(value: Any) -> bool:
+    """A numpy array (or one like it) of ``SHARE_MIN`` bytes or more that can be shared
+    (weak references)."""
+    if getattr(value, "__array_interface__", None) is None:
+        return False
+    if getattr(value, "nbytes", 0) < SHARE_MIN:
+        return False
+    try:
+        weakref.ref(value)
+    except TypeError:
+        return False
+    return True

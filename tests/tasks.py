@@ -274,3 +274,12 @@ def sleep_after_writing_pid(path: str, seconds: float) -> int:
 
 def loaded_module(name: str) -> bool:
     return name in sys.modules
+
+
+def sum_at(data: Any, i: int) -> float:
+    return float(data[i]) + 1
+
+
+def is_writeable(data: Any) -> bool:
+    """Whether a shared array arrived writeable (it should not: read-only, as memmaps)."""
+    return bool(data.flags.writeable)

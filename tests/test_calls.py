@@ -28,6 +28,8 @@ from sshexec._wire.calls import (
     load_call,
     loads,
     serialize,
+    share,
+    shared_blobs,
     size,
     split_call,
     stored_call,
@@ -270,3 +272,32 @@ def test_a_stored_call_names_its_function_and_carries_only_the_arguments() -> No
     assert got_fn(*args) == len(big) + 5
     with pytest.raises(LookupError, match="stored"):
         load_call(payload, sizes)  # a worker with no store says so
+
+
+def test_a_shared_object_is_named_by_key_and_loaded_by_the_lookup() -> None:
+    numpy = pytest.importorskip("numpy")
+    big = numpy.arange(1000)
+    key = share(big)
+    assert share(big) == key  # once
+    pieces, sizes = call_payload(tasks.add, (big, 1), {})
+    assert shared_blobs() and shared_blobs()[0][0] == key
+    payload = b"".join(bytes(p) for p in pieces)
+    assert payload[:1] == b"P" and len(payload) < big.nbytes  # named, not carried
+    seen = []
+
+    def lookup(asked: bytes) -> object:
+        seen.append(asked)
+        return pickle.loads(shared_blobs()[0][1])
+
+    fn, args, kwargs = load_call(payload, sizes, shared=lookup)
+    assert fn(2, b=3) == 5 and kwargs == {}
+    assert seen == [key] and (args[0] == big).all() and args[1] == 1
+    with pytest.raises(LookupError, match="shared"):
+        load_call(payload, sizes)
+    del big  # collected: forgotten, and later pickles carry it again
+    import gc
+
+    gc.collect()
+    other = numpy.arange(3)
+    call_payload(tasks.add, (other, 1), {})
+    assert shared_blobs() == ()

@@ -276,3 +276,20 @@ def test_parallel_timeout(options: Dict[str, Any]) -> None:
         with pytest.raises(multiprocessing.TimeoutError):  # what joblib raises
             Parallel(timeout=0.5, batch_size=1)(delayed(tasks.sleep_then)(30) for _ in range(3))
     assert time.monotonic() - start < 15  # the sleeping calls were aborted
+
+
+def test_a_training_set_passed_to_every_call_crosses_once_per_host(
+    options: Dict[str, Any],
+) -> None:
+    numpy = pytest.importorskip("numpy")
+    X = numpy.arange(1 << 18, dtype=numpy.float64)  # 2 MiB, passed to each of 60 calls
+    with parallel_config(n_jobs=-1, **options):
+        backend, _ = get_active_backend()
+        got = Parallel(batch_size=1)(delayed(tasks.sum_at)(X, i) for i in range(60))
+        stats = backend._held.executor.stats(refresh=0)
+    assert got == [float(X[i]) + 1 for i in range(60)]
+    hosts = [h for h in stats.hosts.values() if h.tasks_done]
+    for host in hosts:
+        assert host.bytes_sent < 2 * X.nbytes, host  # once (plus small frames), not 60 times
+    assert sum(h.bytes_saved for h in hosts) >= (60 - len(hosts)) * X.nbytes
+    assert Parallel(n_jobs=2)(delayed(tasks.is_writeable)(X) for _ in range(2)) == [False] * 2

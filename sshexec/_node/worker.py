@@ -136,6 +136,7 @@ class Worker:
         self.is_reading = True
         self.blob_dir: Optional[str] = None  # the agent's store of this host's blobs
         self.functions: Dict[bytes, Any] = {}  # stored functions, unpickled, by key
+        self.shared: Dict[bytes, Any] = {}  # shared objects, unpickled, by key
         self.find: Optional[Callable[[str, str, calls.FindClass], Any]] = None  # see Init
         self._script: Optional[types.ModuleType] = None
 
@@ -329,6 +330,23 @@ class Worker:
             self._script = module
         return self._script
 
+    def shared_object(self, key: bytes) -> Any:
+        """A shared argument (a training set passed to every call), unpickled once per
+        worker, read-only where it can be (numpy arrays), as joblib's memmaps are."""
+        obj = self.shared.pop(key, None)
+        if obj is None:
+            obj = calls.unpickle(self.blob(key), (), self.find)
+            setflags = getattr(obj, "setflags", None)
+            if setflags is not None:
+                try:
+                    setflags(write=False)
+                except (TypeError, ValueError):
+                    pass
+        self.shared[key] = obj  # most recent last
+        while len(self.shared) > KEEP_FUNCTIONS:
+            self.shared.pop(next(iter(self.shared)))
+        return obj
+
     def stored_function(self, key: bytes) -> Any:
         """A map's stored function, unpickled once per worker and kept for its next items
         (the last few functions are kept)."""
@@ -350,7 +368,9 @@ class Worker:
     def _run(self, task_id: int, payload: proto.Tail, buffers: bytes) -> proto.Done | proto.Failed:
         stage = proto.STAGE_CALL
         try:
-            fn, args, kwargs = calls.load_call(payload, buffers, self.stored_function, self.find)
+            fn, args, kwargs = calls.load_call(
+                payload, buffers, self.stored_function, self.find, self.shared_object
+            )
             del payload
             shared = self.namespaces.adopt((fn, *args))
             stage = proto.STAGE_RUN

@@ -53,12 +53,12 @@ class Dispatcher:
             link = self.links[worker_id]
             session, same_python = link.session, link.same_python
             for task in tasks:
-                payload, blob = task.payload, task.blob
+                payload, blobs = task.payload, task.blobs
                 if not same_python and task.other is not None:  # pickled portably for it
-                    (payload, buffers), blob = task.other
+                    (payload, buffers), blobs = task.other
                 else:
                     buffers = task.buffers
-                if blob is not None:  # a big map function: once per host
+                for blob in blobs:  # a big map function, shared arguments: once per host
                     session.store(*blob)
                 log.debug("dispatch task=%d worker=%s", task.task_id, worker_id)
                 self._payload_mean += (task.size - self._payload_mean) * 0.1

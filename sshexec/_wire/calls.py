@@ -18,6 +18,7 @@ import pickle
 import sys
 import threading
 import types
+import weakref
 from collections import ChainMap
 from typing import Any, Callable, ClassVar, Dict, Final, Iterable, List, Mapping, Optional, Tuple
 
@@ -30,6 +31,8 @@ SPLIT_CALL = b"S"  # a payload holding the function and its arguments as two pic
 STORED_CALL = b"R"  # a payload naming a function (or initializer) the host's agent stores
 KEY_SIZE = 32  # a stored blob's key: SHA-256
 STORE_MIN = 1 << 14  # pickled functions this big or bigger are stored once per host
+SHARED_CALL = b"P"  # a payload that names shared objects (share()); a layout byte follows
+SHARED_ID = "sshexec-shared"  # the persistent id of a shared object: (SHARED_ID, key)
 _PLAIN_TYPES = frozenset((int, float, str, bytes, bool, type(None)))
 
 Payload = Tuple[proto.Pieces, bytes]  # (pickle stream + buffers, their packed sizes)
@@ -97,6 +100,34 @@ class Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is unty
     dispatch_table: ClassVar[Mapping[type, Callable[[Any], Any]]] = _dispatch_table()
 
 
+# Objects shared with every host, by id: (a weak reference to it, its key, its pickle).
+# share() fills it; the sharing picklers name them by key instead of pickling them.
+_shared: Dict[int, Tuple[Any, bytes, bytes]] = {}
+
+
+def share(obj: Any) -> bytes:
+    """Client: from now on ``obj`` (a big argument passed to many calls: a training set)
+    is pickled as a reference, and its own pickle crosses once per host, stored by the
+    agent. It must stay unchanged while shared (workers get it read-only) and support weak
+    references (numpy arrays do); it is forgotten when it is collected. Returns its key."""
+    entry = _shared.get(id(obj))
+    if entry is not None and entry[0]() is obj:
+        return bytes(entry[1])
+    data = pickle.dumps(obj, protocol=5)
+    key = blob_key(data)
+    _shared[id(obj)] = (weakref.ref(obj), key, data)
+    weakref.finalize(obj, _shared.pop, id(obj), None)
+    return key
+
+
+def _shared_id(obj: Any) -> Any:
+    entry = _shared.get(id(obj))
+    if entry is None or entry[0]() is not obj:
+        return None
+    _marks.blobs.append((entry[1], entry[2]))  # it must be stored before the call arrives
+    return (SHARED_ID, entry[1])
+
+
 class PortablePickler(Pickler):
     """``Pickler`` for a node of another Python version, where code objects pickled by
     value cannot be loaded: functions and classes of the client's ``__main__`` script
@@ -127,19 +158,41 @@ def _is_script_global(obj: Any) -> bool:
     return found is obj
 
 
+class _Sharing(Pickler):
+    persistent_id = staticmethod(_shared_id)  # only while something is shared: per object
+
+
+class _PortableSharing(PortablePickler):
+    persistent_id = staticmethod(_shared_id)
+
+
+_PICKLERS: Final = {
+    (False, False): Pickler,
+    (True, False): PortablePickler,
+    (False, True): _Sharing,
+    (True, True): _PortableSharing,
+}
+
+
 def serialize(
     obj: Any, buffer_callback: Optional[BufferCallback] = None, portable: bool = False
 ) -> bytes:
     """One pickle of ``obj`` by ``Pickler`` (protocol 5): what either end sends of a
     call, a ``map``'s function, an initializer, a result or an exception. ``portable``:
     with ``PortablePickler``, for a node of another Python version. Afterwards
-    ``carried_code()`` tells whether code went by value."""
-    _marks.code = False
+    ``carried_code()`` tells whether code went by value, ``shared_blobs()`` which shared
+    objects it names."""
+    _marks.code, _marks.blobs = False, []
     with io.BytesIO() as file:
-        (PortablePickler if portable else Pickler)(
-            file, protocol=5, buffer_callback=buffer_callback
-        ).dump(obj)
+        _PICKLERS[portable, bool(_shared)](file, protocol=5, buffer_callback=buffer_callback).dump(
+            obj
+        )
         return file.getvalue()
+
+
+def shared_blobs() -> Tuple[Tuple[bytes, bytes], ...]:
+    """(key, pickle) of each shared object the latest ``serialize`` on this thread named."""
+    return tuple(getattr(_marks, "blobs", ()))
 
 
 def carried_code() -> bool:
@@ -171,10 +224,12 @@ def dumps(
         return False
 
     if plain:
-        _marks.code = False
+        _marks.code, _marks.blobs = False, []
         stream = pickle.dumps(obj, protocol=5)
     else:
         stream = serialize(obj, buffer_callback=out_of_band, portable=portable)
+        if _marks.blobs:  # it names shared objects: the worker must look them up
+            prefix = SHARED_CALL + prefix
     sizes = b"".join(proto.BUFFER_SIZE.pack(len(b)) for b in buffers)
     return (prefix + stream if prefix else stream, *buffers), sizes
 
@@ -248,50 +303,78 @@ def stored_ref(data: bytes) -> Optional[Tuple[bytes, bytes]]:
 FindClass = Callable[[str, str], Any]  # (module, qualified name) -> the object
 
 
+Lookup = Callable[[bytes], Any]  # key -> the stored function or shared object
+
+
 class _Unpickler(pickle.Unpickler):
     """An unpickler whose globals are looked up by ``find`` (which may fall back on the
-    standard lookup, ``super().find_class``)."""
+    standard lookup) and whose shared objects by ``shared``."""
 
-    def __init__(self, file: Any, buffers: Any, find: Callable[[str, str, FindClass], Any]):
+    def __init__(
+        self,
+        file: Any,
+        buffers: Any,
+        find: Optional[Callable[[str, str, FindClass], Any]],
+        shared: Optional[Lookup],
+    ) -> None:
         super().__init__(file, buffers=buffers)
-        self._find = find
+        self._find, self._shared = find, shared
 
     def find_class(self, module: str, name: str) -> Any:
+        if self._find is None:
+            return super().find_class(module, name)
         return self._find(module, name, super().find_class)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if self._shared is None or not (isinstance(pid, tuple) and pid[:1] == (SHARED_ID,)):
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        return self._shared(pid[1])
 
 
 def unpickle(
-    data: Any, buffers: Any = (), find: Optional[Callable[[str, str, FindClass], Any]] = None
+    data: Any,
+    buffers: Any = (),
+    find: Optional[Callable[[str, str, FindClass], Any]] = None,
+    shared: Optional[Lookup] = None,
 ) -> Any:
     """``pickle.loads``, with globals found by ``find`` when given (a worker of another
-    Python version, which finds the client's ``__main__`` in the script it runs)."""
-    if find is None:
+    Python version, which finds the client's ``__main__`` in the script it runs) and
+    shared objects by ``shared``."""
+    if find is None and shared is None:
         return pickle.loads(data, buffers=buffers)
-    return _Unpickler(io.BytesIO(data), buffers, find).load()
+    return _Unpickler(io.BytesIO(data), buffers, find, shared).load()
 
 
 def load_call(
     payload: proto.Tail,
     sizes: bytes = b"",
-    stored: Optional[Callable[[bytes], Any]] = None,
+    stored: Optional[Lookup] = None,
     find: Optional[Callable[[str, str, FindClass], Any]] = None,
+    shared: Optional[Lookup] = None,
 ) -> Call:
     """Worker: ``(fn, args, kwargs)`` from a Run payload, any layout; ``stored`` gives the
-    (unpickled) function the host holds under a key; ``find`` looks globals up."""
+    (unpickled) function the host holds under a key, ``shared`` a shared object;
+    ``find`` looks globals up."""
     stream, buffers = _split(payload, sizes)
+    if stream[:1] == SHARED_CALL:  # names shared objects; the layout byte follows
+        stream = stream[1:]
+        if shared is None:
+            raise LookupError("the call names shared objects, and this worker has no store")
+    else:
+        shared = None
     kind = stream[:1]
     if kind == STORED_CALL:
         if stored is None:
             raise LookupError("the call names a stored function, and this worker has no store")
         fn = stored(bytes(stream[1 : 1 + KEY_SIZE]))
-        args, kwargs = unpickle(stream[1 + KEY_SIZE :], buffers, find)
+        args, kwargs = unpickle(stream[1 + KEY_SIZE :], buffers, find, shared)
         return fn, args, kwargs
     if kind != SPLIT_CALL:
-        fn, args, kwargs = unpickle(stream, buffers, find)
+        fn, args, kwargs = unpickle(stream, buffers, find, shared)
         return fn, args, kwargs
     end = 5 + int.from_bytes(stream[1:5], "big")
     fn = unpickle(stream[5:end], (), find)
-    args, kwargs = unpickle(stream[end:], buffers, find)
+    args, kwargs = unpickle(stream[end:], buffers, find, shared)
     return fn, args, kwargs
 
 
