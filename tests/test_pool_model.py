@@ -242,7 +242,7 @@ class PoolModel(RuleBasedStateMachine):
                 problems.append(f"a pending Future has no task in the table ({future})")
             elif task.state == SENT and task.worker_id not in pool.links:
                 problems.append(f"{task} is on a worker the pool does not know")
-        queued = set(sched._queue)
+        queued = set(sched._queue) | set(sched._bound)
         for pinned in sched._pinned.values():
             queued |= set(pinned)
         in_table = {t.task_id for t in table if t.state == QUEUED}

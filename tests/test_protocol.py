@@ -434,14 +434,15 @@ def test_wrong_field_count(item: Any) -> None:
     "item",
     [
         [Run.TAG, "1", b""],
-        [Init.TAG, "node#0", "init", 1, True, 20],  # str where bytes belong (use_bin_type)
+        [Init.TAG, "node#0", "init", 1, True, 20, ""],  # str where bytes belong (use_bin_type)
         [Run.TAG, True, b""],  # bool is not an int field
         [Run.TAG, 1.0, b""],
         [Run.TAG, None, b""],
         [Run.TAG, [1], b""],
         [Run.TAG, 1, "sizes"],
-        [Init.TAG, b"node#0", b"", 1, True, 20],
-        [Init.TAG, "node#0", b"", 1, 1, 20],  # int is not a bool field
+        [Init.TAG, b"node#0", b"", 1, True, 20, ""],
+        [Init.TAG, "node#0", b"", 1, True, 20, b"3.11"],  # the client's Python is a str
+        [Init.TAG, "node#0", b"", 1, 1, 20, ""],  # int is not a bool field
         [Done.TAG, {"k": 1}, 0.0, b""],
         [Done.TAG, 1, "0.5", b""],
         [Failed.TAG, 1, "T", "m", "tb", "not bytes", "run", 0.0],

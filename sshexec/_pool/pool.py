@@ -161,10 +161,11 @@ class Pool:
                 sys.modules.setdefault("__mp_main__", main)  # as multiprocessing's spawn does
 
     def _bound_runnable(self) -> bool:
-        """Some usable host runs, or may run (not connected yet), the client's Python."""
-        return any(
-            h.is_usable and (h.python_version is None or same_python(h.python_version))
-            for h in self.hosts
+        """Some usable host runs, or may run (not connected yet), the client's Python; or
+        no host is usable at all (then the pool is broken, which is the error to give)."""
+        usable = [h for h in self.hosts if h.is_usable]
+        return not usable or any(
+            h.python_version is None or same_python(h.python_version) for h in usable
         )
 
     def _bound_error(self, task: Task) -> BaseException:
