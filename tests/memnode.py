@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
+import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import cloudpickle
@@ -43,7 +44,7 @@ class SimWorker:
         self.decoder = proto.FrameDecoder()
         hello = proto.Hello(
             proto.PROTOCOL_VERSION,
-            "3.11.7",
+            agent.transport.python,
             cloudpickle.__version__,
             "1.0.0",
             self.pid,
@@ -67,6 +68,10 @@ class SimWorker:
                 self.node.violations.append(
                     f"Run {message.task_id} sent to forgotten {self.worker_id}"
                 )
+            if self.agent.transport.python != self.node.client_python:
+                task = self.node.task_of(message.task_id)
+                if task is not None and task.bound is not None and task.other is None:
+                    self.node.violations.append(f"bound task {message.task_id} on {self.worker_id}")
             self.inbox.append((message.task_id, message.payload, message.buffers))
         elif isinstance(message, proto.Revoke):
             queued = [t for t, _, _ in self.inbox[1:]]
@@ -140,7 +145,7 @@ class SimAgent:
             self.started = True
             hello = proto.Hello(
                 proto.PROTOCOL_VERSION,
-                "3.11.7",
+                self.transport.python,
                 cloudpickle.__version__,
                 "1.0.0",
                 999,
@@ -247,8 +252,8 @@ class MemChannel:
 class MemTransport:
     kind = "memory"
 
-    def __init__(self, node: MemNode, host: str) -> None:
-        self.node, self.host = node, host
+    def __init__(self, node: MemNode, host: str, python: str) -> None:
+        self.node, self.host, self.python = node, host, python  # the Python its Hellos name
         self.fail_next = 0  # the next starts that fail
         self.fail_stage = "spawn"  # "spawn": the agent cannot fork; "connect": no session
 
@@ -271,12 +276,14 @@ class MemTransport:
 class MemNode:
     """The simulated hosts, their agents and workers, and what the pool did wrong."""
 
-    def __init__(self, hosts: int) -> None:
-        self.transports = [MemTransport(self, f"sim{i}") for i in range(hosts)]
+    def __init__(self, pythons: List[str]) -> None:
+        self.transports = [MemTransport(self, f"sim{i}", v) for i, v in enumerate(pythons)]
         self.agents: List[SimAgent] = []
         self.workers: List[SimWorker] = []
         self.violations: List[str] = []
         self.known_workers: Callable[[], Any] = lambda: ()
+        self.task_of: Callable[[int], Any] = lambda task_id: None
+        self.client_python = "%d.%d.%d" % sys.version_info[:3]
 
     def live(self) -> List[SimWorker]:
         return [w for w in self.workers if w.is_alive and w.worker_id]

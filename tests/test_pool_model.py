@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import os
+import sys
 import threading
 import time
 from typing import Any, Dict, List, Optional
@@ -32,14 +33,16 @@ from sshexec._tasks import ENDING, QUEUED, SENT
 from . import tasks
 from .memnode import MemNode
 
-EXAMPLES = int(os.environ.get("SSHEXEC_MODEL_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("SSHEXEC_MODEL_EXAMPLES", "40"))
 STEPS = int(os.environ.get("SSHEXEC_MODEL_STEPS", "40"))
 
 
 class PoolModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.node = MemNode(hosts=2)
+        # one host runs the client's Python, the other another version: what carries code
+        # by value (tests.tasks travels by value) goes only to the first
+        self.node = MemNode(["%d.%d.%d" % sys.version_info[:3], "3.98.0"])
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(
                 executor_module,
@@ -50,6 +53,7 @@ class PoolModel(RuleBasedStateMachine):
             self.ex = SSHPoolExecutor(max_retries=1, prefetch=1, shutdown_grace=0.5)
         pool = self.ex._pool
         self.node.known_workers = lambda: pool.links
+        self.node.task_of = pool.table.get
         self.futures: List[cf.Future[Any]] = []
         self.expected: Dict[int, Any] = {}  # id(future) -> its value, when it succeeds
         self.endings: Dict[int, int] = {}  # id(future) -> times it ended
@@ -87,6 +91,12 @@ class PoolModel(RuleBasedStateMachine):
     def submit(self, n: int, x: int) -> None:
         for i in range(n):
             self.track(self.ex.submit(tasks.square, x + i), (x + i) ** 2)
+
+    @precondition(lambda self: not self.is_shut)
+    @rule(x=st.integers(0, 100))
+    def submit_lambda(self, x: int) -> None:
+        """Code that exists only as code: only the host of the client's Python may run it."""
+        self.track(self.ex.submit(lambda v: v + 1, x), x + 1)
 
     @precondition(lambda self: not self.is_shut)
     @rule()
