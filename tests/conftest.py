@@ -117,6 +117,15 @@ def make_executor(request: pytest.FixtureRequest) -> Iterator[Callable[..., SSHP
 
 
 @pytest.fixture
+def made() -> Iterator[List[SSHPoolExecutor]]:
+    """Executors a test builds itself; each is ended as users end it (bounded)."""
+    executors: List[SSHPoolExecutor] = []
+    yield executors
+    for executor in executors:
+        shut_down(executor)
+
+
+@pytest.fixture
 def executor(make_executor: Callable[..., SSHPoolExecutor]) -> SSHPoolExecutor:
     return make_executor()
 

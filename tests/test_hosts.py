@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import cloudpickle
 import pytest
@@ -20,7 +20,6 @@ from sshexec._hosts import build_transports, hosts_from_env, resolve_hosts, shar
 from sshexec._transports.local import LocalTransport
 
 from .sshd import SSHServer, executor_kwargs
-from .waits import shut_down
 
 if TYPE_CHECKING:
     from sshexec._hosts import HostsArg
@@ -310,14 +309,6 @@ def test_remote_command_expands_home_and_reports_a_missing_cwd(
 
 
 # ---- against local workers and real sshd hosts -----------------------------------------------
-
-
-@pytest.fixture
-def made() -> Iterator[List[SSHPoolExecutor]]:
-    executors: List[SSHPoolExecutor] = []
-    yield executors
-    for executor in executors:
-        shut_down(executor)
 
 
 def run_everywhere(executor: SSHPoolExecutor, n: int = 12) -> List[Tuple[str, str, str, int]]:

@@ -24,7 +24,6 @@ from sshexec import Host, PythonVersionError, SSHPoolExecutor, WorkerStartupErro
 from . import tasks
 from .sshd import Client, SSHServer, executor_kwargs
 from .test_cli import run_cli, ssh_args, table_row
-from .waits import shut_down
 
 CLIENT = "%d.%d" % sys.version_info[:2]
 SUPPORTED = ("3.9", "3.10", "3.11", "3.12", "3.13")
@@ -58,14 +57,6 @@ def other(request: pytest.FixtureRequest) -> str:
 
 def on(server: SSHServer, python: Optional[str], workers: int = 2) -> Host:
     return dataclasses.replace(parse_host(server.spec), workers=workers, python=python)
-
-
-@pytest.fixture
-def made() -> Iterator[List[SSHPoolExecutor]]:
-    executors: List[SSHPoolExecutor] = []
-    yield executors
-    for executor in executors:
-        shut_down(executor)
 
 
 def executor_on(servers: List[SSHServer], hosts: List[Host], made: List[Any]) -> SSHPoolExecutor:

@@ -1,4 +1,7 @@
-"""Everything that runs on a node: the worker (``worker``) and its side channels for
-output, logging and forwarded modules (``remote_io``). Shipped to nodes with ``_wire``.
+"""Everything that runs on a node: the agent (``agent``: one per host, forking the
+workers and relaying their frames; ``spawn``: how a worker process comes to be), the
+worker (``worker``), what it looks up while unpickling (``lookups``: blobs, stored
+functions, shared objects, the client's script) and its side channels for output,
+logging and forwarded modules (``remote_io``). Shipped to nodes with ``_wire``.
 Must not import: any client module, asyncio.
 """

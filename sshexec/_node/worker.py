@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import linecache
 import logging
 import os
 import queue
@@ -20,20 +19,19 @@ import threading
 import time
 import traceback
 import types
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 import cloudpickle
 import msgpack
 
 from .._wire import calls
 from .._wire import protocol as proto
+from .lookups import Lookups
 from .remote_io import ClientFinder, FrameLogHandler, _write_all, frame_stream
 
 RESULT_OVERHEAD = 64  # msgpack envelope around a Done payload, generously
 EOF_GRACE_SECONDS = 2.0  # a task still running this long after the host vanished is abandoned
 FETCH_TIMEOUT = 60.0  # seconds to wait for the host to answer a Fetch
-KEEP_FUNCTIONS = 4  # stored map functions a worker keeps unpickled
-MAIN, SCRIPT = "__main__", "__mp_main__"  # the client's script, and its name here
 
 
 def _claim_stdio() -> Tuple[int, int]:
@@ -134,11 +132,7 @@ class Worker:
         self.sources: queue.SimpleQueue[Optional[proto.Source]] = queue.SimpleQueue()
         self.fetch_lock = threading.Lock()
         self.is_reading = True
-        self.blob_dir: Optional[str] = None  # the agent's store of this host's blobs
-        self.functions: Dict[bytes, Any] = {}  # stored functions, unpickled, by key
-        self.shared: Dict[bytes, Any] = {}  # shared objects, unpickled, by key
-        self.find: Optional[Callable[[str, str, calls.FindClass], Any]] = None  # see Init
-        self._script: Optional[types.ModuleType] = None
+        self.lookups = Lookups(None, self.fetch)  # main() names the agent's blob store
 
     def send(self, message: proto.Message) -> None:
         pieces = proto.frame_pieces([message])  # a big result is written from where it lies
@@ -260,7 +254,7 @@ class Worker:
     def initialize(self, init: proto.Init) -> proto.Message:
         self.worker_id = init.worker_id
         if init.python and init.python.split(".")[:2] != [str(v) for v in sys.version_info[:2]]:
-            self.find = self._find_in_script  # calls come pickled for another Python
+            self.lookups.find = self.lookups.find_in_script  # calls pickled for another Python
         self.max_frame = init.max_frame
         root = logging.getLogger()
         root.addHandler(FrameLogHandler(self))
@@ -274,89 +268,14 @@ class Worker:
         try:
             data = init.initializer
             if data[:1] == calls.STORED_CALL:  # stored once per host by the agent
-                data = self.blob(bytes(data[1 : 1 + calls.KEY_SIZE]))
-            initializer, initargs = calls.unpickle(data, (), self.find)
+                data = self.lookups.blob(bytes(data[1 : 1 + calls.KEY_SIZE]))
+            initializer, initargs = calls.unpickle(data, (), self.lookups.find)
             shared = self.namespaces.adopt((initializer, *initargs))
             initializer(*initargs)
             self.namespaces.keep(shared)
         except BaseException as exc:  # reported to the host, which retires this worker
             return self.failure(proto.INIT_TASK_ID, exc, proto.STAGE_INIT)
         return proto.Ready()
-
-    def blob(self, key: bytes) -> bytes:
-        """A blob the agent stores for this host's workers (it arrived before the first
-        command naming it)."""
-        if self.blob_dir is None:
-            raise LookupError("this worker has no agent store to read stored blobs from")
-        with open(os.path.join(self.blob_dir, key.hex()), "rb") as f:
-            return f.read()
-
-    def _find_in_script(self, module: str, name: str, find: calls.FindClass) -> Any:
-        """Globals of the client's ``__main__`` are the script's, run here as ``__mp_main__``
-        (as ``multiprocessing``'s spawn does): the client of another Python version sends
-        them by reference."""
-        if module not in (MAIN, SCRIPT):
-            return find(module, name)
-        found: Any = self.script()
-        for part in name.split("."):
-            found = getattr(found, part)
-        return found
-
-    def script(self) -> types.ModuleType:
-        """The client's main script, fetched and run once as ``__mp_main__`` (its
-        ``if __name__ == "__main__":`` part does not run), standing in for ``__main__``."""
-        if self._script is None:
-            reply = self.fetch(MAIN)
-            if reply is None or reply.kind != "source":
-                detail = reply.detail if reply is not None else "the client did not answer"
-                raise ImportError(f"the client's __main__ script cannot run here: {detail}")
-            import multiprocessing  # noqa: F401  (its import points __mp_main__ at __main__)
-
-            module = types.ModuleType(SCRIPT)
-            module.__file__ = reply.origin
-            linecache.cache[reply.origin] = (
-                len(reply.code),
-                None,
-                reply.code.splitlines(keepends=True),
-                reply.origin,
-            )
-            sys.modules[SCRIPT] = module
-            try:
-                exec(compile(reply.code, reply.origin, "exec"), module.__dict__)
-            except BaseException:
-                del sys.modules[SCRIPT]
-                raise
-            sys.modules[MAIN] = sys.modules[SCRIPT] = module  # as multiprocessing's spawn
-            self._script = module
-        return self._script
-
-    def shared_object(self, key: bytes) -> Any:
-        """A shared argument (a training set passed to every call), unpickled once per
-        worker, read-only where it can be (numpy arrays), as joblib's memmaps are."""
-        obj = self.shared.pop(key, None)
-        if obj is None:
-            obj = calls.unpickle(self.blob(key), (), self.find)
-            setflags = getattr(obj, "setflags", None)
-            if setflags is not None:
-                try:
-                    setflags(write=False)
-                except (TypeError, ValueError):
-                    pass
-        self.shared[key] = obj  # most recent last
-        while len(self.shared) > KEEP_FUNCTIONS:
-            self.shared.pop(next(iter(self.shared)))
-        return obj
-
-    def stored_function(self, key: bytes) -> Any:
-        """A map's stored function, unpickled once per worker and kept for its next items
-        (the last few functions are kept)."""
-        fn = self.functions.pop(key, None)
-        if fn is None:
-            fn = calls.unpickle(self.blob(key), (), self.find)
-        self.functions[key] = fn  # most recent last
-        while len(self.functions) > KEEP_FUNCTIONS:
-            self.functions.pop(next(iter(self.functions)))
-        return fn
 
     def run(
         self, task_id: int, payload: proto.Tail, buffers: bytes = b""
@@ -368,8 +287,9 @@ class Worker:
     def _run(self, task_id: int, payload: proto.Tail, buffers: bytes) -> proto.Done | proto.Failed:
         stage = proto.STAGE_CALL
         try:
+            lookups = self.lookups
             fn, args, kwargs = calls.load_call(
-                payload, buffers, self.stored_function, self.find, self.shared_object
+                payload, buffers, lookups.stored_function, lookups.find, lookups.shared_object
             )
             del payload
             shared = self.namespaces.adopt((fn, *args))
@@ -419,7 +339,7 @@ def main(blob_dir: Optional[str] = None) -> None:
     are its frame pipes, ``blob_dir`` is where the agent keeps this host's blobs."""
     frames_in, frames_out = _claim_stdio()
     worker = Worker(frames_in, frames_out)
-    worker.blob_dir = blob_dir
+    worker.lookups.blob_dir = blob_dir
     sys.stdout, sys.stderr = frame_stream(worker, 1), frame_stream(worker, 2)
     threading.Thread(target=worker.read_commands, name="sshexec-reader", daemon=True).start()
     try:
