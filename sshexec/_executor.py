@@ -30,8 +30,9 @@ from typing import (
     TypeVar,
 )
 
+from ._config import Settings
 from ._encode import FRAME_OVERHEAD, Encoded, MapFunction, encode
-from ._hosts import TRANSPORTS, build_transports, resolve_hosts
+from ._hosts import build_transports, resolve_hosts
 from ._logs import logger
 from ._loop import Runtime, is_exiting
 from ._mapresults import MapItem, MapResults, flatten, in_chunks, ordered_results
@@ -43,7 +44,7 @@ from ._stats import Stats
 from ._tasks import Task
 from ._wire import calls
 from ._wire.calls import carried_code, serialize
-from ._wire.protocol import DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT
+from ._wire.protocol import DEFAULT_MAX_FRAME
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -139,33 +140,20 @@ class SSHPoolExecutor(Executor):
         remote_output: str = "prefix",
     ) -> None:
         del mp_context  # processes are started by SSH or subprocess, not multiprocessing
-        if max_workers is not None:
-            if not isinstance(max_workers, int) or isinstance(max_workers, bool):
-                raise TypeError("max_workers must be an int or None")
-            if max_workers <= 0:
-                raise ValueError("max_workers must be greater than 0")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
-        if max_tasks_per_child is not None:
-            if not isinstance(max_tasks_per_child, int):
-                raise TypeError("max_tasks_per_child must be an integer")
-            if max_tasks_per_child <= 0:
-                raise ValueError("max_tasks_per_child must be >= 1")
-        for name, value in (("max_retries", max_retries), ("prefetch", prefetch)):
-            if not isinstance(value, int) or value < (0 if name == "max_retries" else 1):
-                raise ValueError(f"{name} must be an int >= {0 if name == 'max_retries' else 1}")
-        if not isinstance(max_frame, int) or not 1024 <= max_frame <= MAX_FRAME_LIMIT:
-            raise ValueError(f"max_frame must be an int in 1024..{MAX_FRAME_LIMIT}")
-        for name, number in (
-            ("connect_timeout", connect_timeout),
-            ("keepalive_interval", keepalive_interval),
-            ("shutdown_grace", shutdown_grace),
-            ("reconnect_grace", reconnect_grace),
-        ):
-            if not isinstance(number, (int, float)) or number <= 0:
-                raise ValueError(f"{name} must be a positive number of seconds")
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be 'asyncssh' or 'openssh', got {transport!r}")
+        Settings(  # raises TypeError or ValueError for a bad argument
+            max_workers,
+            initializer,
+            max_tasks_per_child,
+            connect_timeout,
+            keepalive_interval,
+            max_retries,
+            prefetch,
+            max_frame,
+            shutdown_grace,
+            reconnect_grace,
+            transport,
+            bool(forward_modules),
+        )
         output = OutputRouter(remote_output)  # validates remote_output
         specs = resolve_hosts(hosts)
         transports = build_transports(
