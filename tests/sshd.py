@@ -211,7 +211,10 @@ def clear_stale_pyenv_lock() -> None:
     kills, it leaves the lock behind and every later login waits 60 s for it. Remove it
     when no rehash is running."""
     lock = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "shims" / ".pyenv-shim"
-    if not lock.exists():
+    try:
+        if not lock.exists():
+            return
+    except OSError:  # another user's pyenv (an ordinary user under root's PYENV_ROOT)
         return
     for entry in os.listdir("/proc"):
         try:

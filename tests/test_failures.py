@@ -351,9 +351,12 @@ def test_more_workers_than_max_sessions(start_server: StartServer) -> None:
         assert set(next(iter(tree.values()))) == pids
 
 
-def test_every_future_resolves_when_all_hosts_die(start_server: StartServer) -> None:
+def test_every_future_resolves_when_all_hosts_die(
+    start_server: StartServer, made: List[SSHPoolExecutor]
+) -> None:
     server = start_server("doomed")
     executor = SSHPoolExecutor(2, **server.executor_kwargs(max_retries=0))
+    made.append(executor)
     futures = [executor.submit(tasks.sleep_then, 0.5, i) for i in range(8)]
     time.sleep(0.2)
     server.go_down()  # listener first, then every connection: reconnecting fails

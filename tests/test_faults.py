@@ -86,10 +86,13 @@ def test_host_comes_back_after_a_drop(start_server: StartServer) -> None:
         assert [f.result(timeout=60) for f in futures] == list(range(6))
 
 
-def test_every_host_gone_fails_after_the_grace(start_server: StartServer) -> None:
+def test_every_host_gone_fails_after_the_grace(
+    start_server: StartServer, made: List[SSHPoolExecutor]
+) -> None:
     servers = [start_server("gone-a"), start_server("gone-b")]
     kwargs = executor_kwargs(servers, max_retries=0, reconnect_grace=2.0)
     executor = SSHPoolExecutor(2, **kwargs)
+    made.append(executor)
     assert executor.submit(tasks.square, 3).result(timeout=30) == 9
     for server in servers:
         server.go_down()  # listener first, then every connection: reconnecting fails

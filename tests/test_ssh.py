@@ -70,9 +70,12 @@ def test_ipv6_host(start_server: StartServer) -> None:
         assert executor.submit(tasks.where).result(timeout=30)[0] == "sixer"
 
 
-def test_shutdown_closes_every_connection(sshd_pair: List[SSHServer]) -> None:
+def test_shutdown_closes_every_connection(
+    sshd_pair: List[SSHServer], made: List[SSHPoolExecutor]
+) -> None:
     ports = {s.port for s in sshd_pair}
     executor = SSHPoolExecutor(4, **executor_kwargs(sshd_pair))
+    made.append(executor)
     assert executor.submit(tasks.square, 2).result(timeout=30) == 4
     assert ports <= established_ports()
     executor.shutdown(wait=True)
