@@ -44,7 +44,7 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
         "--only",
         default="",
         help=f"comma-separated workloads ({','.join(names)}) and/or contenders "
-        "(sshexec-ssh,sshexec-local,ppe,ppe-spawn,loky,dask,raw); soak: sshexec-local,sshexec-ssh",
+        "(sshexec-ssh,sshexec-openssh,sshexec-local,ppe,ppe-spawn,loky,dask,execnet,raw); soak: sshexec-local,sshexec-ssh",
     )
     parser.add_argument("--reps", type=int, help="repetitions (default 5, --quick 2)")
     parser.add_argument(

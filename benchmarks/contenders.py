@@ -1,6 +1,7 @@
 """The executors compared, each behind a factory that builds a 2-worker instance.
 
-``sshexec-ssh`` (workers over SSH to loopback sshd processes), ``sshexec-local``
+``sshexec-ssh`` (workers over SSH to loopback sshd processes through asyncssh),
+``sshexec-openssh`` (the same through the ``ssh`` binary), ``sshexec-local``
 (``hosts=None``), ``ppe`` (``ProcessPoolExecutor``, default start method) and
 ``ppe-spawn`` (start-up only), plus ``loky``, ``dask`` and ``execnet`` when importable, and
 two pseudo-contenders that workloads special-case: ``raw`` (a bare asyncssh
@@ -165,8 +166,16 @@ def build(
                 lambda: SSHPoolExecutor(WORKERS, **kwargs),
             )
         )
+        found.append(
+            Contender(
+                "sshexec-openssh",
+                f"SSHPoolExecutor transport='openssh' ({WORKERS} workers, {where}, ssh binary)",
+                "sshexec",
+                lambda: SSHPoolExecutor(WORKERS, transport="openssh", **kwargs),
+            )
+        )
     else:
-        notes.append("sshexec-ssh and raw skipped: no OpenSSH sshd at /usr/sbin/sshd")
+        notes.append("sshexec-ssh, sshexec-openssh and raw skipped: no OpenSSH sshd")
     found.append(
         Contender(
             "sshexec-local",

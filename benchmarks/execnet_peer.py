@@ -7,17 +7,21 @@ serialises only built-in types and ships code as source, so tasks are named, not
 pickled: the remote loop imports ``benchmarks.tasks`` (the loopback sshd puts the
 repository on ``PYTHONPATH``). ``map`` sends every item first, round-robin over the
 channels, then reads the results back in order: the pipelined pattern that makes
-execnet fast. No numpy: execnet cannot serialise arrays.
+execnet fast. ``submit`` is a blocking call (send, then receive: execnet's lowest
+latency); ``submit_pipelined`` is the hand-rolled asynchronous form, a second channel
+per gateway whose results resolve Futures from execnet's receiver thread, in order.
+No numpy: execnet cannot serialise arrays.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import sys
 import threading
 from concurrent.futures import Executor, Future
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Deque, Iterable, Iterator, List, Optional
 
 from .sshd import ADDRESS, Client
 
@@ -46,12 +50,19 @@ class ExecnetExecutor(Executor):
 
         self.group = execnet.Group()
         self.channels = []
+        self.async_channels: List[Any] = []
+        self.pending: List[Deque[Future[Any]]] = []
         for index in range(workers):
             port = ports[index % len(ports)]
             config = ssh_config(client, port, root / f"execnet-ssh-{port}.conf")
             spec = f"ssh=sshexec-bench-{port}//ssh_config={config}//python={sys.executable}"
             gateway = self.group.makegateway(spec)
             self.channels.append(gateway.remote_exec(WORKER_LOOP))
+            waiting: Deque[Future[Any]] = collections.deque()
+            side = gateway.remote_exec(WORKER_LOOP)
+            side.setcallback(lambda result, waiting=waiting: waiting.popleft().set_result(result))
+            self.async_channels.append(side)
+            self.pending.append(waiting)
         self.lock = threading.Lock()  # one call or map at a time: channels are in order
         self.turn = itertools.cycle(range(workers))
 
@@ -62,6 +73,15 @@ class ExecnetExecutor(Executor):
             channel = self.channels[next(self.turn)]
             channel.send((fn.__name__, argument, False))
             future.set_result(channel.receive())
+        return future
+
+    def submit_pipelined(self, fn: Callable[..., Any], argument: Any) -> Future[Any]:
+        """Send now, resolve when the reply arrives: Futures over execnet by hand."""
+        future: Future[Any] = Future()
+        with self.lock:
+            index = next(self.turn)
+            self.pending[index].append(future)
+            self.async_channels[index].send((fn.__name__, argument, False))
         return future
 
     def map(
@@ -87,6 +107,6 @@ class ExecnetExecutor(Executor):
         return itertools.chain.from_iterable(results) if chunksize > 1 else iter(results)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        for channel in self.channels:
+        for channel in self.channels + self.async_channels:
             channel.close()
         self.group.terminate(timeout=10)

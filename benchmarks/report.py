@@ -163,6 +163,13 @@ def targets(samples: Samples, sections: Dict[str, Dict[str, Any]]) -> List[Tuple
         True,
         "\u00d7",
     )
+    for label, key, who, limit, at_least in (  # the node-agent issue's targets
+        ("asyncssh: map chunksize=1 ≥ 0.8\u00d7 execnet", "map1", "sshexec-ssh", 0.8, True),
+        ("openssh: map chunksize=1 ≥ execnet", "map1", "sshexec-openssh", 1.0, True),
+        ("openssh: submit+as_completed ≥ execnet", "submit_ac", "sshexec-openssh", 1.0, True),
+        ("openssh: round trip p50 ≤ execnet's", "rt_p50", "sshexec-openssh", 1.0, False),
+    ):
+        check(label, ratio(samples, key, who, "execnet"), limit, at_least, "\u00d7")
     for key, what in (("arg_in", "argument"), ("result_out", "result")):
         for raw_key, peer in ((key, "raw one-way"), ("echo", "raw cat echo")):
             mine = median(samples.get(key, {}).get("sshexec-ssh", []))

@@ -7,7 +7,7 @@ workload for every contender in turn, rep after rep. Every wait is bounded.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Executor
+from concurrent.futures import Executor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -31,6 +31,7 @@ class Row:
 class Sizes:
     map1: int = 10_000
     map256: int = 200_000
+    submit: int = 10_000
     roundtrip: int = 500
     payload: int = 64 * MiB
     cpu_seconds: float = 4.0  # serial time the is_prime list is calibrated to
@@ -41,7 +42,7 @@ class Sizes:
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(3_000, 50_000, 200, 16 * MiB, 1.0, 6, 150, 1_000_000, 2)
+        return cls(3_000, 50_000, 3_000, 200, 16 * MiB, 1.0, 6, 150, 1_000_000, 2)
 
 
 @dataclass
@@ -91,6 +92,20 @@ def map1(c: Contender, ctx: Context) -> Dict[str, float]:
 def map256(c: Contender, ctx: Context) -> Dict[str, float]:
     n = ctx.sizes.map256
     return {"map256": n / _timed_map(c.get(), tasks.tiny, range(n), 256)}
+
+
+def submit_ac(c: Contender, ctx: Context) -> Dict[str, float]:
+    """Throughput of ``submit`` for every item, drained with ``as_completed``."""
+    ex = c.get()
+    n = _n(c, ctx.sizes.submit)
+    send = getattr(ex, "submit_pipelined", ex.submit)  # execnet's hand-rolled Futures
+    start = time.perf_counter()
+    futures = [send(tasks.tiny, i) for i in range(n)]
+    total = sum(f.result() for f in as_completed(futures, timeout=TIMEOUT))
+    elapsed = time.perf_counter() - start
+    if total != n * (n - 1) // 2:
+        raise RuntimeError("wrong submit/as_completed results")
+    return {"submit_ac": n / elapsed}
 
 
 def roundtrip(c: Contender, ctx: Context) -> Dict[str, float]:
@@ -188,6 +203,7 @@ class Workload:
 WORKLOADS = (
     Workload("map1", map1, ("sshexec", "ppe", "loky", "dask", "execnet")),
     Workload("map256", map256, ("sshexec", "ppe", "loky", "execnet"), chunked=True),
+    Workload("submit_ac", submit_ac, ("sshexec", "ppe", "loky", "dask", "execnet")),
     Workload("roundtrip", roundtrip, ("sshexec", "ppe", "loky", "dask", "execnet", "raw")),
     Workload("payload", payload, ("sshexec", "ppe", "loky", "dask", "execnet", "raw")),
     Workload("numpy", numpy_payload, ("sshexec", "ppe", "loky", "dask"), needs_numpy=True),
@@ -207,6 +223,12 @@ def rows(sizes: Sizes) -> List[Row]:
     return [
         Row("map1", f"map(tiny, range(N)), chunksize=1 (N={sizes.map1:,})", "tasks/s", True),
         Row("map256", f"map chunksize=256 (N={sizes.map256:,})", "tasks/s", True),
+        Row(
+            "submit_ac",
+            f"submit(tiny) for each of N, as_completed (N={sizes.submit:,})",
+            "tasks/s",
+            True,
+        ),
         Row("rt_p50", "submit(tiny).result() round trip, p50", "µs", False),
         Row("rt_p90", "submit(tiny).result() round trip, p90", "µs", False),
         Row("arg_in", f"{mib} bytes argument → worker (returns len)", "MB/s", True),
