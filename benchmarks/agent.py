@@ -110,7 +110,7 @@ def measure(
     if name == "scale":
         per_worker = 10 if quick else 40
         return agent_rows.scale(
-            client, servers, versions, 1 if quick else reps, per_worker, logs, not quick
+            client, servers, versions, 1 if quick else reps, per_worker, logs, True
         )
     if name == "bandwidth":
         return agent_rows.bandwidth(client, servers, versions, reps, 8 if quick else 16, logs)

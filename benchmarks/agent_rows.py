@@ -8,7 +8,7 @@ version)`` and ``agent_report`` turns it into a markdown table.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 from .agent_run import Island, Sample, Version, interleave, netns_available, probe
 from .proxy import DelayProxy
@@ -17,6 +17,17 @@ from .sshd import ADDRESS, Client, Sshd
 Entry = Tuple[Dict[str, Any], Dict[str, List[Sample]]]
 LINK_RATE = 100e6 / 8  # bytes per second, each direction
 PAYLOAD = 20_000_000
+
+
+def each(
+    args: Dict[str, Any], logs: Path, timeout: float = 240.0
+) -> Callable[[Version, int], Sample]:
+    """A probe of ``args`` for ``interleave``: the same measurement for every rep."""
+
+    def run(version: Version, rep: int) -> Sample:
+        return probe(version, args, logs, timeout=timeout)
+
+    return run
 
 
 def kwargs_for(client: Client, servers: List[Sshd], transport: str) -> Dict[str, Any]:
@@ -34,7 +45,7 @@ def startup(
                 "workers": hosts * per_host,
                 "kwargs": kwargs_for(client, servers[:hosts], transport),
             }
-            samples = interleave(versions, reps, lambda v, _, a=args: probe(v, a, logs))
+            samples = interleave(versions, reps, each(args, logs))
             entries.append(
                 ({"hosts x workers": f"{hosts} x {per_host}", "transport": transport}, samples)
             )
@@ -81,7 +92,7 @@ def scale(
         chosen = [
             v for v in versions if v.name == "agent" or (workers <= 64 and transport == "asyncssh")
         ]
-        samples = interleave(chosen, reps, lambda v, _, a=args: probe(v, a, logs, timeout=300))
+        samples = interleave(chosen, reps, each(args, logs, timeout=300))
         for v in versions:
             samples.setdefault(v.name, [])
         entries.append(({"workers": f"{workers} ({hosts} x 8)", "transport": transport}, samples))
@@ -149,7 +160,10 @@ def bandwidth(
         "entries": [
             ({"items": items, "expected": f"before ≈ {items} x 20 MB, agent ≈ 2 x 20 MB"}, samples)
         ],
-        "notes": [],
+        "notes": [
+            "before has no stats() bytes_saved (\u2014); the agent counts a save per task "
+            "dispatch, so a prefetched task that is stolen and sent again counts twice"
+        ],
     }
 
 
@@ -168,7 +182,11 @@ def partition(
             ("futures_pending", "futures unresolved 15 s later", False),
         ],
         "entries": [],
-        "notes": [],
+        "notes": [
+            "job processes: the agent, workers and shells below the sshd listener, recorded "
+            "before the cut; sshd's own per-connection processes are not counted (in both "
+            "versions they wait for TCP to time out)"
+        ],
     }
     if why is not None:
         section["notes"].append(f"skipped: {why}")
