@@ -76,9 +76,9 @@ class Client:
         self.config = root / "ssh_config"
         self.config.touch()
 
-    def trust(self, port: int, host_key: str) -> None:
+    def trust(self, port: int, host_key: str, address: str = ADDRESS) -> None:
         with self.known_hosts.open("a") as f:
-            f.write(f"[{ADDRESS}]:{port} {host_key}\n")
+            f.write(f"[{address}]:{port} {host_key}\n")
 
     def ssh_options(self) -> Dict[str, Any]:
         return {"client_keys": [str(self.key)], "config": [str(self.config)], "agent_path": None}
@@ -107,14 +107,24 @@ class Client:
 
 
 class Sshd:
-    """One sshd on 127.0.0.1 that trusts ``client``'s key; ``client`` trusts its host key."""
+    """One sshd on 127.0.0.1 that trusts ``client``'s key; ``client`` trusts its host key.
+    With ``netns`` it runs inside that network namespace (``ip netns exec``), listening
+    on ``address`` there, on ``port`` (0: a free port here, which suits loopback only)."""
 
     def __init__(
-        self, root: Path, client: Client, name: str, max_sessions: Optional[int] = None
+        self,
+        root: Path,
+        client: Client,
+        name: str,
+        max_sessions: Optional[int] = None,
+        address: str = ADDRESS,
+        netns: Optional[str] = None,
+        port: int = 0,
     ) -> None:
         self.root, self.client, self.name = root / name, client, name
         self.max_sessions = max_sessions
-        self.port = 0
+        self.address, self.netns = address, netns
+        self.port = port
         self.host_key = ""
         self.proc: Optional[subprocess.Popen[bytes]] = None
 
@@ -123,11 +133,11 @@ class Sshd:
         key = self.root / "host_ed25519"
         self.host_key = " ".join(_keygen(key).split()[:2])
         (self.root / "authorized_keys").write_text(self.client.public_key + "\n")
-        self.port = _free_port()
+        self.port = self.port or _free_port()
         sessions = f"MaxSessions {self.max_sessions}\n" if self.max_sessions else ""
         config = self.root / "sshd_config"
         config.write_text(
-            f"Port {self.port}\nListenAddress {ADDRESS}\nHostKey {key}\n"
+            f"Port {self.port}\nListenAddress {self.address}\nHostKey {key}\n"
             f"PidFile {self.root / 'sshd.pid'}\nAuthorizedKeysFile {self.root / 'authorized_keys'}\n"
             "StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nLogLevel ERROR\n"
@@ -138,8 +148,9 @@ class Sshd:
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privsep directory
         with open(self.root / "sshd.log", "ab") as log_file:
-            self.proc = subprocess.Popen(
-                [SSHD, "-D", "-e", "-f", str(config)],
+            prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+            self.proc = subprocess.Popen(  # ip netns exec execs sshd: proc.pid is sshd's
+                [*prefix, SSHD, "-D", "-e", "-f", str(config)],
                 stdout=subprocess.DEVNULL,
                 stderr=log_file,
                 preexec_fn=_die_with_parent(),
@@ -151,8 +162,8 @@ class Sshd:
                     f"sshd {self.name} exited: {(self.root / 'sshd.log').read_text()}"
                 )
             try:
-                with socket.create_connection((ADDRESS, self.port), timeout=0.5):
-                    self.client.trust(self.port, self.host_key)
+                with socket.create_connection((self.address, self.port), timeout=0.5):
+                    self.client.trust(self.port, self.host_key, self.address)
                     return self
             except OSError:
                 time.sleep(0.02)
