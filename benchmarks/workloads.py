@@ -203,7 +203,7 @@ class Workload:
 WORKLOADS = (
     Workload("map1", map1, ("sshexec", "ppe", "loky", "dask", "execnet")),
     Workload("map256", map256, ("sshexec", "ppe", "loky", "execnet"), chunked=True),
-    Workload("submit_ac", submit_ac, ("sshexec", "ppe", "loky", "dask", "execnet")),
+    Workload("submit_ac", submit_ac, ("sshexec", "ppe", "loky", "execnet")),  # dask: own Futures
     Workload("roundtrip", roundtrip, ("sshexec", "ppe", "loky", "dask", "execnet", "raw")),
     Workload("payload", payload, ("sshexec", "ppe", "loky", "dask", "execnet", "raw")),
     Workload("numpy", numpy_payload, ("sshexec", "ppe", "loky", "dask"), needs_numpy=True),

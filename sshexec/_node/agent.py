@@ -31,6 +31,8 @@ from .spawn import close, kill_group, start_worker
 
 DEFAULT_SILENCE = 30.0  # seconds, until Configure says otherwise
 READ_SIZE = 1 << 20
+PIPE_SIZE = 1 << 20  # Linux's default pipe-max-size, allowed to every user
+IOV_LIMIT = 512  # frames per writev, under every system's IOV_MAX
 OUT_HIGH_WATER = 16 << 20  # bytes queued for the client beyond which workers are not read
 STDERR_LINGER = 0.5  # seconds an exited worker's stderr may stay open (a task's child has it)
 TERM_GRACE = 1.0  # seconds between SIGTERM and SIGKILL when the agent ends its workers
@@ -41,6 +43,24 @@ CLIENT_DONE = "the client is done"
 
 def _nonblocking(fd: int) -> None:
     os.set_blocking(fd, False)
+
+
+def _write_many(fd: int, pieces: List[proto.Buffer]) -> int:
+    if len(pieces) == 1:
+        return os.write(fd, pieces[0])
+    if hasattr(os, "writev"):
+        return os.writev(fd, pieces)
+    return os.write(fd, b"".join(pieces))
+
+
+def _widen(fd: int) -> None:
+    """A bigger pipe (Linux): a big result crosses in fewer reads, writes and frames."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+    except (ImportError, OSError):
+        pass  # not Linux, or over the user's pipe-max-size: the default pipe works
 
 
 class Child:
@@ -62,7 +82,7 @@ class Agent:
         self.frames_in, self.frames_out = frames_in, frames_out
         self.stage1, self.bundle = stage1, bundle  # to spawn fresh interpreters
         self.decoder = proto.FrameDecoder()
-        self.out: List[bytes] = []  # frames for the client, in order
+        self.out: List[proto.Buffer] = []  # frames for the client, in order
         self.out_bytes = 0
         self.children: Dict[int, Child] = {}  # slot -> child, until Exited is sent
         self.silence = DEFAULT_SILENCE
@@ -109,15 +129,15 @@ class Agent:
         if self.ending:
             timeout = min(timeout, 0.1)
         try:
-            readable, writable, _ = select.select(readers, writers, [], timeout)
+            readable, _, _ = select.select(readers, writers, [], timeout)
         except InterruptedError:
-            readable, writable = [], []
+            readable = []
         if self._wake_r in readable:
             _drain(self._wake_r)
         if self.frames_in in readable:
             self._read_client()
         for child in list(self.children.values()):
-            self._pump(child, readable, writable)
+            self._pump(child, readable)
         self._reap()
         self._report_exits()
         if self.out:  # everything read in this pass goes out in one write
@@ -174,26 +194,38 @@ class Agent:
         self.out_bytes += len(frame)
 
     def _flush(self, block: bool) -> None:
-        """Write what is queued for the client, many frames to one write."""
+        """Write what is queued for the client, many frames to one write (``writev``: no
+        joined copy; a partly written frame stays a view, so a big result is not copied
+        again after every short write)."""
         deadline = time.monotonic() + 5.0
         while self.out:
-            data = b"".join(self.out) if len(self.out) > 1 else self.out[0]
             try:
-                written = os.write(self.frames_out, data)
+                written = _write_many(self.frames_out, self.out[:IOV_LIMIT])
             except BlockingIOError:
                 written = 0
             except OSError:  # the channel is gone: nobody to tell
                 self.out, self.out_bytes = [], 0
                 self._end("the channel to the client broke")
                 return
-            rest = data[written:]
-            self.out = [rest] if rest else []
-            self.out_bytes = len(rest)
-            if not rest or not block:
+            self._written(written)
+            if not self.out or not block:
                 return
             if time.monotonic() > deadline:
                 return
             select.select([], [self.frames_out], [], 0.1)
+
+    def _written(self, count: int) -> None:
+        self.out_bytes -= count
+        done = 0
+        for piece in self.out:
+            size = len(piece)
+            if count < size:
+                break
+            count -= size
+            done += 1
+        del self.out[:done]
+        if count:
+            self.out[0] = memoryview(self.out[0])[count:]
 
     def _store(self, key: bytes, data: proto.Tail) -> None:
         path = os.path.join(self.blob_dir, key.hex())
@@ -226,6 +258,9 @@ class Agent:
             os.close(fd)
         for fd in (in_w, out_r, err_r):
             _nonblocking(fd)
+        if sys.platform.startswith("linux"):
+            _widen(out_r)
+            _widen(in_w)
         child = Child(slot, pid, in_w, out_r, err_r)
         self.children[slot] = child
         if self.spawn_only:  # a fresh interpreter: it reads stage 1 and the bundle first
@@ -233,8 +268,8 @@ class Agent:
             child.pending += [memoryview(self.stage1), memoryview(header + self.bundle)]
         self._send(proto.Spawned(slot, pid))
 
-    def _pump(self, child: Child, readable: List[int], writable: List[int]) -> None:
-        if child.stdin is not None and child.stdin in writable:
+    def _pump(self, child: Child, readable: List[int]) -> None:
+        if child.stdin is not None and child.pending:  # just queued: try now, not a pass later
             while child.pending:
                 try:
                     written = os.write(child.stdin, child.pending[0])
