@@ -27,6 +27,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from .._wire import protocol as proto
+from .fdio import Reader
 from .spawn import close, kill_group, start_worker
 
 DEFAULT_SILENCE = 30.0  # seconds, until Configure says otherwise
@@ -82,6 +83,7 @@ class Agent:
         self.frames_in, self.frames_out = frames_in, frames_out
         self.stage1, self.bundle = stage1, bundle  # to spawn fresh interpreters
         self.decoder = proto.FrameDecoder()
+        self.reader = Reader(READ_SIZE)  # one buffer for every read: one thread
         self.out: List[proto.Buffer] = []  # frames for the client, in order
         self.out_bytes = 0
         self.children: Dict[int, Child] = {}  # slot -> child, until Exited is sent
@@ -149,7 +151,7 @@ class Agent:
 
     def _read_client(self) -> None:
         try:
-            chunk = os.read(self.frames_in, READ_SIZE)
+            chunk = self.reader.read(self.frames_in)
         except OSError:
             chunk = b""
         if not chunk:
@@ -291,7 +293,7 @@ class Agent:
             if fd is None or fd not in readable:
                 continue
             try:
-                data = os.read(fd, READ_SIZE)
+                data = self.reader.read(fd)
             except BlockingIOError:
                 continue
             except OSError:

@@ -26,6 +26,7 @@ import msgpack
 
 from .._wire import calls
 from .._wire import protocol as proto
+from .fdio import Reader
 from .lookups import Lookups
 from .remote_io import ClientFinder, FrameLogHandler, _write_all, frame_stream
 
@@ -156,9 +157,10 @@ class Worker:
         """Reader thread: decode frames into the inbox; at EOF give the main thread a
         short grace, then end the process so a vanished host leaves no orphan."""
         decoder = proto.FrameDecoder(self.initial_max_frame)
+        reader = Reader()
         try:
             while True:
-                chunk = os.read(self.frames_in, 1 << 20)
+                chunk = reader.read(self.frames_in)
                 if not chunk:
                     decoder.end()
                     break
