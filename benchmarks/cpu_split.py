@@ -27,26 +27,7 @@ from . import sshd as loopback
 from . import tasks
 from .contenders import settle
 from .execnet_peer import ExecnetExecutor
-
-TICK = os.sysconf("SC_CLK_TCK")
-Proc = Tuple[str, float, int]  # command line, CPU seconds, parent pid
-
-
-def snapshot() -> Dict[int, Proc]:
-    found: Dict[int, Proc] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                command = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        found[int(entry)] = (command, (int(fields[11]) + int(fields[12])) / TICK, int(fields[1]))
-    return found
+from .procs import Proc, processes
 
 
 def roles(procs: Dict[int, Proc], roots: List[int]) -> Dict[int, str]:
@@ -78,14 +59,14 @@ def roles(procs: Dict[int, Proc], roots: List[int]) -> Dict[int, str]:
 
 
 def measure(executor: Executor, roots: List[int], n: int, mode: str) -> Dict[str, float]:
-    before = snapshot()
+    before = processes()
     start = time.perf_counter()
     if mode == "map":
         done = sum(1 for _ in executor.map(tasks.tiny, range(n), timeout=300))
     else:
         done = sum(1 for i in range(n) if executor.submit(tasks.tiny, i).result(60) == i)
     wall = time.perf_counter() - start
-    after = snapshot()
+    after = processes()
     assert done == n, f"{done} of {n} tasks"
     split: Dict[str, float] = {"tasks/s": n / wall}
     for pid, role in roles(after, roots).items():

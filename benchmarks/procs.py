@@ -7,9 +7,10 @@ processes below an sshd listener) and to count the client's CPU over all threads
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+Proc = Tuple[str, float, int]  # command line (arguments joined by spaces), CPU s, parent
 
 
 def _stat(pid: int) -> Optional[List[str]]:
@@ -33,6 +34,22 @@ def descendants(root: int) -> List[int]:
         for child in children.get(stack.pop(), []):
             found.append(child)
             stack.append(child)
+    return found
+
+
+def processes() -> Dict[int, Proc]:
+    """Every process: its command line, CPU seconds (user + system) and parent pid."""
+    found: Dict[int, Proc] = {}
+    for entry in os.listdir("/proc"):
+        fields = _stat(int(entry)) if entry.isdigit() else None
+        if fields is None:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        found[int(entry)] = (command, (int(fields[11]) + int(fields[12])) / TICK, int(fields[1]))
     return found
 
 

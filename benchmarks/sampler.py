@@ -14,32 +14,13 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
-from .procs import TICK
-
-Proc = Tuple[str, float, int]  # command, CPU seconds, parent pid
-
-
-def processes() -> Dict[int, Proc]:
-    found: Dict[int, Proc] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                command = f.read().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        found[int(entry)] = (command, (int(fields[11]) + int(fields[12])) / TICK, int(fields[1]))
-    return found
+from .procs import Proc, processes
 
 
 def kind(pid: int, procs: Dict[int, Proc]) -> str:
-    name = os.path.basename(procs[pid][0]) or "?"
+    name = os.path.basename(procs[pid][0].split(" ")[0]) or "?"
     if "python" not in name:
         return name
     chain: List[str] = []
