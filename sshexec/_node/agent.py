@@ -56,12 +56,14 @@ def _write_many(fd: int, pieces: List[proto.Buffer]) -> int:
 
 def _widen(fd: int) -> None:
     """A bigger pipe (Linux): a big result crosses in fewer reads, writes and frames."""
-    try:
-        import fcntl
+    if not sys.platform.startswith("linux"):
+        return
+    import fcntl
 
+    try:  # F_SETPIPE_SZ is in fcntl from Python 3.10; nodes may run 3.9
         fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
-    except (ImportError, OSError):
-        pass  # not Linux, or over the user's pipe-max-size: the default pipe works
+    except OSError:
+        pass  # over the user's pipe-max-size: the default pipe works
 
 
 class Child:
@@ -260,9 +262,8 @@ class Agent:
             os.close(fd)
         for fd in (in_w, out_r, err_r):
             _nonblocking(fd)
-        if sys.platform.startswith("linux"):
-            _widen(out_r)
-            _widen(in_w)
+        _widen(out_r)
+        _widen(in_w)
         child = Child(slot, pid, in_w, out_r, err_r)
         self.children[slot] = child
         if self.spawn_only:  # a fresh interpreter: it reads stage 1 and the bundle first
