@@ -103,3 +103,29 @@ def test_logs_never_carry_payloads(
     logged: Collection[str] = [r.getMessage() for r in caplog.records]
     assert logged, "expected sshexec's lifecycle logs"
     assert not [m for m in logged if secret in m]
+
+
+def test_first_ssh_use_prints_no_third_party_warnings(sshd_pair: List[SSHServer]) -> None:
+    """cryptography 51 deprecates DSA, which asyncssh still registers at import: five
+    warnings on the user's stderr at the first SSH use, about nothing the user did."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, os, sys\n"
+        "from sshexec import SSHPoolExecutor\n"
+        "with SSHPoolExecutor(1, **json.loads(os.environ['KW'])) as ex:\n"
+        "    assert ex.submit(abs, -3).result(timeout=30) == 3\n"
+        "import sshexec._cli.check\n"
+    )
+    kwargs = executor_kwargs(sshd_pair[:1])
+    proc = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code],
+        env={**os.environ, "KW": json.dumps(kwargs), "PYTHONWARNINGS": "default"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr

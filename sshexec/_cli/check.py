@@ -19,11 +19,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import asyncssh
-
 from .._bootstrap import client_version, interpreters
 from .._hosts import Host
 from .._transports.asyncssh import PREFERRED_CIPHERS
+from .._transports.sshlib import asyncssh
 from .report import HostReport
 
 RTT_ROUNDS = 9  # small echo round trips on one channel; the first warms up and is dropped

@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Dict, Mapping, Optional
 
-import asyncssh
-
 from .. import _bootstrap
 from .._errors import WorkerStartupError
 from .._logs import logger
 from .._wire.protocol import Buffer
 from .base import READ_SIZE, Channel, StderrSink, StderrTail, describe_exit
 from .route import Route
+from .sshlib import asyncssh
 
 log = logger("sshexec.ssh")
 

@@ -14,9 +14,8 @@ import asyncio
 import os
 from typing import Any, Final, Mapping, Optional, Tuple
 
-import asyncssh
-
 from .._errors import WorkerStartupError
+from .sshlib import asyncssh
 
 MAX_JUMPS: Final = 8  # nested ProxyJump levels followed; more means a loop in the ssh config
 HOST_ONLY: Final = ("port", "username", "tunnel", "proxy_command", "host")
