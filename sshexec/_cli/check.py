@@ -3,8 +3,9 @@
 Owns: one probe per host, all hosts in parallel, each bounded by a timeout: through
 asyncssh here (reachability, host key status looked up in known_hosts, which
 authentication worked, remote Python, cores, round-trip time, channel throughput), or
-through the ``ssh`` binary (``sshprobe``) for hosts whose transport is ``openssh``. The
-report and its fixes are in ``report``. Must not import: the executor or the pool.
+through the ``ssh`` binary (``sshprobe``) for hosts whose transport is ``openssh``. What
+both probes share is in ``probing``, the report and its fixes in ``report``. Must not
+import: the executor or the pool.
 """
 
 from __future__ import annotations
@@ -16,36 +17,15 @@ import shlex
 import socket
 import statistics
 import time
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .._bootstrap import client_version, interpreters
 from .._hosts import Host
 from .._transports.asyncssh import PREFERRED_CIPHERS
 from .._transports.sshlib import asyncssh
+from . import sshprobe
+from .probing import PY_PROBE, RTT_ROUNDS, THROUGHPUT_BUDGET, THROUGHPUT_BYTES, CheckSettings, home
 from .report import HostReport
-
-RTT_ROUNDS = 9  # small echo round trips on one channel; the first warms up and is dropped
-THROUGHPUT_BYTES = 16 * 1024 * 1024
-THROUGHPUT_BUDGET = 3.0  # seconds: a slow link reports what it managed in this time
-PY_PROBE = (
-    "import os, sys; v = sys.version_info; "
-    "n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(); "
-    "print(v[0], v[1], sys.version.split()[0], sys.executable, n or 1)"
-)
-
-
-@dataclass
-class CheckSettings:
-    """What every probe uses: the command line's SSH options."""
-
-    timeout: float = 10.0
-    python: Optional[str] = None
-    known_hosts: Optional[str] = None
-    identities: Sequence[str] = ()
-    ssh_config: Sequence[str] = ()
-    extra: Dict[str, Any] = field(default_factory=dict)
-    transport: str = "asyncssh"  # for hosts without their own Host(transport=...)
 
 
 class _AuthTracker(asyncssh.SSHClient):
@@ -62,11 +42,6 @@ class _AuthTracker(asyncssh.SSHClient):
         return key
 
 
-def _home(path: str) -> str:
-    home = os.path.expanduser("~")
-    return "~" + path[len(home) :] if path.startswith(home + os.sep) else path
-
-
 async def check_hosts(hosts: Sequence[Host], settings: CheckSettings) -> List[HostReport]:
     """Probe every host at once; each report is complete within ``settings.timeout``."""
     return list(await asyncio.gather(*(check_host(h, settings) for h in hosts)))
@@ -75,10 +50,7 @@ async def check_hosts(hosts: Sequence[Host], settings: CheckSettings) -> List[Ho
 async def check_host(host: Host, settings: CheckSettings) -> HostReport:
     transport = host.transport or settings.transport
     report = HostReport(host.label, host.hostname, host.port or 22, host.user, transport)
-    if transport == "openssh":
-        from .sshprobe import probe  # imports this module: not at the top
-    else:
-        probe = _probe
+    probe = sshprobe.probe if transport == "openssh" else _probe
     try:
         await asyncio.wait_for(probe(host, settings, report), settings.timeout)
     except asyncio.TimeoutError:
@@ -220,7 +192,7 @@ def _key_paths(identities: Sequence[str]) -> Dict[bytes, str]:
             public = asyncssh.read_public_key(path + ".pub").public_data
         except (OSError, ValueError, asyncssh.Error):
             continue
-        paths.setdefault(public, _home(path))
+        paths.setdefault(public, home(path))
     return paths
 
 

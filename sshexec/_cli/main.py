@@ -167,7 +167,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import asyncio
 
     from .._hosts import resolve_hosts
-    from .check import CheckSettings, check_hosts
+    from .check import check_hosts
+    from .probing import CheckSettings
     from .report import render
 
     given: Union[str, List[str], None] = list(args.host) or args.hosts

@@ -5,15 +5,14 @@ session running a small sh script (the remote Python the workers would get and i
 cores, then ``cat`` for round trips and ``head -c`` for throughput), ssh's verbose
 stderr read as it comes for the host key and the authentication that worked, and its
 exit status 255 for what to fix (``ssh_command.diagnose``). The settings, the Python
-probe and the round-trip and throughput sizes are ``check``'s, so both probes measure
-the same things. Must not import: the executor or the pool.
+probe and the round-trip and throughput sizes are ``probing``'s, shared with ``check``.
+Must not import: ``check`` (which imports this), the executor or the pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import re
 import shlex
 import statistics
@@ -25,7 +24,7 @@ from .._bootstrap import client_version, interpreters
 from .._hosts import Host
 from .._transports.openssh import run
 from .._transports.ssh_command import CommandLine, Finding, diagnose, parse_resolved, ssh_lines
-from .check import PY_PROBE, RTT_ROUNDS, THROUGHPUT_BUDGET, THROUGHPUT_BYTES, CheckSettings
+from .probing import PY_PROBE, RTT_ROUNDS, THROUGHPUT_BUDGET, THROUGHPUT_BYTES, CheckSettings, home
 from .report import HostReport
 
 MARK, ECHO = "SSHEXEC-CHECK", "SSHEXEC-ECHO"  # lines the script prints around its facts
@@ -35,11 +34,6 @@ _OFFERING = re.compile(r"^debug1: Offering public key: (.*)$")
 _ACCEPTS = re.compile(r"^debug1: Server accepts key: (.*)$")
 _AUTHENTICATED = re.compile(r'Authenticated to .* using "([^"]+)"')
 _IDENTITY = re.compile(r"^(.*?) (\S+) (SHA256:\S+)(.*)$")  # path or comment, type, fingerprint
-
-
-def _home(path: str) -> str:
-    home = os.path.expanduser("~")
-    return "~" + path[len(home) :] if path.startswith(home + os.sep) else path
 
 
 def _script(python: Optional[str]) -> str:
@@ -72,7 +66,7 @@ class _Verbose:
         if found is None:
             return identity
         name, flags = found.group(1), found.group(4).split()
-        return f"agent: {name}" if "agent" in flags and "explicit" not in flags else _home(name)
+        return f"agent: {name}" if "agent" in flags and "explicit" not in flags else home(name)
 
     def feed(self, line: str) -> None:
         self.lines.append(line)
