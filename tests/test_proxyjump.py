@@ -168,6 +168,22 @@ def test_known_hosts_option_covers_the_jump_host(site: JumpSite) -> None:
         assert ex.submit(net_namespace).result(timeout=30)[:2] == (site.namespace_inode(), "target")
 
 
+def test_proxyjump_from_the_default_ssh_config_uses_sshexec_options(
+    site: JumpSite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No config= at all: ~/.ssh/config's ProxyJump is still followed by sshexec, which
+    opens the hop with known_hosts= (asyncssh alone would check it against the empty
+    ~/.ssh/known_hosts and refuse it)."""
+    (tmp_path / ".ssh").mkdir()
+    shutil.copy(site.config("config-for-home"), tmp_path / ".ssh" / "config")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    both = site.known_hosts(site.bastion, site.target)
+    with SSHPoolExecutor(
+        1, hosts="target", known_hosts=both, ssh_options={"agent_path": None}, python=sys.executable
+    ) as ex:
+        assert ex.submit(net_namespace).result(timeout=30)[:2] == (site.namespace_inode(), "target")
+
+
 def test_unknown_jump_host_key_is_refused_naming_the_hop(site: JumpSite) -> None:
     config = site.config("config-no-known-hosts")
     only_target = site.known_hosts(site.target)

@@ -11,11 +11,11 @@ from typing import Callable, Collection, List, Set
 
 import pytest
 
-from sshexec import Host, SSHPoolExecutor
+from sshexec import Host, SSHPoolExecutor, WorkerStartupError
 from sshexec._bootstrap import bundle_hash
 
 from . import tasks
-from .sshd import SSHServer, executor_kwargs
+from .sshd import SSHServer, executor_kwargs, free_port
 
 StartServer = Callable[..., SSHServer]
 
@@ -51,6 +51,28 @@ def test_ssh_config_alias_is_resolved(sshd_pair: List[SSHServer], tmp_path: Path
     kwargs["ssh_options"] = {"config": [str(config)], "agent_path": None}  # no client_keys
     with SSHPoolExecutor(1, **kwargs) as executor:
         assert executor.submit(tasks.where).result(timeout=30)[0] == "alpha"
+
+
+def test_default_ssh_config_names_the_address_a_failure_is_about(
+    sshd_pair: List[SSHServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no config= at all, ~/.ssh/config is the config (as for asyncssh.connect and
+    ssh), for the route too: a refused alias names the address and port it leads to."""
+    client, port = sshd_pair[0].client, free_port()
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "config").write_text(
+        f"Host closed-node\n  HostName 127.0.0.1\n  Port {port}\n  User {client.user}\n"
+    )
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(WorkerStartupError) as info:
+        SSHPoolExecutor(
+            1,
+            hosts=["closed-node"],
+            known_hosts=str(client.known_hosts),
+            ssh_options={"client_keys": [str(client.key)], "agent_path": None},
+        )
+    assert info.value.stage == "connect"
+    assert f"cannot reach 127.0.0.1 port {port}" in info.value.reason
 
 
 def test_per_host_worker_counts(sshd_pair: List[SSHServer]) -> None:

@@ -1,8 +1,10 @@
 """How one host is reached over SSH: its ssh config, the ProxyJump hosts in front of it,
 and what a refused host key means.
 
-Owns: ``split_hop``, ``Route`` (resolving a name through the ssh config, dialling every
-ProxyJump hop with sshexec's own options so known_hosts and keys apply to the bastions
+Owns: ``split_hop``, ``Destination`` (where a name leads), ``Route`` (resolving a name
+through the ssh config as ``asyncssh.connect`` does, ``~/.ssh/config`` when no config is
+given, so that ``sshexec check`` and the executor probe and connect to the same
+address, port and user; dialling every ProxyJump hop with sshexec's own options so known_hosts and keys apply to the bastions
 too, and translating asyncssh/OS errors into ``WorkerStartupError`` naming the host,
 the hop, the stage and the fix). Must not import: the pool, or know about channels,
 tasks or Futures.
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any, Final, Mapping, Optional, Tuple
 
 from .._errors import WorkerStartupError
@@ -37,6 +41,48 @@ def split_hop(hop: str) -> Tuple[Optional[str], str, Optional[int]]:
     return user or None, text, int(port) if port else None
 
 
+@dataclass(frozen=True)
+class Destination:
+    """Where a host name leads once the ssh config is read."""
+
+    name: str  # as given
+    address: str  # HostName
+    port: int
+    user: str
+    jumps: str  # the ProxyJump list, "" for none
+    proxy_command: str  # the config's ProxyCommand, "" for none
+    config: Tuple[str, ...]  # the ssh config files read
+    configured: bool  # those files set HostName, Port, User, ProxyJump or ProxyCommand
+
+    def describe(self) -> str:
+        """E.g. ``127.0.0.1 port 2222, user bob, via ~/.ssh/config``."""
+        parts = [f"{self.address} port {self.port}", f"user {self.user}"]
+        if self.jumps:
+            parts.append(f"through jump host {self.jumps}")
+        if self.proxy_command:
+            parts.append(f"through ProxyCommand {self.proxy_command}")
+        if self.configured:
+            parts.append("via " + ", ".join(_home(path) for path in self.config))
+        return ", ".join(parts)
+
+
+def _home(path: str) -> str:
+    user = os.path.expanduser("~")
+    return "~" + path[len(user) :] if path.startswith(user + os.sep) else path
+
+
+def _config_files(config: Any) -> Tuple[str, ...]:
+    """The files asyncssh reads for ``config=`` (``()``: ``~/.ssh/config`` if readable)."""
+    if config == ():
+        default = os.path.expanduser(os.path.join("~", ".ssh", "config"))
+        return (default,) if os.access(default, os.R_OK) else ()
+    if config is None:
+        return ()
+    if isinstance(config, (str, PurePath)):
+        return (str(config),)
+    return tuple(str(path) for path in config)
+
+
 class Route:
     """Connections to one host, through its ProxyJump hosts when the config names any."""
 
@@ -55,28 +101,81 @@ class Route:
     ) -> asyncssh.SSHClientConnection:
         return await self._connect_route(hostname, kwargs, None, 0)
 
-    def _resolve(self, hostname: str, kwargs: Mapping[str, Any]) -> Tuple[str, int, str]:
-        """(address, port, ProxyJump) for ``hostname`` as the ssh config has them."""
-        probe = {k: kwargs[k] for k in ("port", "username", "config") if k in kwargs}
+    def resolve(self, hostname: str, kwargs: Mapping[str, Any]) -> Destination:
+        """Where ``hostname`` leads with the ``asyncssh.connect`` keywords ``kwargs``:
+        the ssh config read as asyncssh reads it (``~/.ssh/config`` when ``kwargs`` name
+        none), without connecting.
+
+        Raises:
+            WorkerStartupError: The ssh config cannot be read.
+        """
+        probe = {k: kwargs[k] for k in ("port", "username") if k in kwargs}
+        config = kwargs.get("config", ())  # (): the default, as asyncssh.connect has it
         try:  # no keys, agent or known_hosts: only the config is read
             options = asyncssh.SSHClientConnectionOptions(
-                host=hostname, client_keys=None, known_hosts=None, agent_path=None, **probe
+                host=hostname,
+                client_keys=None,
+                known_hosts=None,
+                agent_path=None,
+                config=config,
+                **probe,
             )
         except (asyncssh.Error, OSError, ValueError) as exc:
             raise WorkerStartupError(
                 self.host, "connect", f"cannot read the ssh config for {hostname}: {exc}"
             ) from exc
         jump = kwargs.get("tunnel", options.tunnel)  # tunnel="a,b" is a ProxyJump list too
-        return options.host, options.port, jump if isinstance(jump, str) else ""
+        jumps = jump if isinstance(jump, str) else ""
+        proxy = kwargs.get("proxy_command", options.proxy_command)
+        proxy_command = " ".join(proxy) if isinstance(proxy, (list, tuple)) else str(proxy or "")
+        found = options.config
+        configured = any(
+            found.get(key) is not None
+            for key in ("Hostname", "Port", "User", "ProxyJump", "ProxyCommand")
+        )
+        return Destination(
+            hostname,
+            options.host,
+            options.port,
+            str(options.username),
+            jumps,
+            proxy_command,
+            _config_files(config),
+            configured,
+        )
+
+    async def open_tunnel(
+        self, hostname: str, kwargs: Mapping[str, Any]
+    ) -> Optional[asyncssh.SSHClientConnection]:
+        """The last ProxyJump hop to ``hostname``, connected (through the hops before it,
+        closed with it), or None when the config names none."""
+        return await self._tunnel(self.resolve(hostname, kwargs), 0)
 
     async def _connect_route(
         self, hostname: str, kwargs: Mapping[str, Any], hop: Optional[str], depth: int
     ) -> asyncssh.SSHClientConnection:
         """Connect to ``hostname``, first through its ProxyJump hosts, each opened here with
         the jump options, and the target through the last as an explicit tunnel."""
-        address, port, jumps = self._resolve(hostname, kwargs)
-        if not jumps:
-            return await self._dial(hostname, kwargs, None, (hop, address, port))
+        destination = self.resolve(hostname, kwargs)
+        tunnel = await self._tunnel(destination, depth)
+        where = (hop, destination.address, destination.port)
+        try:
+            conn = await self._dial(hostname, kwargs, tunnel, where)
+        except BaseException:
+            if tunnel is not None:
+                tunnel.close()
+            raise
+        if tunnel is not None:
+            conn.set_tunnel(tunnel)  # as asyncssh does for its own ProxyJump: closed together
+        return conn
+
+    async def _tunnel(
+        self, destination: Destination, depth: int
+    ) -> Optional[asyncssh.SSHClientConnection]:
+        """The ProxyJump hops to ``destination``, each through the one before, the first
+        with its own ProxyJump if it has one; the last of them, or None for no hop."""
+        if not destination.jumps:
+            return None
         if depth >= MAX_JUMPS:
             raise WorkerStartupError(
                 self.host,
@@ -86,7 +185,7 @@ class Route:
             )
         tunnel: Optional[asyncssh.SSHClientConnection] = None
         try:
-            for spec in jumps.split(","):
+            for spec in destination.jumps.split(","):
                 try:
                     user, name, jump_port = split_hop(spec)
                 except ValueError as exc:
@@ -97,17 +196,15 @@ class Route:
                 if tunnel is None:  # the first hop may have a ProxyJump of its own
                     conn = await self._connect_route(name, options, spec, depth + 1)
                 else:
-                    where = self._resolve(name, options)[:2]
-                    conn = await self._dial(name, options, tunnel, (spec, *where))
+                    hop = self.resolve(name, options)
+                    conn = await self._dial(name, options, tunnel, (spec, hop.address, hop.port))
                     conn.set_tunnel(tunnel)  # closing a hop closes the ones before it
                 tunnel = conn
-            conn = await self._dial(hostname, kwargs, tunnel, (hop, address, port))
         except BaseException:
             if tunnel is not None:
                 tunnel.close()
             raise
-        conn.set_tunnel(tunnel)  # as asyncssh does for its own ProxyJump: closed together
-        return conn
+        return tunnel
 
     async def _dial(
         self,
