@@ -33,9 +33,13 @@ def where(line):
 
 
 def run_cli(
-    *args: str, cwd: Path = REPO, stdin: Optional[str] = None, timeout: float = 90
+    *args: str,
+    cwd: Path = REPO,
+    stdin: Optional[str] = None,
+    timeout: float = 90,
+    env: Optional[Dict[str, str]] = None,
 ) -> subprocess.CompletedProcess[str]:
-    env: Dict[str, str] = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     env.pop("SSHEXEC_HOSTS", None)
     return subprocess.run(
         [sys.executable, "-m", "sshexec", *args],
@@ -339,3 +343,60 @@ def test_demo_over_sshd(sshd_pair: List[SSHServer], ssh_client: Client) -> None:
     assert row[1:4] == ["1", "10", "0"]  # one worker, ten blocks done, none failed
     assert "speedup" not in result.stdout
     assert "blocks: 100%|" in result.stderr
+
+
+# --- ssh config aliases: check and the executor resolve a name the same way -------
+
+
+def alias_home(tmp_path: Path, ssh_client: Client, aliases: Dict[str, int]) -> Dict[str, str]:
+    """A HOME whose ~/.ssh/config names each alias's HostName, Port, User and IdentityFile
+    (and the test known_hosts): what a user has, with nothing on the command line."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    config = home / ".ssh" / "config"
+    config.write_text(
+        "".join(
+            f"Host {alias}\n  HostName 127.0.0.1\n  Port {port}\n  User {ssh_client.user}\n"
+            f"  IdentityFile {ssh_client.key}\n  UserKnownHostsFile {ssh_client.known_hosts}\n"
+            for alias, port in aliases.items()
+        )
+    )
+    config.chmod(0o600)
+    return {"HOME": str(home)}
+
+
+@TRANSPORTS
+def test_check_and_demo_resolve_an_ssh_config_alias(
+    sshd_pair: List[SSHServer], ssh_client: Client, tmp_path: Path, transport: str
+) -> None:
+    """Nothing but the alias on the command line: check goes where demo's workers go."""
+    alpha = sshd_pair[0]
+    env = alias_home(tmp_path, ssh_client, {"node1": alpha.port})
+    common = ["--hosts", "node1", "--python", sys.executable, "--transport", transport]
+    result = run_cli("check", *common, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    row = table_row(result.stdout, "node1")
+    assert row[1:4] == ["yes", "known", f"publickey ({ssh_client.key})"]
+    where = f"node1 (127.0.0.1 port {alpha.port}, user {ssh_client.user}, via ~/.ssh/config"
+    assert where in result.stdout
+    demo = ["--limit", "2000", "--block", "1000", "--workers", "1", "--no-serial"]
+    result = run_cli("demo", *demo, *common, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "303 primes below 2,000" in result.stdout
+
+
+@TRANSPORTS
+def test_check_reports_the_port_an_alias_resolves_to(
+    ssh_client: Client, tmp_path: Path, transport: str
+) -> None:
+    port = free_port()
+    env = alias_home(tmp_path, ssh_client, {"closed": port})
+    result = run_cli("check", "closed", "--transport", transport, "--timeout", "5", env=env)
+    assert result.returncode == 1
+    assert table_row(result.stdout, "closed")[1] == "refused"
+    assert f"connection refused by 127.0.0.1 port {port}" in result.stdout
+    assert f"closed (127.0.0.1 port {port}, user {ssh_client.user}, via ~/.ssh/config" in (
+        result.stdout
+    )
+    assert "or fix Port in ~/.ssh/config" in result.stdout
+    assert "port 22" not in result.stdout

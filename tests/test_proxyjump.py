@@ -24,6 +24,7 @@ import pytest
 from sshexec import Host, SSHPoolExecutor, WorkerStartupError
 
 from .sshd import Client, SSHServer, descendants, free_port
+from .test_cli import TRANSPORTS, run_cli, table_row
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # nodes have no copy of the tests
 
@@ -273,6 +274,39 @@ def test_proxyjump_in_a_host_file_line(site: JumpSite, tmp_path: Path) -> None:
         hosts=hosts, known_hosts=both, ssh_options=options(config), python=sys.executable
     ) as ex:
         assert set(ex.map(net_namespace, range(4))) == {(site.namespace_inode(), "target", "filed")}
+
+
+# ---- sshexec check goes the workers' way ------------------------------------------------
+
+
+@TRANSPORTS
+def test_check_goes_through_the_jump_host(site: JumpSite, transport: str) -> None:
+    """The probe opens the hop as the executor does: known_hosts= covers the bastion."""
+    config = site.config("config-no-known-hosts")
+    both = site.known_hosts(site.bastion, site.target)
+    args = ["-F", config, "--known-hosts", both, "--python", sys.executable]
+    result = run_cli("check", "target", *args, "--transport", transport)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert table_row(result.stdout, "target")[1:3] == ["yes", "known"]
+    target = site.target
+    assert (
+        f"target ({target.address} port {target.port}, user {site.client.user}, "
+        f"through jump host bastion, via {config})"
+    ) in result.stdout
+
+
+@TRANSPORTS
+def test_check_names_the_jump_host_whose_key_is_unknown(site: JumpSite, transport: str) -> None:
+    config = site.config("config-no-known-hosts")
+    only_target = site.known_hosts(site.target)
+    args = ["-F", config, "--known-hosts", only_target, "--python", sys.executable]
+    result = run_cli("check", "target", *args, "--transport", transport)
+    assert result.returncode == 1
+    assert "jump host" in result.stdout
+    assert f"[{BASTION_ADDRESS}]:{site.bastion.port}" in result.stdout
+    assert f"ssh-keyscan -p {site.bastion.port} {BASTION_ADDRESS} >> {only_target}" in (
+        result.stdout
+    )
 
 
 # ---- the same through the ssh binary (transport="openssh") ---------------------------------

@@ -1,7 +1,9 @@
 """``sshexec check``: probe hosts over SSH and say exactly what to fix.
 
-Owns: one probe per host, all hosts in parallel, each bounded by a timeout: through
-asyncssh here (reachability, host key status looked up in known_hosts, which
+Owns: one probe per host, all hosts in parallel, each bounded by a timeout, made
+through the transport the executor builds for that host from the same options (its
+``Route``: the ssh config, the ProxyJump hops; or its ssh command line), so the probe
+goes where the workers would: through asyncssh here (reachability, host key status looked up in known_hosts, which
 authentication worked, remote Python, cores, round-trip time, channel throughput), or
 through the ``ssh`` binary (``sshprobe``) for hosts whose transport is ``openssh``. What
 both probes share is in ``probing``, the report and its fixes in ``report``. Must not
@@ -20,12 +22,34 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .._bootstrap import client_version, interpreters
+from .._errors import WorkerStartupError
 from .._hosts import Host
-from .._transports.asyncssh import PREFERRED_CIPHERS
+from .._transports.asyncssh import SSHTransport
+from .._transports.openssh import OpenSSHTransport
 from .._transports.sshlib import asyncssh
 from . import sshprobe
-from .probing import PY_PROBE, RTT_ROUNDS, THROUGHPUT_BUDGET, THROUGHPUT_BYTES, CheckSettings, home
+from .probing import (
+    PY_PROBE,
+    RTT_ROUNDS,
+    THROUGHPUT_BUDGET,
+    THROUGHPUT_BYTES,
+    CheckSettings,
+    home,
+    transport_for,
+)
 from .report import HostReport
+
+# asyncssh.connect keywords that get_server_host_key takes: where and how to reach the host
+_HOST_KEY_FETCH = (
+    "port",
+    "tunnel",
+    "proxy_command",
+    "family",
+    "local_addr",
+    "config",
+    "kex_algs",
+    "server_host_key_algs",
+)
 
 
 class _AuthTracker(asyncssh.SSHClient):
@@ -48,50 +72,64 @@ async def check_hosts(hosts: Sequence[Host], settings: CheckSettings) -> List[Ho
 
 
 async def check_host(host: Host, settings: CheckSettings) -> HostReport:
-    transport = host.transport or settings.transport
-    report = HostReport(host.label, host.hostname, host.port or 22, host.user, transport)
-    probe = sshprobe.probe if transport == "openssh" else _probe
+    kind = host.transport or settings.transport
+    report = HostReport(host.label, host.hostname, host.port or 22, host.user, kind)
     try:
-        await asyncio.wait_for(probe(host, settings, report), settings.timeout)
+        await asyncio.wait_for(_probe_with(host, settings, report), settings.timeout)
     except asyncio.TimeoutError:
         report.timed_out(settings.timeout)
+    except WorkerStartupError as exc:  # the ssh config, or a jump host on the way
+        report.not_started(exc.stage, exc.reason, exc.fix)
     except Exception as exc:  # an unforeseen asyncssh or OS error is reported, not raised
         report.failed(f"{type(exc).__name__}: {exc}")
     return report
 
 
-def _options(host: Host, settings: CheckSettings) -> Dict[str, Any]:
-    kwargs: Dict[str, Any] = {
-        "connect_timeout": settings.timeout,
-        "login_timeout": settings.timeout,
-        "password_auth": False,  # never wait at a prompt
-        "kbdint_auth": False,
-        "encryption_algs": PREFERRED_CIPHERS,  # what the workers' channels use
-    }
-    if host.port is not None:
-        kwargs["port"] = host.port
-    if host.user is not None:
-        kwargs["username"] = host.user
-    if settings.identities:
-        kwargs["client_keys"] = list(settings.identities)
-    if settings.ssh_config:
-        kwargs["config"] = list(settings.ssh_config)
-    if settings.known_hosts is not None:
-        kwargs["known_hosts"] = settings.known_hosts
-    kwargs.update(settings.extra)
-    kwargs.update(host.options)
-    return kwargs
-
-
-async def _probe(host: Host, settings: CheckSettings, report: HostReport) -> None:
-    kwargs = _options(host, settings)
-    options = asyncssh.SSHClientConnectionOptions(host=host.hostname, **kwargs)
-    report.hostname, report.port, report.user = options.host, options.port, options.username
-    report.stage = "connect"
+async def _probe_with(host: Host, settings: CheckSettings, report: HostReport) -> None:
+    """Through the transport the executor would build for ``host``, so the probe goes
+    where the workers go."""
+    transport = transport_for(host, settings)
     try:
-        server_key = await asyncssh.get_server_host_key(
-            host.hostname, options.port, config=kwargs.get("config", ())
-        )
+        if isinstance(transport, SSHTransport):
+            await _probe(transport, settings, report)
+        else:
+            assert isinstance(transport, OpenSSHTransport)
+            await sshprobe.probe(transport, settings, report)
+    finally:
+        await transport.aclose()
+
+
+async def _probe(transport: SSHTransport, settings: CheckSettings, report: HostReport) -> None:
+    name, route, kwargs = transport.hostname, transport.route, transport.connect_kwargs
+    where = route.resolve(name, kwargs)
+    via = ", ".join(home(path) for path in where.config) if where.configured else ""
+    report.resolved(where.address, where.port, where.user, where.jumps, where.proxy_command, via)
+    # asyncssh.connect reads ~/.ssh/config when given no config=; the options alone do not
+    options = asyncssh.SSHClientConnectionOptions(
+        host=name, **{"config": (), **kwargs, "tunnel": ()}
+    )
+    report.stage = "connect"
+    tunnel = await route.open_tunnel(name, kwargs)  # the executor's hops, its options
+    try:
+        await _probe_through(transport, tunnel, options, settings, report)
+    finally:
+        if tunnel is not None:
+            tunnel.close()
+
+
+async def _probe_through(
+    transport: SSHTransport,
+    tunnel: Optional[asyncssh.SSHClientConnection],
+    options: Any,
+    settings: CheckSettings,
+    report: HostReport,
+) -> None:
+    name, kwargs = transport.hostname, transport.connect_kwargs
+    if tunnel is not None:
+        kwargs["tunnel"] = tunnel
+    fetch = {k: kwargs[k] for k in _HOST_KEY_FETCH if k in kwargs}
+    try:
+        server_key = await asyncssh.get_server_host_key(name, **fetch)
     except socket.gaierror as exc:
         report.unknown_name(str(exc.strerror or exc))
         return
@@ -100,6 +138,9 @@ async def _probe(host: Host, settings: CheckSettings, report: HostReport) -> Non
         return
     except OSError as exc:
         report.unreachable(str(exc.strerror or exc))
+        return
+    except asyncssh.ChannelOpenError as exc:  # the last jump host could not reach it
+        report.unreachable(f"{exc.reason} (from jump host {report.jumps})")
         return
     report.reachable = "yes"
     if server_key is not None:
@@ -112,12 +153,13 @@ async def _probe(host: Host, settings: CheckSettings, report: HostReport) -> Non
     tracker = _AuthTracker(keys)
     try:
         conn = await asyncssh.connect(
-            host.hostname,
+            name,
             **{**kwargs, "client_keys": None, "agent_path": None},
             client_factory=lambda: tracker,
         )
     except asyncssh.PermissionDenied as exc:
-        identity = settings.identities[0] if len(settings.identities) == 1 else ""
+        identities = settings.identities
+        identity = identities[0] if len(identities) == 1 else ""
         report.auth_refused(exc.reason, [label for _, label in keys], identity)
         return
     except asyncssh.HostKeyNotVerifiable as exc:
@@ -126,7 +168,7 @@ async def _probe(host: Host, settings: CheckSettings, report: HostReport) -> Non
         return
     try:
         report.auth = f"publickey ({tracker.offered})" if tracker.offered else "none"
-        await _probe_session(conn, host.python or settings.python, report)
+        await _probe_session(conn, transport.python, report)
     finally:
         conn.close()
 
@@ -172,7 +214,8 @@ async def _client_keys(options: Any, settings: CheckSettings) -> List[Tuple[Any,
                 keys.append((key, f"agent: {key.get_comment() or fingerprint}"))
         except (OSError, ValueError, asyncssh.Error):
             pass  # no agent running: files only, as ssh does
-    paths = _key_paths(settings.identities)
+    configured = options.config.get("IdentityFile") or ()  # the host's, from the ssh config
+    paths = _key_paths([*settings.identities, *(str(p) for p in configured)])
     for pair in options.client_keys or ():
         label = paths.get(pair.public_data) or pair.get_comment() or "key"
         keys.append((pair, label))

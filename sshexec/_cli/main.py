@@ -1,7 +1,8 @@
 """The ``sshexec`` command (also ``python -m sshexec``): ``check``, ``demo`` and ``map``.
 
 Owns: argument parsing, turning the common host options into ``SSHPoolExecutor``
-arguments, and ``sshexec map``. The probe is in ``_check``, the demo in ``_demo``.
+arguments (``check`` probes with the very same ones), and ``sshexec map``. The probe
+is in ``check``, the demo in ``demo``.
 Must not import asyncssh at module level (only ``check`` needs it).
 """
 
@@ -177,13 +178,13 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"check: give hosts to check (arguments, --hosts or ${HOSTS_ENV})")
     if args.timeout <= 0:
         parser.error("check: --timeout must be > 0")
+    given_to_executor = executor_kwargs(args)  # what demo and map would pass on
     settings = CheckSettings(
         timeout=args.timeout,
-        python=args.python,
-        known_hosts=args.known_hosts,
-        identities=list(args.identity or ()),
-        ssh_config=[args.ssh_config] if args.ssh_config else [],
-        transport=args.transport or "asyncssh",
+        python=given_to_executor.get("python"),
+        known_hosts=given_to_executor.get("known_hosts"),
+        ssh_options=given_to_executor.get("ssh_options", {}),
+        transport=given_to_executor.get("transport", "asyncssh"),
     )
     reports = asyncio.run(check_hosts(hosts, settings))
     print(render(reports))

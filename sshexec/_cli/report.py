@@ -34,6 +34,9 @@ class HostReport:
     rtt_ms: Optional[float] = None
     mb_per_s: Optional[float] = None
     problems: List[Tuple[str, str]] = field(default_factory=list)
+    jumps: str = ""  # the ProxyJump hosts on the way, "" for none
+    proxy_command: str = ""
+    via: str = ""  # the ssh config files that said where the name leads, "" when none did
 
     @property
     def is_usable(self) -> bool:
@@ -48,8 +51,40 @@ class HostReport:
     def login(self) -> str:
         return f"{self.user}@{self.hostname}" if self.user else self.hostname
 
+    @property
+    def destination(self) -> str:
+        """Where the name led, e.g. ``127.0.0.1 port 2222, user bob, via ~/.ssh/config``;
+        "" when it is the name as given, reached directly."""
+        if not (self.via or self.jumps or self.proxy_command):
+            return ""
+        parts = [f"{self.hostname} port {self.port}"]
+        parts += [f"user {self.user}"] if self.user else []
+        parts += [f"through jump host {self.jumps}"] if self.jumps else []
+        parts += [f"through ProxyCommand {self.proxy_command}"] if self.proxy_command else []
+        parts += [f"via {self.via}"] if self.via else []
+        return ", ".join(parts)
+
+    def resolved(
+        self,
+        address: str,
+        port: int,
+        user: Optional[str],
+        jumps: str = "",
+        proxy_command: str = "",
+        via: str = "",
+    ) -> None:
+        """Where the name leads, as the transport resolved it: what the probe reaches."""
+        self.hostname, self.port, self.user = address, port, user
+        self.jumps, self.proxy_command, self.via = jumps, proxy_command, via
+
     def problem(self, what: str, fix: str) -> None:
         self.problems.append((what, fix))
+
+    def not_started(self, stage: str, reason: str, fix: str) -> None:
+        """The transport's own error (the ssh config, a jump host), as the executor says it."""
+        if stage == "connect" and self.reachable == "-":
+            self.reachable = "no"
+        self.problem(f"{stage} failed: {reason}", fix or "run `ssh -v` to the host to see why")
 
     def _known_hosts_file(self) -> str:
         path = self.known_hosts[0] if self.known_hosts else KNOWN_HOSTS
@@ -58,10 +93,11 @@ class HostReport:
 
     def refused(self) -> None:
         self.reachable = "refused"
+        right = f"fix Port in {self.via}" if self.via else "pass the right port: host:PORT"
         self.problem(
             f"connection refused by {self.hostname} port {self.port}: nothing listens there",
             f"check that sshd runs on {self.hostname} and listens on port {self.port} "
-            "(or pass the right port: host:PORT), and that no firewall rejects it",
+            f"(or {right}), and that no firewall rejects it",
         )
 
     def unreachable(self, reason: str) -> None:
@@ -200,6 +236,10 @@ def render(reports: Sequence[HostReport]) -> str:
         lines.append("  ".join(cells).rstrip())
         if index == 0:
             lines.append("  ".join("-" * w for w in widths))
+    routes = [r for r in reports if r.destination]
+    if routes:
+        lines += ["", "where the names lead:"]
+        lines += [f"  {r.label} ({r.destination})" for r in routes]
     broken = [r for r in reports if not r.is_usable]
     for report in broken:
         lines.append("")

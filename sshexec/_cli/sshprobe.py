@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import getpass
+import os
 import re
 import shlex
 import statistics
@@ -21,9 +23,8 @@ import time
 from typing import List, Optional
 
 from .._bootstrap import client_version, interpreters
-from .._hosts import Host
-from .._transports.openssh import run
-from .._transports.ssh_command import CommandLine, Finding, diagnose, parse_resolved, ssh_lines
+from .._transports.openssh import OpenSSHTransport, run
+from .._transports.ssh_command import Finding, diagnose, parse_resolved, ssh_lines
 from .probing import PY_PROBE, RTT_ROUNDS, THROUGHPUT_BUDGET, THROUGHPUT_BYTES, CheckSettings, home
 from .report import HostReport
 
@@ -89,44 +90,42 @@ class _Verbose:
         return self.method or "ssh's own"
 
 
-async def probe(host: Host, settings: CheckSettings, report: HostReport) -> None:
-    """Fill ``report`` for ``host`` through ssh (``check_host`` bounds it in time)."""
-    shared = dict(settings.extra)
-    if settings.identities:
-        shared["client_keys"] = list(settings.identities)
-    if settings.ssh_config:
-        shared["config"] = list(settings.ssh_config)
-    line = CommandLine.build(
-        host.label,
-        host.hostname,
-        port=host.port,
-        username=host.user,
-        known_hosts=settings.known_hosts,
-        unsafe=False,
-        connect_timeout=settings.timeout,
-        keepalive_interval=max(settings.timeout, 1.0),
-        shared_options=shared,
-        host_options=host.options,
-    )
-    try:
-        status, out, err = await run(line.resolve_argv(), settings.timeout)
-        if status != 0:
-            report.failed(f"ssh -G says: {'; '.join(ssh_lines(err)[-2:]) or status}")
-            return
-        resolved = parse_resolved(out)
-        report.hostname = resolved.get("hostname", host.hostname)
-        report.port = int(resolved.get("port", "22") or 22)
-        report.user = resolved.get("user", host.user)
-        files = resolved.get("userknownhostsfile", "").split()
-        report.known_hosts = [settings.known_hosts] if settings.known_hosts else files
-        script = _script(host.python or settings.python)
-        await _session(line.argv(script, "-v"), host, settings, report)
-    finally:
-        line.remove()
+async def probe(transport: OpenSSHTransport, settings: CheckSettings, report: HostReport) -> None:
+    """Fill ``report`` through ``transport``'s own ssh command line (``check_host``
+    bounds it in time and closes the transport)."""
+    line, name = transport.command_line, transport.hostname
+    status, out, err = await run(line.resolve_argv(), settings.timeout)
+    if status != 0:
+        report.failed(f"ssh -G says: {'; '.join(ssh_lines(err)[-2:]) or status}")
+        return
+    resolved = parse_resolved(out)
+    address = resolved.get("hostname", name)
+    port = int(resolved.get("port", "22") or 22)
+    user = resolved.get("user", report.user)
+    jumps = "" if resolved.get("proxyjump", "none") == "none" else resolved["proxyjump"]
+    proxy = "" if resolved.get("proxycommand", "none") == "none" else resolved["proxycommand"]
+    spec_user = report.user or getpass.getuser()
+    configured = (address, port, user) != (name, report.port, spec_user) or jumps or proxy
+    via = _config_files(line.config) or "the ssh config"
+    report.resolved(address, port, user, jumps, proxy, via if configured else "")
+    files = resolved.get("userknownhostsfile", "").split()
+    report.known_hosts = [settings.known_hosts] if settings.known_hosts else files
+    await _session(line.argv(_script(transport.python), "-v"), transport.python, settings, report)
+
+
+def _config_files(private: List[str]) -> str:
+    """The ssh config files the private config includes and that exist (ssh skips the
+    others), as the report names them."""
+    found = []
+    for text in private:
+        if text.startswith("Include "):
+            path = os.path.expanduser(shlex.split(text)[1])
+            found += [home(path)] if os.path.isfile(path) else []
+    return ", ".join(found)
 
 
 async def _session(
-    argv: List[str], host: Host, settings: CheckSettings, report: HostReport
+    argv: List[str], python: Optional[str], settings: CheckSettings, report: HostReport
 ) -> None:
     verbose = _Verbose(report)
     # Popen, reaped by polling, as the transports do: asyncio's child watcher races
@@ -161,7 +160,7 @@ async def _session(
             _failed(await _status(proc, 2.0), verbose, report, settings)
             return
         report.auth = verbose.auth
-        _facts(facts.decode("utf-8", "replace"), host.python or settings.python, report)
+        _facts(facts.decode("utf-8", "replace"), python, report)
         report.stage = "round trips"
         times: List[float] = []
         for _ in range(RTT_ROUNDS):

@@ -183,6 +183,16 @@ class SSHTransport:
         return f"SSHTransport({self.host!r})"
 
     @property
+    def route(self) -> Route:
+        """How this host is reached (``sshexec check`` probes through the same one)."""
+        return self._route
+
+    @property
+    def connect_kwargs(self) -> Dict[str, Any]:
+        """The ``asyncssh.connect`` keywords this transport connects with (a copy)."""
+        return dict(self._kwargs)
+
+    @property
     def python_label(self) -> str:
         return " or ".join(_bootstrap.interpreters(self.python))
 

@@ -54,22 +54,6 @@ class Destination:
     config: Tuple[str, ...]  # the ssh config files read
     configured: bool  # those files set HostName, Port, User, ProxyJump or ProxyCommand
 
-    def describe(self) -> str:
-        """E.g. ``127.0.0.1 port 2222, user bob, via ~/.ssh/config``."""
-        parts = [f"{self.address} port {self.port}", f"user {self.user}"]
-        if self.jumps:
-            parts.append(f"through jump host {self.jumps}")
-        if self.proxy_command:
-            parts.append(f"through ProxyCommand {self.proxy_command}")
-        if self.configured:
-            parts.append("via " + ", ".join(_home(path) for path in self.config))
-        return ", ".join(parts)
-
-
-def _home(path: str) -> str:
-    user = os.path.expanduser("~")
-    return "~" + path[len(user) :] if path.startswith(user + os.sep) else path
-
 
 def _config_files(config: Any) -> Tuple[str, ...]:
     """The files asyncssh reads for ``config=`` (``()``: ``~/.ssh/config`` if readable)."""
