@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Dict, Optional, Set, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 ADDRESS = "127.0.0.1"
 CHUNK = 1 << 16
@@ -48,7 +48,7 @@ class DelayProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, name="bench-proxy")
         self._thread.daemon = True
         self._server: Optional[asyncio.AbstractServer] = None
-        self._tasks: Set[asyncio.Task[None]] = set()
+        self._tasks: Set[asyncio.Task[Any]] = set()
 
     def start(self) -> int:
         self._thread.start()
@@ -63,7 +63,7 @@ class DelayProxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         try:
             up_reader, up_writer = await asyncio.wait_for(
                 asyncio.open_connection(ADDRESS, self.target_port), 10
@@ -80,7 +80,7 @@ class DelayProxy:
         finally:
             for w in (writer, up_writer):
                 w.close()
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
 
     async def _pipe(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str

@@ -1,0 +1,126 @@
+"""One chaos run's client: ``python -m benchmarks.chaos_client``, driven by ``chaos.py``.
+
+Reads its plan from ``CHAOS_PLAN`` (JSON), uses the executor as users do (``submit``
+with done-callbacks, some of which block; random ``cancel()``; ``as_completed`` and
+``wait``; a chunked ``map``; the ``with`` block to end it) and writes what it saw to
+``CHAOS_OUT``, one JSON object per line, flushed at once: ``started`` (the executor is
+up; the driver may start killing), ``seen`` (every outcome), ``ended`` (the executor
+is shut down, every callback has run). A killed client leaves a partial file, which is
+the point: the driver then checks the nodes only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import json
+import os
+import random
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Tuple
+
+import cloudpickle
+
+from sshexec import Host, SSHPoolExecutor
+
+from . import chaos_tasks
+
+cloudpickle.register_pickle_by_value(chaos_tasks)  # the nodes have no copy of it
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    plan: Dict[str, Any] = json.loads(os.environ["CHAOS_PLAN"])
+    out = open(os.environ["CHAOS_OUT"], "a", buffering=1)
+
+    def say(event: str, **fields: Any) -> None:
+        out.write(json.dumps({"event": event, "t": time.monotonic(), **fields}) + "\n")
+        out.flush()
+
+    rng = random.Random(plan["seed"])
+    tag, n = plan["tag"], plan["tasks"]
+    kinds = [rng.choice(plan["kinds"]) for _ in range(n)]
+    args = {
+        "compute": lambda: rng.randrange(1000, 50_000),
+        "sleep": lambda: rng.uniform(0.05, plan["max_sleep"]),
+        "flood": lambda: float(plan["flood_bytes"]),
+    }
+    delivered: Dict[int, int] = {}
+    lock = threading.Lock()
+    blocked = [0]
+
+    def on_done(i: int, block: float, future: cf.Future[Any]) -> None:
+        with lock:
+            delivered[i] = delivered.get(i, 0) + 1
+        if block:
+            blocked[0] += 1
+            time.sleep(block)  # a slow database write, say: must delay only other callbacks
+
+    started = time.monotonic()
+    futures: Dict[cf.Future[Any], int] = {}
+    kwargs = dict(plan["executor"])
+    if "hosts" in kwargs:  # Host values travel as dicts of their fields
+        kwargs["hosts"] = [Host(**h) if isinstance(h, dict) else h for h in kwargs["hosts"]]
+    with SSHPoolExecutor(plan.get("max_workers"), **kwargs) as ex:
+        say("started", pid=os.getpid())
+        for i, kind in enumerate(kinds):
+            arg = args.get(kind, lambda: 0.0)()
+            future = ex.submit(chaos_tasks.run, kind, i, tag, arg)
+            block = plan["callback_block"] if rng.random() < plan["block_fraction"] else 0.0
+            future.add_done_callback(functools.partial(on_done, i, block))
+            futures[future] = i
+        cancelled: List[int] = []
+        for future, i in list(futures.items()):
+            if rng.random() < plan["cancel_fraction"] and future.cancel():
+                cancelled.append(i)
+        completed = 0
+        try:
+            for _ in cf.as_completed(futures, timeout=plan["deadline"]):
+                completed += 1
+        except cf.TimeoutError:
+            pass
+        _, not_done = cf.wait(futures, timeout=5)
+        mapped = list(ex.map(chaos_tasks.square, range(plan["map_items"]), chunksize=7))
+        outcomes: Dict[int, Tuple[str, Any]] = {}
+        for future, i in futures.items():
+            if future.cancelled():
+                outcomes[i] = ("cancelled", None)
+            elif not future.done():
+                outcomes[i] = ("not done", None)
+            elif future.exception() is not None:
+                exc = future.exception()
+                outcomes[i] = (type(exc).__name__, str(exc)[:300])
+            else:
+                outcomes[i] = ("result", future.result())
+        say(
+            "seen",
+            kinds=kinds,
+            outcomes={str(i): o for i, o in outcomes.items()},
+            cancelled=cancelled,
+            as_completed=completed,
+            not_done=len(not_done),
+            map_ok=mapped == [x * x for x in range(plan["map_items"])],
+        )
+    with lock:
+        counts = dict(delivered)
+    say(
+        "ended",
+        delivered={str(i): c for i, c in counts.items()},
+        blocked=blocked[0],
+        peak_rss_mb=peak_rss_mb(),
+        seconds=time.monotonic() - started,
+    )
+    out.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
