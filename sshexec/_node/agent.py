@@ -27,15 +27,17 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from .._wire import protocol as proto
+from . import reaper
 from .fdio import Reader
-from .spawn import close, kill_group, start_worker
+from .spawn import close, kill_group, kill_left_group, start_worker
 
 DEFAULT_SILENCE = 30.0  # seconds, until Configure says otherwise
 READ_SIZE = 1 << 20
 PIPE_SIZE = 1 << 20  # Linux's default pipe-max-size, allowed to every user
 IOV_LIMIT = 512  # frames per writev, under every system's IOV_MAX
 OUT_HIGH_WATER = 16 << 20  # bytes queued for the client beyond which workers are not read
-STDERR_LINGER = 0.5  # seconds an exited worker's stderr may stay open (a task's child has it)
+LINGER = 0.5  # seconds a reaped worker's pipes may stay open (a process that escaped has them)
+LINGER_READS = 16  # reads of a reaped worker's pipe at most, after LINGER
 TERM_GRACE = 1.0  # seconds between SIGTERM and SIGKILL when the agent ends its workers
 ENDING_LIMIT = 10.0  # seconds an ending agent waits for its workers' last output
 BLOB_PREFIX = "sshexec-blobs-"
@@ -89,15 +91,24 @@ class Agent:
         self.out: List[proto.Buffer] = []  # frames for the client, in order
         self.out_bytes = 0
         self.children: Dict[int, Child] = {}  # slot -> child, until Exited is sent
+        self.running: Dict[int, Child] = {}  # pid -> child, until reaped
+        self.exited: List[Child] = []  # reaped; Exited follows their output's end
+        self.streams: Dict[int, Tuple[Child, int]] = {}  # fd -> its child, 0 (stdin), 1 or 2
+        self.poller = select.poll()
+        self.watched: Dict[int, int] = {}  # fd -> the events it is registered for
+        self.reading = True  # workers' outputs are watched (under OUT_HIGH_WATER)
         self.silence = DEFAULT_SILENCE
         self.heard = time.monotonic()
         self.ending = ""  # why the agent is ending, once it is
         self.ended_at = 0.0
+        self.killed = False  # ending: SIGKILL has followed SIGTERM
+        self.stop_signal = 0  # a signal that asks the agent to end (SIGTERM, SIGHUP)
+        self.subreaper = False  # orphaned descendants of workers come to the agent
         self.blob_dir = _blob_dir()
         self.spawn_only = not hasattr(os, "fork") or os.environ.get("SSHEXEC_AGENT_START") == (
             "spawn"
         )
-        self._wake_r, self._wake_w = os.pipe()  # SIGCHLD wakes the select
+        self._wake_r, self._wake_w = os.pipe()  # a signal (SIGCHLD) wakes the poll
         _nonblocking(self._wake_r)
         _nonblocking(self._wake_w)
         _nonblocking(self.frames_out)
@@ -105,55 +116,94 @@ class Agent:
     # ---- the loop ---------------------------------------------------------------------
 
     def serve(self, hello: proto.Hello) -> None:
+        self.subreaper = reaper.become_subreaper()
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self._stop)
         signal.set_wakeup_fd(self._wake_w)
+        self._watch(self._wake_r, select.POLLIN)
+        self._watch(self.frames_in, select.POLLIN)
         self._send(hello)
+        self._watch(self.frames_out, select.POLLOUT)  # the first pass writes it
         try:
             while not self.ending or self.children:
                 self._step()
                 if self.ending and time.monotonic() - self.ended_at > ENDING_LIMIT:
                     break  # a worker whose stdout never closes: report what is known
         finally:
+            self.finish()
             self._flush(block=True)
             shutil.rmtree(self.blob_dir, ignore_errors=True)
 
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stop_signal = signum  # acted on by the loop, never inside a handler
+
     def _step(self) -> None:
-        readers = [self._wake_r]
-        if not self.ending:
-            readers.append(self.frames_in)
-        if self.out_bytes < OUT_HIGH_WATER:
-            for child in self.children.values():
-                readers += [fd for fd in (child.stdout, child.stderr) if fd is not None]
-        writers = [c.stdin for c in self.children.values() if c.pending and c.stdin is not None]
-        if self.out:
-            writers.append(self.frames_out)
-        timeout = max(0.0, self.heard + self.silence - time.monotonic())
-        if any(c.status is not None for c in self.children.values()):
-            timeout = min(timeout, 0.05)  # an exited worker's stderr may linger
-        if self.ending:
-            timeout = min(timeout, 0.1)
         try:
-            readable, _, _ = select.select(readers, writers, [], timeout)
+            events = self.poller.poll(self._timeout())
         except InterruptedError:
-            readable = []
-        if self._wake_r in readable:
-            _drain(self._wake_r)
-        if self.frames_in in readable:
-            self._read_client()
-        for child in list(self.children.values()):
-            self._pump(child, readable)
-        self._reap()
-        self._report_exits()
+            events = []
+        woken = False
+        for fd, _ in events:
+            if fd == self._wake_r:
+                _drain(fd)
+                woken = True
+            elif fd == self.frames_in:
+                self._read_client()
+            elif fd in self.streams:  # else closed in this pass (a worker's end, CloseInput)
+                child, stream = self.streams[fd]
+                if stream:
+                    self._read_output(child, stream)
+                else:
+                    self._write_input(child)
+        if self.stop_signal:
+            self._end(f"the agent got signal {_signal_name(self.stop_signal)}")
+        if woken or self.ending:
+            self._reap()
+        if self.exited:
+            self._report_exits()
+        if self.ending:
+            self._escalate()
         if self.out:  # everything read in this pass goes out in one write
             self._flush(block=False)
+        self._watch(self.frames_out, select.POLLOUT if self.out else 0)
+        if (self.out_bytes < OUT_HIGH_WATER) != self.reading:
+            self._read_workers(not self.reading)
         if not self.ending and time.monotonic() - self.heard > self.silence:
             self._end(f"the client said nothing for {self.silence:g} s")
+
+    def _timeout(self) -> int:
+        """Milliseconds until the next thing the loop must do without being woken."""
+        if self.ending:
+            due = self.ended_at + (ENDING_LIMIT if self.killed else TERM_GRACE)
+        else:
+            due = self.heard + self.silence
+        for child in self.exited:
+            due = min(due, child.reaped_at + LINGER)
+        return max(0, int((due - time.monotonic()) * 1000) + 1)
+
+    def _watch(self, fd: int, events: int) -> None:
+        """Poll ``fd`` for ``events`` from now on (0: not at all). Registered once and changed
+        only when what is wanted changes, not rebuilt every pass."""
+        if self.watched.get(fd, 0) == events:
+            return
+        if not events:
+            del self.watched[fd]
+            self.poller.unregister(fd)
+            return
+        if fd in self.watched:
+            self.poller.modify(fd, events)
+        else:
+            self.poller.register(fd, events)
+        self.watched[fd] = events
 
     # ---- the client's side ------------------------------------------------------------
 
     def _read_client(self) -> None:
         try:
             chunk = self.reader.read(self.frames_in)
+        except BlockingIOError:
+            return
         except OSError:
             chunk = b""
         if not chunk:
@@ -172,6 +222,7 @@ class Agent:
             child = self.children.get(message.slot)
             if child is not None and child.stdin is not None and not child.close_input:
                 child.pending.append(memoryview(bytes(message.data)))  # type: ignore[arg-type]
+                self._write_input(child)  # now, not a pass later
         elif isinstance(message, proto.Ping):
             self._send(proto.Pong(message.nonce))
         elif isinstance(message, proto.Spawn):
@@ -180,6 +231,7 @@ class Agent:
             child = self.children.get(message.slot)
             if child is not None:
                 child.close_input = True
+                self._write_input(child)
         elif isinstance(message, proto.Signal):
             child = self.children.get(message.slot)
             if child is not None and child.status is None:
@@ -212,11 +264,9 @@ class Agent:
                 self._end("the channel to the client broke")
                 return
             self._written(written)
-            if not self.out or not block:
+            if not self.out or not block or time.monotonic() > deadline:
                 return
-            if time.monotonic() > deadline:
-                return
-            select.select([], [self.frames_out], [], 0.1)
+            _wait_writable(self.frames_out, 0.1)
 
     def _written(self, count: int) -> None:
         self.out_bytes -= count
@@ -265,48 +315,78 @@ class Agent:
         _widen(out_r)
         _widen(in_w)
         child = Child(slot, pid, in_w, out_r, err_r)
-        self.children[slot] = child
+        self.children[slot] = self.running[pid] = child
+        self.streams.update({in_w: (child, 0), out_r: (child, 1), err_r: (child, 2)})
+        if self.reading:
+            self._watch(out_r, select.POLLIN)
+            self._watch(err_r, select.POLLIN)
+        self._send(proto.Spawned(slot, pid))
         if self.spawn_only:  # a fresh interpreter: it reads stage 1 and the bundle first
             header = len(self.bundle).to_bytes(8, "big")
             child.pending += [memoryview(self.stage1), memoryview(header + self.bundle)]
-        self._send(proto.Spawned(slot, pid))
+            self._write_input(child)
 
-    def _pump(self, child: Child, readable: List[int]) -> None:
-        if child.stdin is not None and child.pending:  # just queued: try now, not a pass later
-            while child.pending:
-                try:
-                    written = os.write(child.stdin, child.pending[0])
-                except BlockingIOError:
-                    break
-                except OSError:  # the worker is gone: its exit is reported by the reaper
-                    child.pending = []
-                    break
-                head = child.pending[0][written:]
-                if head:
-                    child.pending[0] = head
-                    break
-                child.pending.pop(0)
-        if child.close_input and not child.pending and child.stdin is not None:
-            close(child.stdin)
-            child.stdin = None
-        for stream in (1, 2):
-            fd = child.stdout if stream == 1 else child.stderr
-            if fd is None or fd not in readable:
-                continue
+    def _write_input(self, child: Child) -> None:
+        if child.stdin is None:
+            return
+        while child.pending:
             try:
-                data = self.reader.read(fd)
+                written = os.write(child.stdin, child.pending[0])
             except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            if data:
-                self._send(proto.Data(child.slot, stream, data))
-                continue
-            close(fd)
-            if stream == 1:
-                child.stdout = None
-            else:
-                child.stderr = None
+                break
+            except OSError:  # the worker is gone: its exit is reported by the reaper
+                child.pending = []
+                break
+            head = child.pending[0][written:]
+            if head:
+                child.pending[0] = head
+                break
+            child.pending.pop(0)
+        if child.close_input and not child.pending:
+            self._close(child, 0)
+        else:
+            self._watch(child.stdin, select.POLLOUT if child.pending else 0)
+
+    def _read_output(self, child: Child, stream: int) -> bool:
+        """One read of a worker's stdout (1) or stderr (2), relayed; False once nothing
+        more is there now."""
+        fd = child.stdout if stream == 1 else child.stderr
+        if fd is None:
+            return False
+        try:
+            data = self.reader.read(fd)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if data:
+            self._send(proto.Data(child.slot, stream, data))
+            return True
+        self._close(child, stream)
+        return False
+
+    def _close(self, child: Child, stream: int) -> None:
+        fd = (child.stdin, child.stdout, child.stderr)[stream]
+        if fd is None:
+            return
+        self._watch(fd, 0)
+        self.streams.pop(fd, None)
+        close(fd)
+        if stream == 0:
+            child.stdin, child.pending = None, []
+        elif stream == 1:
+            child.stdout = None
+        else:
+            child.stderr = None
+
+    def _read_workers(self, on: bool) -> None:
+        """Watch every worker's output again, or no longer (the client is not keeping up:
+        unregistered, since a closed pipe would wake the poll for nothing)."""
+        self.reading = on
+        for child in self.children.values():
+            for fd in (child.stdout, child.stderr):
+                if fd is not None:
+                    self._watch(fd, select.POLLIN if on else 0)
 
     def _reap(self) -> None:
         while True:
@@ -318,50 +398,96 @@ class Agent:
                 continue
             if pid == 0:
                 return
-            for child in self.children.values():
-                if child.pid == pid:
-                    if os.WIFSIGNALED(status):
-                        child.status = (0, os.WTERMSIG(status))
-                    else:
-                        child.status = (os.WEXITSTATUS(status), 0)
-                    child.reaped_at = time.monotonic()
+            child = self.running.pop(pid, None)
+            if child is None:
+                continue  # a worker's orphan, adopted by this subreaper: reaped, nothing more
+            if os.WIFSIGNALED(status):
+                child.status = (0, os.WTERMSIG(status))
+            else:
+                child.status = (os.WEXITSTATUS(status), 0)
+            child.reaped_at = time.monotonic()
+            self.exited.append(child)
+            self._bury(child)
+
+    def _bury(self, child: Child) -> None:
+        """A worker was reaped: what it left running goes too, before anything else (its
+        process group, and with ``/proc`` its session and their descendants, which this
+        agent adopted when they were orphaned)."""
+        had_group = kill_left_group(child.pid)
+        if not self.subreaper:
+            return
+        adopted = reaper.children(os.getpid())
+        if had_group or adopted is None or any(p not in self.running for p in adopted):
+            reaper.sweep(signal.SIGKILL, groups=[child.pid])
 
     def _report_exits(self) -> None:
+        """Exited, after the last byte of the worker's stdout: at once when its pipes
+        closed, or after LINGER (a process that escaped the kill holds them), what is in
+        them then relayed first."""
         now = time.monotonic()
-        for slot, child in list(self.children.items()):
-            if child.status is None or child.stdout is not None:
-                continue  # not reaped, or the last of its frames is still to come
-            if child.stderr is not None:
-                if now - child.reaped_at < STDERR_LINGER:
-                    continue
-                close(child.stderr)
-                child.stderr = None
-            if child.stdin is not None:
-                close(child.stdin)
-            del self.children[slot]
-            self._send(proto.Exited(slot, *child.status))
+        for child in list(self.exited):
+            lingering = child.stdout is not None or child.stderr is not None
+            if lingering and now - child.reaped_at < LINGER:
+                continue
+            for stream in (1, 2):
+                for _ in range(LINGER_READS):
+                    if not self._read_output(child, stream):
+                        break
+                self._close(child, stream)
+            self._close(child, 0)
+            self.exited.remove(child)
+            del self.children[child.slot]
+            assert child.status is not None
+            self._send(proto.Exited(child.slot, *child.status))
+
+    # ---- the end ----------------------------------------------------------------------
 
     def _end(self, why: str) -> None:
-        """Stop taking commands; end every worker (TERM, then KILL), report, and exit."""
+        """Stop taking commands and end every worker (TERM now, KILL after TERM_GRACE; the
+        loop reports their exits). Kill first, log last: stderr may be gone."""
         if self.ending:
             return
         self.ending, self.ended_at = why, time.monotonic()
+        self._watch(self.frames_in, 0)
+        self._signal_all(signal.SIGTERM)
         if self.children or why != CLIENT_DONE:
-            print(f"sshexec agent: {why}; ending its {len(self.children)} workers", file=sys.stderr)
-        for child in self.children.values():
-            if child.status is None:
-                kill_group(child.pid, signal.SIGTERM)
-        deadline = time.monotonic() + TERM_GRACE
-        while any(c.status is None for c in self.children.values()):
-            if time.monotonic() > deadline:
-                for child in self.children.values():
-                    if child.status is None:
-                        kill_group(child.pid, signal.SIGKILL)
-                deadline = time.monotonic() + 5.0
-            time.sleep(0.01)
-            self._reap()
-            if time.monotonic() > deadline:
-                break
+            _log(f"sshexec agent: {why}; ending its {len(self.children)} workers")
+
+    def _escalate(self) -> None:
+        if not self.killed and time.monotonic() - self.ended_at > TERM_GRACE:
+            self.killed = True
+            self._signal_all(signal.SIGKILL)
+
+    def _signal_all(self, signum: int) -> None:
+        for child in self.running.values():
+            kill_group(child.pid, signum)
+        reaper.sweep(signum, ancestors=[os.getpid()], groups=list(self.running))
+
+    def finish(self) -> None:
+        """On the way out, however it came: nothing this agent started outlives it."""
+        self._signal_all(signal.SIGKILL)
+        self._reap()
+
+
+def _log(text: str) -> None:
+    """A line on the agent's stderr, which is gone when the client was killed: never raises."""
+    try:
+        os.write(2, text.encode("utf-8", "replace") + b"\n")
+    except OSError:
+        pass
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+def _wait_writable(fd: int, seconds: float) -> None:
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    poller.poll(int(seconds * 1000))
 
 
 def _drain(fd: int) -> None:
@@ -406,6 +532,9 @@ def main(stage1: bytes, bundle: bytes) -> None:
     try:
         agent.serve(hello)
     except BaseException as exc:  # a bug of ours: the workers must not outlive the agent
-        print(f"sshexec agent failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        agent._end("the agent failed")
+        try:
+            agent.finish()
+        finally:
+            _log(f"sshexec agent failed: {type(exc).__name__}: {exc}")
+            os._exit(1)
     os._exit(0)
