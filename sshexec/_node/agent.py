@@ -461,7 +461,8 @@ class Agent:
     def _signal_all(self, signum: int) -> None:
         for child in self.running.values():
             kill_group(child.pid, signum)
-        reaper.sweep(signum, ancestors=[os.getpid()], groups=list(self.running))
+        if self.running or reaper.children(os.getpid()) != []:  # else nothing can be left
+            reaper.sweep(signum, ancestors=[os.getpid()], groups=list(self.running))
 
     def finish(self) -> None:
         """On the way out, however it came: nothing this agent started outlives it."""
