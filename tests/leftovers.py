@@ -26,9 +26,9 @@ def start_sleep(setsid: bool = False) -> Dict[str, int]:
     return {"worker": os.getpid(), "agent": os.getppid(), "child": child.pid}
 
 
-def sleep_with_a_child(path: str, seconds: float) -> None:
+def sleep_with_a_child(path: str, seconds: float, setsid: bool = False) -> None:
     """Starts ``sleep 300``, writes the pids to ``path``, then sleeps (to be killed)."""
-    found = start_sleep()
+    found = start_sleep(setsid)
     _record(path, found)
     time.sleep(seconds)
 

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List
@@ -20,6 +21,7 @@ import pytest
 
 from sshexec import SSHPoolExecutor, WorkerLostError
 from sshexec._node.spawn import start_worker
+from sshexec._wire import protocol as proto
 
 from . import leftovers, tasks
 from .procs import alive, wait_gone
@@ -99,17 +101,23 @@ def test_a_killed_client_leaves_no_process_of_the_job(
 # ---- a killed agent (item 5, the worker's side) ----------------------------------------
 
 
+@pytest.mark.parametrize(
+    "signum, setsid",
+    [(signal.SIGKILL, False), (signal.SIGTERM, True)],
+    ids=["agent-SIGKILL", "agent-SIGTERM-setsid"],
+)
 def test_a_killed_agents_worker_ends_its_tasks_children(
-    make_executor: Make, tmp_path: Path, reaped: List[int]
+    make_executor: Make, tmp_path: Path, reaped: List[int], signum: int, setsid: bool
 ) -> None:
     """kill -9 of the agent mid-task: the worker ends after its EOF grace, and so does the
-    ``sleep 300`` its task started (nobody else is left to end it)."""
+    ``sleep 300`` its task started (nobody else is left to end it). SIGTERM: the agent ends
+    its workers and everything they started, even in a session of its own."""
     ex = make_executor(1, max_retries=0)
     marker = tmp_path / "pids"
-    future = ex.submit(leftovers.sleep_with_a_child, str(marker), 60)
+    future = ex.submit(leftovers.sleep_with_a_child, str(marker), 60, setsid)
     found = read_json(marker)
     reaped += [found["child"], found["worker"]]
-    os.kill(found["agent"], signal.SIGKILL)
+    os.kill(found["agent"], signum)
     assert wait_gone(reaped, timeout=10) == [], f"left running: {found}"
     concurrent.futures.wait([future], timeout=30)
     with pytest.raises(WorkerLostError):
@@ -137,6 +145,23 @@ def test_the_reader_wakes_serve_even_when_stderr_is_gone(
         assert host.served(), "serve() still waits for a reader thread that died"
     finally:
         monkeypatch.undo()
+        host.close()
+
+
+def test_a_broken_frame_pipe_ends_the_worker() -> None:
+    """A write to the frame pipe that raises (the agent is gone) ends the worker process:
+    ``on_lost`` is called, and the reader wakes the main thread."""
+    host = Host()
+    lost = threading.Event()
+    host.worker.on_lost = lost.set
+    try:
+        host.receive()  # Hello
+        os.close(host.replies_r)
+        host.replies_r = os.open(os.devnull, os.O_RDONLY)  # closed again by host.close()
+        host.send(proto.Ping(1))  # the reader answers Pong: EPIPE
+        assert lost.wait(5), "a write that raised did not end the worker"
+        assert host.served()
+    finally:
         host.close()
 
 
