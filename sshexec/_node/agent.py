@@ -1,17 +1,17 @@
 """The node agent: one process per host, started by stage 1 over the host's one channel.
 
-Owns: the agent's loop (one thread, ``select``: a parent that is safe to fork), asking
-``spawn.start_worker`` for workers (forked from this pristine parent, which has imported
-the worker code once; fresh interpreters where fork is missing or
-``SSHEXEC_AGENT_START=spawn``), relaying each worker's stdin, stdout and stderr over the
-channel as ``Data`` frames (never decoding them; what several workers wrote goes out in
-one write), reaping workers and reporting each exit status or signal exactly
-(``Exited``, after the last byte of that worker's stdout), signals on request, the blob
-store (``Store``: a map's function or an initializer, in a private directory its workers
-read), and liveness: when the channel closes, or the client has said nothing for
-``silence_deadline`` seconds (a silent partition), every worker's process group is
-killed and the agent exits. Must not import: any client module, asyncio; and it must
-never start a thread.
+Owns: the agent's loop (one thread, ``poll``: a parent that is safe to fork, and no
+FD_SETSIZE limit; each descriptor registered once and changed only when what is wanted of
+it changes), the channel to the client (commands in; what the workers wrote, as ``Data``
+frames, many to one write), its workers through ``children.Children`` (forked from this
+pristine parent, which has imported the worker code once; fresh interpreters where fork
+is missing or ``SSHEXEC_AGENT_START=spawn``), the blob store (``Store``: a map's function
+or an initializer, in a private directory its workers read), and the end: when the
+channel closes, the client has said nothing for ``silence_deadline`` seconds (a silent
+partition), it sends ``Shutdown``, or the agent gets SIGTERM or SIGHUP, every worker and
+everything a worker started (the agent is their child subreaper on Linux) gets SIGTERM,
+then SIGKILL, and the agent exits, even when every pipe is gone: kill first, log last.
+Must not import: any client module, asyncio; and it must never start a thread.
 """
 
 from __future__ import annotations
@@ -21,21 +21,19 @@ import os
 import select
 import shutil
 import signal
-import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List
 
 from .._wire import protocol as proto
+from . import reaper
+from .children import Children
 from .fdio import Reader
-from .spawn import close, kill_group, start_worker
 
 DEFAULT_SILENCE = 30.0  # seconds, until Configure says otherwise
 READ_SIZE = 1 << 20
-PIPE_SIZE = 1 << 20  # Linux's default pipe-max-size, allowed to every user
 IOV_LIMIT = 512  # frames per writev, under every system's IOV_MAX
 OUT_HIGH_WATER = 16 << 20  # bytes queued for the client beyond which workers are not read
-STDERR_LINGER = 0.5  # seconds an exited worker's stderr may stay open (a task's child has it)
 TERM_GRACE = 1.0  # seconds between SIGTERM and SIGKILL when the agent ends its workers
 ENDING_LIMIT = 10.0  # seconds an ending agent waits for its workers' last output
 BLOB_PREFIX = "sshexec-blobs-"
@@ -54,50 +52,31 @@ def _write_many(fd: int, pieces: List[proto.Buffer]) -> int:
     return os.write(fd, b"".join(pieces))
 
 
-def _widen(fd: int) -> None:
-    """A bigger pipe (Linux): a big result crosses in fewer reads, writes and frames."""
-    if not sys.platform.startswith("linux"):
-        return
-    import fcntl
-
-    try:  # F_SETPIPE_SZ is in fcntl from Python 3.10; nodes may run 3.9
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
-    except OSError:
-        pass  # over the user's pipe-max-size: the default pipe works
-
-
-class Child:
-    """One worker process and the agent's ends of its pipes."""
-
-    def __init__(self, slot: int, pid: int, stdin: int, stdout: int, stderr: int) -> None:
-        self.slot, self.pid = slot, pid
-        self.stdin: Optional[int] = stdin
-        self.stdout: Optional[int] = stdout
-        self.stderr: Optional[int] = stderr
-        self.pending: List[memoryview] = []  # bytes for its stdin not yet written
-        self.close_input = False  # CloseInput arrived: close stdin once pending is written
-        self.status: Optional[Tuple[int, int]] = None  # (exit status, signal) once reaped
-        self.reaped_at = 0.0
-
-
 class Agent:
     def __init__(self, frames_in: int, frames_out: int, stage1: bytes, bundle: bytes) -> None:
         self.frames_in, self.frames_out = frames_in, frames_out
-        self.stage1, self.bundle = stage1, bundle  # to spawn fresh interpreters
         self.decoder = proto.FrameDecoder()
         self.reader = Reader(READ_SIZE)  # one buffer for every read: one thread
         self.out: List[proto.Buffer] = []  # frames for the client, in order
         self.out_bytes = 0
-        self.children: Dict[int, Child] = {}  # slot -> child, until Exited is sent
+        self.poller = select.poll()
+        self.watched: Dict[int, int] = {}  # fd -> the events it is registered for
         self.silence = DEFAULT_SILENCE
         self.heard = time.monotonic()
         self.ending = ""  # why the agent is ending, once it is
         self.ended_at = 0.0
+        self.killed = False  # ending: SIGKILL has followed SIGTERM
+        self.stop_signal = 0  # a signal that asks the agent to end (SIGTERM, SIGHUP)
         self.blob_dir = _blob_dir()
-        self.spawn_only = not hasattr(os, "fork") or os.environ.get("SSHEXEC_AGENT_START") == (
-            "spawn"
+        spawn_only = not hasattr(os, "fork") or os.environ.get("SSHEXEC_AGENT_START") == "spawn"
+        self.children = Children(
+            self._send,
+            self._watch,
+            self.reader,
+            self.blob_dir,
+            (stage1, bundle) if spawn_only else None,
         )
-        self._wake_r, self._wake_w = os.pipe()  # SIGCHLD wakes the select
+        self._wake_r, self._wake_w = os.pipe()  # a signal (SIGCHLD) wakes the poll
         _nonblocking(self._wake_r)
         _nonblocking(self._wake_w)
         _nonblocking(self.frames_out)
@@ -105,55 +84,89 @@ class Agent:
     # ---- the loop ---------------------------------------------------------------------
 
     def serve(self, hello: proto.Hello) -> None:
+        self.children.subreaper = reaper.become_subreaper()
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self._stop)
         signal.set_wakeup_fd(self._wake_w)
+        self._watch(self._wake_r, select.POLLIN)
+        self._watch(self.frames_in, select.POLLIN)
         self._send(hello)
+        self._watch(self.frames_out, select.POLLOUT)  # the first pass writes it
         try:
-            while not self.ending or self.children:
+            while not self.ending or self.children.by_slot:
                 self._step()
                 if self.ending and time.monotonic() - self.ended_at > ENDING_LIMIT:
                     break  # a worker whose stdout never closes: report what is known
         finally:
+            self.finish()
             self._flush(block=True)
             shutil.rmtree(self.blob_dir, ignore_errors=True)
 
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stop_signal = signum  # acted on by the loop, never inside a handler
+
     def _step(self) -> None:
-        readers = [self._wake_r]
-        if not self.ending:
-            readers.append(self.frames_in)
-        if self.out_bytes < OUT_HIGH_WATER:
-            for child in self.children.values():
-                readers += [fd for fd in (child.stdout, child.stderr) if fd is not None]
-        writers = [c.stdin for c in self.children.values() if c.pending and c.stdin is not None]
-        if self.out:
-            writers.append(self.frames_out)
-        timeout = max(0.0, self.heard + self.silence - time.monotonic())
-        if any(c.status is not None for c in self.children.values()):
-            timeout = min(timeout, 0.05)  # an exited worker's stderr may linger
-        if self.ending:
-            timeout = min(timeout, 0.1)
         try:
-            readable, _, _ = select.select(readers, writers, [], timeout)
+            events = self.poller.poll(self._timeout())
         except InterruptedError:
-            readable = []
-        if self._wake_r in readable:
-            _drain(self._wake_r)
-        if self.frames_in in readable:
-            self._read_client()
-        for child in list(self.children.values()):
-            self._pump(child, readable)
-        self._reap()
-        self._report_exits()
+            events = []
+        woken = False
+        for fd, _ in events:
+            if fd == self._wake_r:
+                _drain(fd)
+                woken = True
+            elif fd == self.frames_in:
+                self._read_client()
+            else:
+                self.children.ready(fd)
+        if self.stop_signal:
+            self._end(f"the agent got signal {_signal_name(self.stop_signal)}")
+        if woken or self.ending:
+            self.children.reap()
+        if self.children.exited:
+            self.children.report_exits()
+        if self.ending:
+            self._escalate()
         if self.out:  # everything read in this pass goes out in one write
             self._flush(block=False)
+        self._watch(self.frames_out, select.POLLOUT if self.out else 0)
+        if (self.out_bytes < OUT_HIGH_WATER) != self.children.reading:
+            self.children.read_all(not self.children.reading)
         if not self.ending and time.monotonic() - self.heard > self.silence:
             self._end(f"the client said nothing for {self.silence:g} s")
+
+    def _timeout(self) -> int:
+        """Milliseconds until the next thing the loop must do without being woken."""
+        if self.ending:
+            due = self.ended_at + (ENDING_LIMIT if self.killed else TERM_GRACE)
+        else:
+            due = self.heard + self.silence
+        due = min(due, self.children.due())
+        return max(0, int((due - time.monotonic()) * 1000) + 1)
+
+    def _watch(self, fd: int, events: int) -> None:
+        """Poll ``fd`` for ``events`` from now on (0: not at all). Registered once and changed
+        only when what is wanted changes, not rebuilt every pass."""
+        if self.watched.get(fd, 0) == events:
+            return
+        if not events:
+            del self.watched[fd]
+            self.poller.unregister(fd)
+            return
+        if fd in self.watched:
+            self.poller.modify(fd, events)
+        else:
+            self.poller.register(fd, events)
+        self.watched[fd] = events
 
     # ---- the client's side ------------------------------------------------------------
 
     def _read_client(self) -> None:
         try:
             chunk = self.reader.read(self.frames_in)
+        except BlockingIOError:
+            return
         except OSError:
             chunk = b""
         if not chunk:
@@ -169,21 +182,16 @@ class Agent:
 
     def _command(self, message: proto.Message) -> None:
         if isinstance(message, proto.Data):
-            child = self.children.get(message.slot)
-            if child is not None and child.stdin is not None and not child.close_input:
-                child.pending.append(memoryview(bytes(message.data)))  # type: ignore[arg-type]
+            self.children.feed(message.slot, message.data)
         elif isinstance(message, proto.Ping):
             self._send(proto.Pong(message.nonce))
         elif isinstance(message, proto.Spawn):
-            self._spawn(message.slot)
+            if not self.ending:
+                self.children.spawn(message.slot)
         elif isinstance(message, proto.CloseInput):
-            child = self.children.get(message.slot)
-            if child is not None:
-                child.close_input = True
+            self.children.close_input(message.slot)
         elif isinstance(message, proto.Signal):
-            child = self.children.get(message.slot)
-            if child is not None and child.status is None:
-                kill_group(child.pid, message.signum)
+            self.children.signal(message.slot, message.signum)
         elif isinstance(message, proto.Store):
             self._store(message.key, message.data)
         elif isinstance(message, proto.Configure):
@@ -212,11 +220,9 @@ class Agent:
                 self._end("the channel to the client broke")
                 return
             self._written(written)
-            if not self.out or not block:
+            if not self.out or not block or time.monotonic() > deadline:
                 return
-            if time.monotonic() > deadline:
-                return
-            select.select([], [self.frames_out], [], 0.1)
+            _wait_writable(self.frames_out, 0.1)
 
     def _written(self, count: int) -> None:
         self.out_bytes -= count
@@ -241,127 +247,50 @@ class Agent:
 
     # ---- workers ----------------------------------------------------------------------
 
-    def _spawn(self, slot: int) -> None:
-        if self.ending or slot in self.children:
-            return
-        pipes: List[int] = []
-        try:
-            in_r, in_w = os.pipe()
-            out_r, out_w = os.pipe()
-            err_r, err_w = os.pipe()
-            pipes = [in_r, in_w, out_r, out_w, err_r, err_w]
-            pid = start_worker(
-                in_r, out_w, err_w, self.blob_dir, self.stage1 if self.spawn_only else None
-            )
-        except OSError as exc:
-            for fd in pipes:
-                close(fd)
-            self._send(proto.SpawnFailed(slot, f"{type(exc).__name__}: {exc}"))
-            return
-        for fd in (in_r, out_w, err_w):
-            os.close(fd)
-        for fd in (in_w, out_r, err_r):
-            _nonblocking(fd)
-        _widen(out_r)
-        _widen(in_w)
-        child = Child(slot, pid, in_w, out_r, err_r)
-        self.children[slot] = child
-        if self.spawn_only:  # a fresh interpreter: it reads stage 1 and the bundle first
-            header = len(self.bundle).to_bytes(8, "big")
-            child.pending += [memoryview(self.stage1), memoryview(header + self.bundle)]
-        self._send(proto.Spawned(slot, pid))
-
-    def _pump(self, child: Child, readable: List[int]) -> None:
-        if child.stdin is not None and child.pending:  # just queued: try now, not a pass later
-            while child.pending:
-                try:
-                    written = os.write(child.stdin, child.pending[0])
-                except BlockingIOError:
-                    break
-                except OSError:  # the worker is gone: its exit is reported by the reaper
-                    child.pending = []
-                    break
-                head = child.pending[0][written:]
-                if head:
-                    child.pending[0] = head
-                    break
-                child.pending.pop(0)
-        if child.close_input and not child.pending and child.stdin is not None:
-            close(child.stdin)
-            child.stdin = None
-        for stream in (1, 2):
-            fd = child.stdout if stream == 1 else child.stderr
-            if fd is None or fd not in readable:
-                continue
-            try:
-                data = self.reader.read(fd)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            if data:
-                self._send(proto.Data(child.slot, stream, data))
-                continue
-            close(fd)
-            if stream == 1:
-                child.stdout = None
-            else:
-                child.stderr = None
-
-    def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            except InterruptedError:
-                continue
-            if pid == 0:
-                return
-            for child in self.children.values():
-                if child.pid == pid:
-                    if os.WIFSIGNALED(status):
-                        child.status = (0, os.WTERMSIG(status))
-                    else:
-                        child.status = (os.WEXITSTATUS(status), 0)
-                    child.reaped_at = time.monotonic()
-
-    def _report_exits(self) -> None:
-        now = time.monotonic()
-        for slot, child in list(self.children.items()):
-            if child.status is None or child.stdout is not None:
-                continue  # not reaped, or the last of its frames is still to come
-            if child.stderr is not None:
-                if now - child.reaped_at < STDERR_LINGER:
-                    continue
-                close(child.stderr)
-                child.stderr = None
-            if child.stdin is not None:
-                close(child.stdin)
-            del self.children[slot]
-            self._send(proto.Exited(slot, *child.status))
+    # ---- the end ----------------------------------------------------------------------
 
     def _end(self, why: str) -> None:
-        """Stop taking commands; end every worker (TERM, then KILL), report, and exit."""
+        """Stop taking commands and end every worker (TERM now, KILL after TERM_GRACE; the
+        loop reports their exits). Kill first, log last: stderr may be gone."""
         if self.ending:
             return
         self.ending, self.ended_at = why, time.monotonic()
-        if self.children or why != CLIENT_DONE:
-            print(f"sshexec agent: {why}; ending its {len(self.children)} workers", file=sys.stderr)
-        for child in self.children.values():
-            if child.status is None:
-                kill_group(child.pid, signal.SIGTERM)
-        deadline = time.monotonic() + TERM_GRACE
-        while any(c.status is None for c in self.children.values()):
-            if time.monotonic() > deadline:
-                for child in self.children.values():
-                    if child.status is None:
-                        kill_group(child.pid, signal.SIGKILL)
-                deadline = time.monotonic() + 5.0
-            time.sleep(0.01)
-            self._reap()
-            if time.monotonic() > deadline:
-                break
+        self._watch(self.frames_in, 0)
+        self.children.signal_all(signal.SIGTERM)
+        count = len(self.children.by_slot)
+        if count or why != CLIENT_DONE:
+            _log(f"sshexec agent: {why}; ending its {count} workers")
+
+    def _escalate(self) -> None:
+        if not self.killed and time.monotonic() - self.ended_at > TERM_GRACE:
+            self.killed = True
+            self.children.signal_all(signal.SIGKILL)
+
+    def finish(self) -> None:
+        """On the way out, however it came: nothing this agent started outlives it."""
+        self.children.signal_all(signal.SIGKILL)
+        self.children.reap()
+
+
+def _log(text: str) -> None:
+    """A line on the agent's stderr, which is gone when the client was killed: never raises."""
+    try:
+        os.write(2, text.encode("utf-8", "replace") + b"\n")
+    except OSError:
+        pass
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+def _wait_writable(fd: int, seconds: float) -> None:
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    poller.poll(int(seconds * 1000))
 
 
 def _drain(fd: int) -> None:
@@ -406,6 +335,9 @@ def main(stage1: bytes, bundle: bytes) -> None:
     try:
         agent.serve(hello)
     except BaseException as exc:  # a bug of ours: the workers must not outlive the agent
-        print(f"sshexec agent failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        agent._end("the agent failed")
+        try:
+            agent.finish()
+        finally:
+            _log(f"sshexec agent failed: {type(exc).__name__}: {exc}")
+            os._exit(1)
     os._exit(0)

@@ -14,12 +14,13 @@ import functools
 import logging
 import os
 import queue
+import signal
 import sys
 import threading
 import time
 import traceback
 import types
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import cloudpickle
 import msgpack
@@ -134,12 +135,18 @@ class Worker:
         self.fetch_lock = threading.Lock()
         self.is_reading = True
         self.lookups = Lookups(None, self.fetch)  # main() names the agent's blob store
+        self.on_lost: Optional[Callable[[], None]] = None  # main(): the process ends
 
     def send(self, message: proto.Message) -> None:
         pieces = proto.frame_pieces([message])  # a big result is written from where it lies
-        with self.write_lock:  # the reader thread answers Revoke while a task runs
-            for piece in pieces:
-                _write_all(self.frames_out, piece)
+        try:
+            with self.write_lock:  # the reader thread answers Revoke while a task runs
+                for piece in pieces:
+                    _write_all(self.frames_out, piece)
+        except OSError:  # the frame channel is gone: nothing more can be reported
+            if self.on_lost is not None:
+                self.on_lost()
+            raise
 
     def hello(self) -> proto.Hello:
         return proto.Hello(
@@ -158,6 +165,7 @@ class Worker:
         short grace, then end the process so a vanished host leaves no orphan."""
         decoder = proto.FrameDecoder(self.initial_max_frame)
         reader = Reader()
+        problem = ""
         try:
             while True:
                 chunk = reader.read(self.frames_in)
@@ -166,34 +174,44 @@ class Worker:
                     break
                 decoder.feed(chunk)
                 for message in decoder.messages():
-                    if isinstance(message, proto.Init):
-                        # the host's limit, from the very next frame: it may send calls up
-                        # to its max_frame, over the default or under it
-                        try:
-                            decoder.max_frame = message.max_frame
-                        except ValueError as exc:
-                            raise proto.FrameError(f"Init: {exc}") from exc
-                    if isinstance(message, proto.Revoke):
-                        self.revoke(message.task_id)
-                        continue
-                    if isinstance(message, proto.Ping):
-                        self.send(proto.Pong(message.nonce))
-                        continue
-                    if isinstance(message, proto.Source):
-                        self.sources.put(message)
-                        continue
-                    if isinstance(message, proto.Run):
-                        with self.claim_lock:
-                            self.queued.add(message.task_id)
-                    self.inbox.put(message)
+                    self._take(decoder, message)
         except (OSError, proto.FrameError) as exc:
-            print(f"sshexec worker {self.worker_id}: command stream broken: {exc}", file=sys.stderr)
-        self.is_reading = False
-        self.sources.put(None)
-        self.inbox.put(None)
-        if exit_on_eof:
-            time.sleep(self.eof_grace)
-            os._exit(0)
+            problem = f"command stream broken: {exc}"
+        finally:  # on every way out, first of all: the main thread must not wait forever
+            self.is_reading = False
+            self.sources.put(None)
+            self.inbox.put(None)
+            if exit_on_eof:
+                self._end_soon()
+        if problem:
+            say(f"sshexec worker {self.worker_id}: {problem}")
+
+    def _take(self, decoder: proto.FrameDecoder, message: proto.Message) -> None:
+        if isinstance(message, proto.Init):
+            # the host's limit, from the very next frame: it may send calls up to its
+            # max_frame, over the default or under it
+            try:
+                decoder.max_frame = message.max_frame
+            except ValueError as exc:
+                raise proto.FrameError(f"Init: {exc}") from exc
+        if isinstance(message, proto.Revoke):
+            self.revoke(message.task_id)
+        elif isinstance(message, proto.Ping):
+            self.send(proto.Pong(message.nonce))
+        elif isinstance(message, proto.Source):
+            self.sources.put(message)
+        else:
+            if isinstance(message, proto.Run):
+                with self.claim_lock:
+                    self.queued.add(message.task_id)
+            self.inbox.put(message)
+
+    def _end_soon(self) -> None:
+        """The command stream ended: the process ends after the grace, even mid-task
+        (a timer thread: this one may be stuck in a log write nobody reads)."""
+        timer = threading.Timer(self.eof_grace, end_process)
+        timer.name, timer.daemon = "sshexec-eof-grace", True
+        timer.start()
 
     def fetch(self, name: str) -> Optional[proto.Source]:
         """Any thread: ask the host for a module's source; None if it cannot answer."""
@@ -246,7 +264,7 @@ class Worker:
             elif isinstance(message, proto.Init):
                 reply = self.initialize(message)
             else:
-                print(f"sshexec worker: unexpected {type(message).__name__}", file=sys.stderr)
+                say(f"sshexec worker: unexpected {type(message).__name__}")
                 continue
             self._flush_output()
             self.send(reply)
@@ -336,18 +354,42 @@ class Worker:
                 pass
 
 
+def say(text: str) -> None:
+    """A line on stderr, which may be gone (the agent killed): never raises."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except Exception:  # nobody left to tell
+        pass
+
+
+_agent = 0  # the pid of the agent that started this worker process (main() sets it)
+
+
+def end_process() -> None:
+    """End this worker process now, from any thread. If its agent is gone (killed), nobody
+    else will end what its tasks started: its process group goes with it."""
+    if _agent and os.getppid() != _agent:
+        try:
+            os.killpg(os.getpgid(0), signal.SIGKILL)  # this process too
+        except OSError:
+            pass
+    os._exit(0)  # skip atexit hooks and non-daemon threads a task may have left behind
+
+
 def main(blob_dir: Optional[str] = None) -> None:
     """A worker's life, in the process the agent forked (or spawned) for it: fds 0 and 1
     are its frame pipes, ``blob_dir`` is where the agent keeps this host's blobs."""
+    global _agent
+    _agent = os.getppid()
     frames_in, frames_out = _claim_stdio()
     worker = Worker(frames_in, frames_out)
     worker.lookups.blob_dir = blob_dir
+    worker.on_lost = end_process  # a write to the frame channel that raises
     sys.stdout, sys.stderr = frame_stream(worker, 1), frame_stream(worker, 2)
     threading.Thread(target=worker.read_commands, name="sshexec-reader", daemon=True).start()
     try:
         worker.serve()
-    except OSError as exc:  # the frame channel itself broke: nothing left to report to
-        print(f"sshexec worker {worker.worker_id}: channel closed: {exc}", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip atexit hooks and non-daemon threads a task may have left behind
+        worker._flush_output()
+    except BaseException as exc:  # the frame channel broke, or worse: the process ends anyway
+        say(f"sshexec worker {worker.worker_id}: ended by {type(exc).__name__}: {exc}")
+    end_process()
