@@ -34,6 +34,7 @@ class Lookups:
         self._functions: Dict[bytes, Any] = {}
         self._shared: Dict[bytes, Any] = {}
         self._script: Optional[types.ModuleType] = None
+        self.where = "this node"  # named in errors: set from Init (host, hostname, Python)
 
     def blob(self, key: bytes) -> bytes:
         if self.blob_dir is None:
@@ -74,7 +75,10 @@ class Lookups:
             reply = self.fetch(MAIN)
             if reply is None or reply.kind != "source":
                 detail = reply.detail if reply is not None else "the client did not answer"
-                raise ImportError(f"the client's __main__ script cannot run here: {detail}")
+                raise ImportError(
+                    f"the client's __main__ script, which this call needs on {self.where}, "
+                    f"cannot run there: {detail}"
+                )
             import multiprocessing  # noqa: F401  (its import points __mp_main__ at __main__)
 
             module = types.ModuleType(SCRIPT)

@@ -255,6 +255,11 @@ class Worker:
 
     def initialize(self, init: proto.Init) -> proto.Message:
         self.worker_id = init.worker_id
+        self.lookups.where = "host %s (hostname %s, Python %d.%d.%d)" % (
+            init.worker_id.rsplit("#", 1)[0],
+            self.hostname,
+            *sys.version_info[:3],
+        )
         if init.python and init.python.split(".")[:2] != [str(v) for v in sys.version_info[:2]]:
             self.lookups.find = self.lookups.find_in_script  # calls pickled for another Python
         self.max_frame = init.max_frame
