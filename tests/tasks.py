@@ -295,3 +295,7 @@ def fetch_from_client(names: List[str]) -> List[Tuple[str, str]]:
     worker = next(o for o in gc.get_objects() if isinstance(o, Worker) and o.worker_id != "?")
     replies = [worker.fetch(name) for name in names]
     return [(r.kind, r.detail) if r is not None else ("no answer", "") for r in replies]
+
+
+def total(data: Any) -> float:
+    return float(data.sum())

@@ -18,7 +18,7 @@ import sys
 import types
 from typing import Any, Callable, Dict, Optional
 
-from .._wire import calls
+from .._wire import calls, shared
 from .._wire import protocol as proto
 
 KEEP = 4  # stored functions (and shared objects) a worker keeps unpickled
@@ -50,7 +50,7 @@ class Lookups:
         """A shared argument (a training set passed to every call), unpickled once."""
 
         def load() -> Any:
-            obj = calls.unpickle(self.blob(key), (), self.find)
+            obj = shared.load(self.blob(key), self.find)
             setflags = getattr(obj, "setflags", None)
             if setflags is not None:
                 try:
