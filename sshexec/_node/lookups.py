@@ -16,9 +16,9 @@ import linecache
 import os
 import sys
 import types
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
-from .._wire import calls, shared
+from .._wire import calls, carried, shared
 from .._wire import protocol as proto
 
 KEEP = 4  # stored functions (and shared objects) a worker keeps unpickled
@@ -44,7 +44,17 @@ class Lookups:
 
     def stored_function(self, key: bytes) -> Any:
         """A map's stored function, unpickled once per worker for all its items."""
-        return _kept(self._functions, key, lambda: calls.unpickle(self.blob(key), (), self.find))
+
+        def load() -> Tuple[Any, carried.Carried]:
+            outer = carried.take()  # what the call's own pickle carried so far
+            try:
+                return calls.unpickle(self.blob(key), (), self.find), carried.take()
+            finally:
+                carried.note(outer)
+
+        function, values = _kept(self._functions, key, load)
+        carried.note(values)  # the globals it read when pickled: for each call again
+        return function
 
     def shared_object(self, key: bytes) -> Any:
         """A shared argument (a training set passed to every call), unpickled once."""

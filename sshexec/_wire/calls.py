@@ -33,11 +33,13 @@ from typing import (
     List,
     Mapping,
     Optional,
+    Set,
     Tuple,
 )
 
 import cloudpickle
 
+from . import carried
 from . import protocol as proto
 
 OUT_OF_BAND_MIN = 1 << 16  # smaller buffers are cheaper to copy into the pickle
@@ -140,12 +142,24 @@ class PortablePickler(Pickler):
     value cannot be loaded: functions and classes of the client's ``__main__`` script
     travel by reference instead (``__main__.name``; the node runs the script as
     ``__mp_main__``, as ``multiprocessing``'s spawn does), and so do those of modules
-    registered for pickling by value (the node is sent their source). Code that exists only as code
-    (a lambda, a closure, a nested function, a notebook cell) still travels by value, and
-    ``carried_code()`` says so."""
+    registered for pickling by value (the node is sent their source), each with the
+    current values of the globals its code reads there (``carried``), so that a task
+    sees what it would see on a node of the client's Python. Code that exists only as
+    code (a lambda, a closure, a nested function, a notebook cell) still travels by
+    value, and ``carried_code()`` says so."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._carrying: Set[int] = set()
 
     def reducer_override(self, obj: Any) -> Any:
         if _is_script_global(obj):
+            # the values of the globals it reads travel with it (the rule: ``carried``)
+            if id(obj) not in self._carrying:
+                self._carrying.add(id(obj))  # its reference inside the reduce: plain
+                reduced = carried.reduce(obj, _is_script_global)
+                if reduced is not None:
+                    return reduced
             return NotImplemented  # the standard pickler's reference: module + qualname
         return super().reducer_override(obj)
 
