@@ -509,7 +509,7 @@ def test_a_task_sees_the_clients_values_except_what_the_worker_assigned(
 
 def test_carried_values_are_set_on_the_module_except_what_the_worker_assigned() -> None:
     """Another Python: the functions are the module's own, the values come with the call."""
-    module = types.ModuleType("__mp_main__")
+    module: Any = types.ModuleType("__mp_main__")
     module.X, module.Y = "top level", "top level"
     namespaces = Namespaces(lambda: module)
     watched = namespaces.adopt((), {"__main__": {"X": "client", "Y": "client"}})
