@@ -251,6 +251,52 @@ def test_main_globals_have_one_meaning_in_a_mixed_pool(
     assert got["initializer"] == [["init", v] for v in both]
 
 
+NO_FORWARDING_SCRIPT = textwrap.dedent(
+    """
+    import json, os
+    from sshexec import CallDecodeError, SSHPoolExecutor
+
+    def echo(x):
+        return x
+
+    if __name__ == "__main__":
+        with SSHPoolExecutor(forward_modules=False, **json.loads(os.environ["KW"])) as ex:
+            try:
+                print(json.dumps(["ran", ex.submit(echo, 1).result(timeout=60)]))
+            except CallDecodeError as exc:
+                print(json.dumps(["refused", str(exc)]))
+    """
+)
+
+
+@pytest.mark.ssh
+def test_without_forwarding_a_script_function_fails_naming_host_and_flag(
+    sshd_pair: List[SSHServer], other: str, tmp_path: Path
+) -> None:
+    """A node of another Python needs the script to run its functions; with
+    ``forward_modules=False`` the client does not send it (it used to, whatever the flag)."""
+    script = tmp_path / "job.py"
+    script.write_text(NO_FORWARDING_SCRIPT)
+    kwargs = executor_kwargs(sshd_pair[:1], python=other, max_workers=1)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env={
+            **os.environ,
+            "KW": json.dumps(kwargs),
+            "PYTHONPATH": str(Path(__file__).parent.parent),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome, message = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome == "refused"
+    assert f"host {sshd_pair[0].spec}" in message and "forward_modules=False" in message
+    assert "__main__" in message
+
+
 @pytest.mark.ssh
 def test_a_lambda_runs_only_where_the_clients_python_runs(
     sshd_pair: List[SSHServer], other: str, client_module: Any, made: List[Any]
