@@ -17,7 +17,7 @@ import cloudpickle
 import pytest
 
 from sshexec import SSHPoolExecutor
-from sshexec._wire import shared
+from sshexec._wire import carried, shared
 from sshexec._wire.calls import (
     KEY_SIZE,
     OUT_OF_BAND_MIN,
@@ -25,6 +25,7 @@ from sshexec._wire.calls import (
     STORED_CALL,
     blob_key,
     call_payload,
+    carried_code,
     dumps,
     load_call,
     loads,
@@ -320,3 +321,19 @@ def test_a_shared_object_changed_in_place_is_a_new_blob_and_never_named_outside(
     assert shared_blobs() == () and bytes(pieces[0])[:1] != b"P"
     _, args, _ = load_call(b"".join(bytes(p) for p in pieces), sizes)
     assert (args[0] == 1).all()
+
+
+def test_a_portable_reference_carries_the_globals_its_code_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """For a node of another Python a by-value module's function goes by reference, with
+    the values the globals it reads have now (tests.tasks is pickled by value)."""
+    monkeypatch.setattr(tasks, "_GLOBAL", "set on the client")
+    data = serialize((tasks.read_global, tasks.read_global), portable=True)
+    assert not carried_code()
+    carried.take()
+    fn, again = pickle.loads(data)
+    assert fn is again is tasks.read_global  # a reference, resolved once
+    assert carried.take() == {tasks.__name__: {"_GLOBAL": "set on the client"}}
+    pickle.loads(serialize(tasks.square, portable=True))  # reads no global: nothing carried
+    assert carried.take() == {}
