@@ -3,7 +3,7 @@ Python, and, for a host running another Python version, a portable one.
 
 Owns: ``MapFunction`` (a ``map``'s function pickled once, stored once per host when
 big, and pickled portably once when needed) and ``encode`` (a call's ``Encoded``: the
-payload, the blobs to store first (that function, shared objects: ``calls.share``),
+payload, the blobs to store first (that function, shared objects: ``calls.sharing``),
 whether only the client's Python can run it, and the portable encoding for the others). A call whose pickle carries no code by value runs anywhere
 as it is; one that does is pickled again portably (``__main__``'s functions and classes
 by reference) only when some host runs another version, and is *bound* (named, for the

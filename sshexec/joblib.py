@@ -23,7 +23,7 @@ import os
 import threading
 import weakref
 from concurrent.futures import Future
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import cloudpickle
 from joblib.parallel import (
@@ -38,7 +38,7 @@ from ._executor import SSHPoolExecutor
 from ._hosts import local_cpu_count, resolve_hosts, share_workers
 from ._layers import byvalue as _byvalue
 from ._layers.adapters import CallbackThread, planned_workers
-from ._wire import calls
+from ._wire import calls, shared
 
 __all__ = ["NAME", "Backend", "register"]
 
@@ -109,6 +109,7 @@ class Backend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
         self._held = _Held()
         weakref.finalize(self, self._held.let_go)
         self._parallel: Callable[[], Any] = lambda: None
+        self._sharing = shared.Sharing()
 
     # joblib sets and reads backend.parallel; a weak reference keeps Parallel -> backend
     # the only direction, so the backend (and its executor) goes when joblib lets go of it.
@@ -189,12 +190,15 @@ class Backend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
         effective = self.effective_n_jobs(n_jobs)
         self.parallel = parallel
+        self._sharing = shared.Sharing()  # what this Parallel call shares, and only it
         return effective
 
     def submit(self, func: Callable[[], Any], callback: Optional[Callable[..., Any]] = None) -> Any:
         """Run one batch on a worker; ``callback(future)`` runs on this backend's callback
         thread (never on the executor's loop thread) once it has ended."""
-        future = self._executor_now().submit(self._outgoing(func))
+        executor = self._executor_now()
+        with calls.sharing(self._shared_by(func)):
+            future = executor.submit(func)
         if callback is not None:
             callbacks = self._held.callbacks
             assert callbacks is not None
@@ -207,20 +211,23 @@ class Backend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
         """The batch's results, or raise its exception (the remote stack as its cause)."""
         return out.result()
 
-    def _outgoing(self, batch: Callable[[], Any]) -> Callable[[], Any]:
-        """What travels for one batch: its big array arguments (a training set passed to
-        every fit; 1 MB or more, joblib's own threshold for memmapping them) are shared,
-        so each crosses once per host, held by the host's agent, and reaches the workers
-        read-only, as joblib's memmapped arrays do."""
+    def _shared_by(self, batch: Callable[[], Any]) -> List[shared.Entry]:
+        """The big array arguments of one batch (a training set passed to every fit; 1 MB
+        or more, joblib's own threshold for memmapping them), each keyed by its content
+        now: each crosses once per host, held by the host's agent, and reaches the
+        workers read-only, as joblib's memmapped arrays do; a changed array is a new one
+        (the rule is in ``_wire.shared``)."""
+        entries: List[shared.Entry] = []
+        sharing = self._sharing
         for item in getattr(batch, "items", ()):  # joblib's BatchedCalls: (func, args, kwargs)
             try:
                 _, args, kwargs = item
             except (TypeError, ValueError):
                 continue
             for value in (*args, *kwargs.values()):
-                if _is_big_array(value):
-                    calls.share(value)
-        return batch
+                if _is_big_array(value) and all(value is not e[0] for e in entries):
+                    entries.append(sharing.check(value))
+        return entries
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
         """An exception ended the call: kill its other batches now (every worker is
@@ -239,6 +246,7 @@ class Backend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
         """End of one ``Parallel`` call: the executor stays for the next."""
         self.reset_batch_stats()
         self.parallel = None
+        self._sharing = shared.Sharing()  # let go of its shared arrays' copies
 
     def shutdown(self, wait: bool = True) -> None:
         """Shut this backend's executor down now: its tasks finish, then its workers stop
@@ -293,14 +301,7 @@ SHARE_MIN = 1 << 20  # joblib's default max_nbytes for memmapping large arrays (
 
 
 def _is_big_array(value: Any) -> bool:
-    """A numpy array (or one like it) of ``SHARE_MIN`` bytes or more that can be shared
-    (weak references)."""
+    """A numpy array (or one like it) of ``SHARE_MIN`` bytes or more."""
     if getattr(value, "__array_interface__", None) is None:
         return False
-    if getattr(value, "nbytes", 0) < SHARE_MIN:
-        return False
-    try:
-        weakref.ref(value)
-    except TypeError:
-        return False
-    return True
+    return bool(getattr(value, "nbytes", 0) >= SHARE_MIN)

@@ -17,6 +17,7 @@ import cloudpickle
 import pytest
 
 from sshexec import SSHPoolExecutor
+from sshexec._wire import carried, shared
 from sshexec._wire.calls import (
     KEY_SIZE,
     OUT_OF_BAND_MIN,
@@ -24,17 +25,19 @@ from sshexec._wire.calls import (
     STORED_CALL,
     blob_key,
     call_payload,
+    carried_code,
     dumps,
     load_call,
     loads,
     serialize,
-    share,
     shared_blobs,
+    sharing,
     size,
     split_call,
     stored_call,
     stored_ref,
 )
+from sshexec._wire.shared import Sharing
 
 from . import tasks
 
@@ -276,28 +279,61 @@ def test_a_stored_call_names_its_function_and_carries_only_the_arguments() -> No
 
 def test_a_shared_object_is_named_by_key_and_loaded_by_the_lookup() -> None:
     numpy = pytest.importorskip("numpy")
-    big = numpy.arange(1000)
-    key = share(big)
-    assert share(big) == key  # once
-    pieces, sizes = call_payload(tasks.add, (big, 1), {})
-    assert shared_blobs() and shared_blobs()[0][0] == key
+    big = numpy.arange(1 << 15, dtype=numpy.float64)  # 256 KiB: its buffer out of band
+    scope = Sharing()
+    entry = scope.check(big)
+    key, blob = entry[1], entry[2]
+    assert key == blob_key(blob)  # the key is the blob's SHA-256, as any stored blob's
+    assert scope.check(big)[2] is blob  # unchanged: hashed again, not copied again
+    with sharing([entry]):
+        pieces, sizes = call_payload(tasks.add, (big, 1), {})
+    assert shared_blobs() == ((key, blob),)
     payload = b"".join(bytes(p) for p in pieces)
     assert payload[:1] == b"P" and len(payload) < big.nbytes  # named, not carried
     seen = []
 
     def lookup(asked: bytes) -> object:
         seen.append(asked)
-        return pickle.loads(shared_blobs()[0][1])
+        return shared.load(blob)
 
     fn, args, kwargs = load_call(payload, sizes, shared=lookup)
     assert fn(2, b=3) == 5 and kwargs == {}
     assert seen == [key] and (args[0] == big).all() and args[1] == 1
+    assert not args[0].flags.writeable  # a view of the blob: read-only, as a memmap
     with pytest.raises(LookupError, match="shared"):
         load_call(payload, sizes)
-    del big  # collected: forgotten, and later pickles carry it again
-    import gc
 
-    gc.collect()
-    other = numpy.arange(3)
-    call_payload(tasks.add, (other, 1), {})
-    assert shared_blobs() == ()
+
+def test_a_shared_object_changed_in_place_is_a_new_blob_and_never_named_outside() -> None:
+    """The stale-copy bug: shared by id for the object's lifetime, an array changed in
+    place was named by its old key by every later call, ``submit`` included."""
+    numpy = pytest.importorskip("numpy")
+    big = numpy.zeros(1 << 15)
+    scope = Sharing()
+    before = scope.check(big)
+    big[:] = 1
+    after = scope.check(big)
+    assert after[1] != before[1] and (shared.load(after[2]) == 1).all()
+    with sharing([after]):
+        call_payload(tasks.add, (big, 1), {})
+    assert shared_blobs() == ((after[1], after[2]),)
+    pieces, sizes = call_payload(tasks.add, (big, 1), {})  # outside: by value, as always
+    assert shared_blobs() == () and bytes(pieces[0])[:1] != b"P"
+    _, args, _ = load_call(b"".join(bytes(p) for p in pieces), sizes)
+    assert (args[0] == 1).all()
+
+
+def test_a_portable_reference_carries_the_globals_its_code_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """For a node of another Python a by-value module's function goes by reference, with
+    the values the globals it reads have now (tests.tasks is pickled by value)."""
+    monkeypatch.setattr(tasks, "_GLOBAL", "set on the client")
+    data = serialize((tasks.read_global, tasks.read_global), portable=True)
+    assert not carried_code()
+    carried.take()
+    fn, again = pickle.loads(data)
+    assert fn is again is tasks.read_global  # a reference, resolved once
+    assert carried.take() == {tasks.__name__: {"_GLOBAL": "set on the client"}}
+    pickle.loads(serialize(tasks.square, portable=True))  # reads no global: nothing carried
+    assert carried.take() == {}

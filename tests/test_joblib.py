@@ -293,3 +293,23 @@ def test_a_training_set_passed_to_every_call_crosses_once_per_host(
         assert host.bytes_sent < 2 * X.nbytes, host  # once (plus small frames), not 60 times
     assert sum(h.bytes_saved for h in hosts) >= (60 - len(hosts)) * X.nbytes
     assert Parallel(n_jobs=2)(delayed(tasks.is_writeable)(X) for _ in range(2)) == [False] * 2
+
+
+def test_an_array_changed_in_place_is_seen_by_every_later_call(options: Dict[str, Any]) -> None:
+    """A shared array is named by its content when each batch is pickled (as joblib's
+    memmapping names its file), and only by the Parallel call that shared it: changed in
+    place, the next call and a plain submit see the change (it was shared by id for its
+    lifetime: both summed the stale zeros)."""
+    numpy = pytest.importorskip("numpy")
+    a = numpy.zeros(200_000)  # 1.6 MB: over joblib's 1 MB, so shared
+    with parallel_config(n_jobs=-1, **options):
+        backend, _ = get_active_backend()
+        assert Parallel()(delayed(tasks.total)(a) for _ in range(3)) == [0.0] * 3
+        a[:] = 1
+        assert Parallel()(delayed(tasks.total)(a) for _ in range(3)) == [200_000.0] * 3
+        executor = backend._held.executor
+        assert executor.submit(tasks.total, a).result(timeout=60) == 200_000.0
+        a[:] = 5
+        assert Parallel()(delayed(tasks.total)(a) for _ in range(3)) == [1_000_000.0] * 3
+        a[:] = 1  # back to content that was shared before: named by that key again
+        assert Parallel()(delayed(tasks.total)(a) for _ in range(3)) == [200_000.0] * 3

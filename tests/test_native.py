@@ -12,14 +12,14 @@ import sys
 import textwrap
 from concurrent.futures.process import _RemoteTraceback
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, List
 
 import pytest
 
 from sshexec import BrokenPool, CallDecodeError, SSHPoolExecutor, Stats, WorkerLostError
 
 from . import tasks
-from .sshd import descendants, executor_kwargs
+from .sshd import executor_kwargs
 
 PACKAGE = {
     "__init__.py": "from .core import double, fail_on\nVERSION = '1.0'\n",
@@ -94,6 +94,40 @@ def test_forwarding_can_be_switched_off(
     assert isinstance(info.value.original, ModuleNotFoundError)
     assert type(info.value.__cause__) is _RemoteTraceback
     assert f"No module named '{client_only_package.__name__}'" in str(info.value.__cause__)
+
+
+def test_with_forwarding_off_the_client_looks_nothing_up_for_a_node(
+    make_executor: Callable[..., SSHPoolExecutor],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node may ask whatever it was told: with ``forward_modules=False`` the client
+    answers "not forwarded" for its script, the stdlib and its own packages alike, and
+    looks nothing up (no find_spec, so no package's ``__init__`` runs; no file read)."""
+    import sshexec._pool.link as link
+
+    name = f"probe_{os.getpid()}_{tmp_path.name.replace('-', '_')}"
+    imported = tmp_path / "imported"
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text(f"open({str(imported)!r}, 'a').close()\n")
+    (tmp_path / name / "sub.py").write_text("SECRET = 1\n")
+    import sshexec._forward
+
+    looked_up: List[str] = []
+
+    def recorded(asked: str) -> Any:
+        looked_up.append(asked)
+        return sshexec._forward.find_source(asked)
+
+    monkeypatch.setattr(link, "find_source", recorded)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    executor = make_executor(max_workers=1, forward_modules=False)
+    asked = ["__main__", "os", f"{name}.sub", "sshexec._executor"]
+    replies = executor.submit(tasks.fetch_from_client, asked).result(timeout=60)
+    assert [kind for kind, _ in replies] == ["missing"] * len(asked)
+    assert all("forward_modules=False" in detail for _, detail in replies)
+    assert looked_up == [] and not imported.exists()
+    assert name not in sys.modules
 
 
 @pytest.fixture(scope="session")
@@ -249,11 +283,7 @@ def test_a_pinned_task_fails_when_its_host_stays_down(start_server: Callable[...
     kwargs = executor_kwargs([good, doomed], max_workers=2, reconnect_grace=2.0)
     with SSHPoolExecutor(**kwargs) as executor:
         executor.submit(tasks.square, 2).result(timeout=30)
-        assert doomed.proc is not None
-        sessions = descendants(doomed.proc.pid)
-        doomed.stop()  # no new connections...
-        for pid in sessions:  # ...and the open ones die
-            os.kill(pid, 9)
+        doomed.go_down()  # no new connections, and the open ones die
         futures = executor.run_on_hosts(tasks.sleep_then, 0.0, "ran")
         assert futures[good.spec].result(timeout=30) == "ran"
         # the stopped host never comes back: its task fails once the host is given up

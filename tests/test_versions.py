@@ -178,6 +178,125 @@ def test_a_scripts_functions_classes_and_exceptions_travel(
     assert got["python"] == [version_of(other)]
 
 
+GLOBALS_SCRIPT = textwrap.dedent(
+    """
+    import dataclasses, json, os, platform
+    from sshexec import SSHPoolExecutor, parse_host
+
+    SCALE = 1
+    STATE = "top level"
+
+    def scaled(x):
+        return x * SCALE, platform.python_version()
+
+    def remember(value):
+        global STATE
+        STATE = value
+
+    def state(_):
+        return STATE, platform.python_version()
+
+    if __name__ == "__main__":
+        SCALE = 10  # the nodes of another Python run the top level, not this
+        kwargs = json.loads(os.environ["KW"])
+        pythons = json.loads(os.environ["PYTHONS"])
+        kwargs["hosts"] = [
+            dataclasses.replace(parse_host(h), python=p, workers=1)
+            for h, p in zip(kwargs["hosts"], pythons)
+        ]
+        got = {}
+        with SSHPoolExecutor(**kwargs) as ex:
+            got["main"] = sorted(set(ex.map(scaled, [1] * 40, chunksize=1)))
+            SCALE = 20  # changed between calls: the next calls see it everywhere
+            got["changed"] = sorted(set(ex.map(scaled, [1] * 40, chunksize=1)))
+            got["submitted"] = sorted({ex.submit(scaled, 1).result(60) for _ in range(20)})
+        with SSHPoolExecutor(initializer=remember, initargs=("init",), **kwargs) as ex:
+            got["initializer"] = sorted(set(ex.map(state, range(40), chunksize=1)))
+        print(json.dumps(got))
+    """
+)
+
+
+@pytest.mark.ssh
+def test_main_globals_have_one_meaning_in_a_mixed_pool(
+    sshd_pair: List[SSHServer], other: str, tmp_path: Path
+) -> None:
+    """A task sees the values of the ``__main__`` globals it reads that the client had
+    when the call was pickled (a global changed under ``if __name__ == "__main__":`` or
+    between calls), except names the initializer or an earlier task on that worker
+    assigned: on workers of the client's Python and of another alike (those saw the
+    script's top-level value, the client's Python the first value it was sent)."""
+    script = tmp_path / "job.py"
+    script.write_text(GLOBALS_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env={
+            **os.environ,
+            "KW": json.dumps(executor_kwargs(sshd_pair)),
+            "PYTHONS": json.dumps([sys.executable, other]),
+            "PYTHONPATH": str(Path(__file__).parent.parent),
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    mine, theirs = version_of(sys.executable), version_of(other)
+    both = sorted([mine, theirs])
+    assert got["main"] == [[10, v] for v in both]
+    assert got["changed"] == [[20, v] for v in both]
+    assert {value for value, _ in got["submitted"]} == {20}
+    assert got["initializer"] == [["init", v] for v in both]
+
+
+NO_FORWARDING_SCRIPT = textwrap.dedent(
+    """
+    import json, os
+    from sshexec import CallDecodeError, SSHPoolExecutor
+
+    def echo(x):
+        return x
+
+    if __name__ == "__main__":
+        with SSHPoolExecutor(forward_modules=False, **json.loads(os.environ["KW"])) as ex:
+            try:
+                print(json.dumps(["ran", ex.submit(echo, 1).result(timeout=60)]))
+            except CallDecodeError as exc:
+                print(json.dumps(["refused", str(exc)]))
+    """
+)
+
+
+@pytest.mark.ssh
+def test_without_forwarding_a_script_function_fails_naming_host_and_flag(
+    sshd_pair: List[SSHServer], other: str, tmp_path: Path
+) -> None:
+    """A node of another Python needs the script to run its functions; with
+    ``forward_modules=False`` the client does not send it (it used to, whatever the flag)."""
+    script = tmp_path / "job.py"
+    script.write_text(NO_FORWARDING_SCRIPT)
+    kwargs = executor_kwargs(sshd_pair[:1], python=other, max_workers=1)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env={
+            **os.environ,
+            "KW": json.dumps(kwargs),
+            "PYTHONPATH": str(Path(__file__).parent.parent),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome, message = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome == "refused"
+    assert f"host {sshd_pair[0].spec}" in message and "forward_modules=False" in message
+    assert "__main__" in message
+
+
 @pytest.mark.ssh
 def test_a_lambda_runs_only_where_the_clients_python_runs(
     sshd_pair: List[SSHServer], other: str, client_module: Any, made: List[Any]

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 from typing import Any, Callable, Iterator, List, Optional
 
 import cloudpickle
@@ -19,6 +20,7 @@ import msgpack
 import numpy
 import pytest
 
+from sshexec._node.namespaces import Namespaces
 from sshexec._node.worker import Worker
 from sshexec._wire import protocol as proto
 from sshexec._wire.calls import loads, process_chunk, split_call
@@ -478,3 +480,41 @@ def test_claim_stdio_moves_frames_off_fd_1() -> None:
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == b"FRAMES:from host"
     assert result.stderr == b"chatter\nraw chatter\n"
+
+
+def test_a_task_sees_the_clients_values_except_what_the_worker_assigned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """By value (the client's Python): each call brings the values its globals had when
+    it was pickled; what the initializer or a task assigned here wins from then on. (The
+    worker's copy used to win after the first call: a changed global went unseen.)"""
+    namespaces = Namespaces(lambda: types.ModuleType("unused"))
+
+    def run(fn: Any, *args: Any) -> Any:
+        fresh = cloudpickle.loads(cloudpickle.dumps(fn))  # tests.tasks: by value
+        watched = namespaces.adopt((fresh, *args), {})
+        try:
+            return fresh(*args)
+        finally:
+            namespaces.keep(watched)
+
+    monkeypatch.setattr(tasks, "_GLOBAL", "client 1")
+    assert run(tasks.read_global) == "client 1"
+    monkeypatch.setattr(tasks, "_GLOBAL", "client 2")
+    assert run(tasks.read_global) == "client 2"
+    run(tasks.set_global, "set here")  # an initializer's or a task's assignment
+    monkeypatch.setattr(tasks, "_GLOBAL", "client 3")
+    assert run(tasks.read_global) == "set here"
+
+
+def test_carried_values_are_set_on_the_module_except_what_the_worker_assigned() -> None:
+    """Another Python: the functions are the module's own, the values come with the call."""
+    module: Any = types.ModuleType("__mp_main__")
+    module.X, module.Y = "top level", "top level"
+    namespaces = Namespaces(lambda: module)
+    watched = namespaces.adopt((), {"__main__": {"X": "client", "Y": "client"}})
+    assert (module.X, module.Y) == ("client", "client")
+    module.X = "assigned here"  # what a task's `global X; X = ...` does
+    namespaces.keep(watched)
+    namespaces.keep(namespaces.adopt((), {"__main__": {"X": "client 2", "Y": "client 2"}}))
+    assert (module.X, module.Y) == ("assigned here", "client 2")

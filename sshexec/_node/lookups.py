@@ -16,9 +16,9 @@ import linecache
 import os
 import sys
 import types
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
-from .._wire import calls
+from .._wire import calls, carried, shared
 from .._wire import protocol as proto
 
 KEEP = 4  # stored functions (and shared objects) a worker keeps unpickled
@@ -34,6 +34,7 @@ class Lookups:
         self._functions: Dict[bytes, Any] = {}
         self._shared: Dict[bytes, Any] = {}
         self._script: Optional[types.ModuleType] = None
+        self.where = "this node"  # named in errors: set from Init (host, hostname, Python)
 
     def blob(self, key: bytes) -> bytes:
         if self.blob_dir is None:
@@ -43,13 +44,23 @@ class Lookups:
 
     def stored_function(self, key: bytes) -> Any:
         """A map's stored function, unpickled once per worker for all its items."""
-        return _kept(self._functions, key, lambda: calls.unpickle(self.blob(key), (), self.find))
+
+        def load() -> Tuple[Any, carried.Carried]:
+            outer = carried.take()  # what the call's own pickle carried so far
+            try:
+                return calls.unpickle(self.blob(key), (), self.find), carried.take()
+            finally:
+                carried.note(outer)
+
+        function, values = _kept(self._functions, key, load)
+        carried.note(values)  # the globals it read when pickled: for each call again
+        return function
 
     def shared_object(self, key: bytes) -> Any:
         """A shared argument (a training set passed to every call), unpickled once."""
 
         def load() -> Any:
-            obj = calls.unpickle(self.blob(key), (), self.find)
+            obj = shared.load(self.blob(key), self.find)
             setflags = getattr(obj, "setflags", None)
             if setflags is not None:
                 try:
@@ -74,7 +85,10 @@ class Lookups:
             reply = self.fetch(MAIN)
             if reply is None or reply.kind != "source":
                 detail = reply.detail if reply is not None else "the client did not answer"
-                raise ImportError(f"the client's __main__ script cannot run here: {detail}")
+                raise ImportError(
+                    f"the client's __main__ script, which this call needs on {self.where}, "
+                    f"cannot run there: {detail}"
+                )
             import multiprocessing  # noqa: F401  (its import points __mp_main__ at __main__)
 
             module = types.ModuleType(SCRIPT)

@@ -10,7 +10,6 @@ beyond the stdlib, cloudpickle and msgpack (this file is shipped to nodes).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import queue
@@ -19,16 +18,16 @@ import sys
 import threading
 import time
 import traceback
-import types
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Optional, Set, Tuple
 
 import cloudpickle
 import msgpack
 
-from .._wire import calls
+from .._wire import calls, carried
 from .._wire import protocol as proto
 from .fdio import Reader
 from .lookups import Lookups
+from .namespaces import Namespaces
 from .remote_io import ClientFinder, FrameLogHandler, _write_all, frame_stream
 
 RESULT_OVERHEAD = 64  # msgpack envelope around a Done payload, generously
@@ -59,53 +58,6 @@ def _type_name(exc: BaseException) -> str:
     )
 
 
-def _by_value_globals(obj: Any) -> Optional[Dict[str, Any]]:
-    """The globals of a function that travelled by value (not those of an imported module)."""
-    for _ in range(4):  # unwrap partials and bound methods
-        if isinstance(obj, functools.partial):
-            obj = obj.func
-        elif isinstance(obj, types.MethodType):
-            obj = obj.__func__
-        else:
-            break
-    if not isinstance(obj, types.FunctionType):
-        return None
-    found = obj.__globals__
-    module = sys.modules.get(found.get("__name__", ""))
-    return None if module is not None and module.__dict__ is found else found
-
-
-class Namespaces:
-    """One module namespace per worker for code that travelled by value (``__main__``,
-    modules registered with cloudpickle): as a spawned process imports its main module
-    once, state an initializer or an earlier task left in module globals stays visible.
-
-    cloudpickle gives every unpickled call fresh globals; around each call they are
-    filled from this worker's copy (functions unpickled with the call stay its own) and
-    copied back afterwards.
-    """
-
-    def __init__(self) -> None:
-        self.modules: Dict[str, Dict[str, Any]] = {}
-
-    def adopt(self, objects: Iterable[Any]) -> List[Dict[str, Any]]:
-        adopted: List[Dict[str, Any]] = []
-        for obj in objects:
-            fresh = _by_value_globals(obj)
-            if fresh is None or any(fresh is seen for seen in adopted):
-                continue
-            adopted.append(fresh)
-            for name, value in self.modules.get(fresh.get("__name__", ""), {}).items():
-                if not (isinstance(value, types.FunctionType) and name in fresh):
-                    fresh[name] = value
-        return adopted
-
-    def keep(self, adopted: List[Dict[str, Any]]) -> None:
-        for fresh in adopted:
-            shared = self.modules.setdefault(fresh.get("__name__", ""), {})
-            shared.update((k, v) for k, v in fresh.items() if k != "__builtins__")
-
-
 class Worker:
     """Serves commands read from ``frames_in``, writing replies to ``frames_out``.
 
@@ -128,7 +80,6 @@ class Worker:
         self.revoked: Set[int] = set()
         self.claim_lock = threading.Lock()
         self.write_lock = threading.Lock()
-        self.namespaces = Namespaces()
         self.max_frame = max_frame  # the results' limit; initialize() takes Init's
         self.initial_max_frame = max_frame  # the commands' until the reader decodes Init
         self.sources: queue.SimpleQueue[Optional[proto.Source]] = queue.SimpleQueue()
@@ -136,6 +87,7 @@ class Worker:
         self.is_reading = True
         self.lookups = Lookups(None, self.fetch)  # main() names the agent's blob store
         self.on_lost: Optional[Callable[[], None]] = None  # main(): the process ends
+        self.namespaces = Namespaces(self.lookups.script)
 
     def send(self, message: proto.Message) -> None:
         pieces = proto.frame_pieces([message])  # a big result is written from where it lies
@@ -273,6 +225,11 @@ class Worker:
 
     def initialize(self, init: proto.Init) -> proto.Message:
         self.worker_id = init.worker_id
+        self.lookups.where = "host %s (hostname %s, Python %d.%d.%d)" % (
+            init.worker_id.rsplit("#", 1)[0],
+            self.hostname,
+            *sys.version_info[:3],
+        )
         if init.python and init.python.split(".")[:2] != [str(v) for v in sys.version_info[:2]]:
             self.lookups.find = self.lookups.find_in_script  # calls pickled for another Python
         self.max_frame = init.max_frame
@@ -289,10 +246,13 @@ class Worker:
             data = init.initializer
             if data[:1] == calls.STORED_CALL:  # stored once per host by the agent
                 data = self.lookups.blob(bytes(data[1 : 1 + calls.KEY_SIZE]))
+            carried.take()
             initializer, initargs = calls.unpickle(data, (), self.lookups.find)
-            shared = self.namespaces.adopt((initializer, *initargs))
-            initializer(*initargs)
-            self.namespaces.keep(shared)
+            watched = self.namespaces.adopt((initializer, *initargs), carried.take())
+            try:
+                initializer(*initargs)
+            finally:
+                self.namespaces.keep(watched)
         except BaseException as exc:  # reported to the host, which retires this worker
             return self.failure(proto.INIT_TASK_ID, exc, proto.STAGE_INIT)
         return proto.Ready()
@@ -308,15 +268,18 @@ class Worker:
         stage = proto.STAGE_CALL
         try:
             lookups = self.lookups
+            carried.take()
             fn, args, kwargs = calls.load_call(
                 payload, buffers, lookups.stored_function, lookups.find, lookups.shared_object
             )
             del payload
-            shared = self.namespaces.adopt((fn, *args))
+            watched = self.namespaces.adopt((fn, *args), carried.take())
             stage = proto.STAGE_RUN
-            result = fn(*args, **kwargs)
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                self.namespaces.keep(watched)
             del fn, args, kwargs
-            self.namespaces.keep(shared)
             stage = proto.STAGE_RESULT
             outcome = calls.dumps(result, copy=False)  # big buffers sent from where they lie
             del result

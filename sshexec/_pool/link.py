@@ -135,7 +135,8 @@ class WorkerLink:
         elif isinstance(message, proto.Log):
             output.record(self.worker_id, message)
         elif isinstance(message, proto.Fetch):
-            self.send(proto.encode(_source(message.name, self.worker_id)))
+            forward = self.host.pool.starts.forward_modules
+            self.send(proto.encode(_source(message.name, self.worker_id, forward)))
         elif isinstance(message, proto.Pong):
             sent = self.pings.pop(message.nonce, None)
             if sent is not None:
@@ -183,7 +184,18 @@ class WorkerLink:
         )
 
 
-def _source(name: str, worker_id: str) -> proto.Source:
+NOT_FORWARDED = (
+    "the client does not forward modules or its script (SSHPoolExecutor(forward_modules=False))"
+)
+
+
+def _source(name: str, worker_id: str, forward: bool) -> proto.Source:
+    """What to answer a worker's ``Fetch``. With ``forward_modules=False`` it is "not
+    forwarded", whatever the name, with no lookup at all (no import, no file read): the
+    worker was told not to ask, and a node that asks anyway is not to be trusted."""
+    if not forward:
+        log.debug("module %s for worker=%s: not forwarded (forward_modules=False)", name, worker_id)
+        return proto.Source(name, "missing", "", "", False, NOT_FORWARDED)
     try:
         source = find_source(name)
     except BaseException as exc:  # an import hook or finder of the user's raised

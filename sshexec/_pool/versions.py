@@ -53,6 +53,7 @@ class Starts:
             False: None if other_initializer is None else _side(init, other_initializer),
         }
         self.max_frame = init.max_frame
+        self.forward_modules = init.forward_modules  # the client answers Fetch only if set
 
     def for_python(self, version: str) -> Optional[Tuple[proto.Init, Optional[Blob]]]:
         return self._sides[same_python(version)]

@@ -5,25 +5,41 @@ out-of-band buffers it refers to (pickle protocol 5: a numpy array's memory,
 a bytearray), whose sizes travel in the message's ``buffers`` field; a call is
 either one pickle of ``(fn, args, kwargs)`` or a *split call* (``map``: the
 function pickled once, then each item's arguments). Also the one pickler both ends
-use for calls, results, initializers and exceptions (``Pickler``, ``serialize``).
-Shipped to nodes. Must not import: any sshexec module outside ``_wire``, or anything
-beyond the stdlib and cloudpickle.
+use for calls, results, initializers and exceptions (``Pickler``, ``serialize``), and
+naming shared objects by key in the calls pickled inside ``sharing()`` (the rule, and
+the shared blob's layout, are in ``shared``: keyed by content each time a call is
+pickled, never by identity alone). Shipped to nodes. Must not import: any sshexec
+module outside ``_wire``, or anything beyond the stdlib and cloudpickle.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import pickle
 import sys
 import threading
 import types
-import weakref
 from collections import ChainMap
-from typing import Any, Callable, ClassVar, Dict, Final, Iterable, List, Mapping, Optional, Tuple
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    Final,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Set,
+    Tuple,
+)
 
 import cloudpickle
 
+from . import carried
 from . import protocol as proto
 
 OUT_OF_BAND_MIN = 1 << 16  # smaller buffers are cheaper to copy into the pickle
@@ -31,7 +47,7 @@ SPLIT_CALL = b"S"  # a payload holding the function and its arguments as two pic
 STORED_CALL = b"R"  # a payload naming a function (or initializer) the host's agent stores
 KEY_SIZE = 32  # a stored blob's key: SHA-256
 STORE_MIN = 1 << 14  # pickled functions this big or bigger are stored once per host
-SHARED_CALL = b"P"  # a payload that names shared objects (share()); a layout byte follows
+SHARED_CALL = b"P"  # a payload that names shared objects (sharing()); a layout byte follows
 SHARED_ID = "sshexec-shared"  # the persistent id of a shared object: (SHARED_ID, key)
 _PLAIN_TYPES = frozenset((int, float, str, bytes, bool, type(None)))
 
@@ -100,32 +116,25 @@ class Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle is unty
     dispatch_table: ClassVar[Mapping[type, Callable[[Any], Any]]] = _dispatch_table()
 
 
-# Objects shared with every host, by id: (a weak reference to it, its key, its pickle).
-# share() fills it; the sharing picklers name them by key instead of pickling them.
-_shared: Dict[int, Tuple[Any, bytes, bytes]] = {}
-
-
-def share(obj: Any) -> bytes:
-    """Client: from now on ``obj`` (a big argument passed to many calls: a training set)
-    is pickled as a reference, and its own pickle crosses once per host, stored by the
-    agent. It must stay unchanged while shared (workers get it read-only) and support weak
-    references (numpy arrays do); it is forgotten when it is collected. Returns its key."""
-    entry = _shared.get(id(obj))
-    if entry is not None and entry[0]() is obj:
-        return bytes(entry[1])
-    data = pickle.dumps(obj, protocol=5)
-    key = blob_key(data)
-    _shared[id(obj)] = (weakref.ref(obj), key, data)
-    weakref.finalize(obj, _shared.pop, id(obj), None)
-    return key
-
-
 def _shared_id(obj: Any) -> Any:
-    entry = _shared.get(id(obj))
-    if entry is None or entry[0]() is not obj:
+    entry = _marks.sharing.get(id(obj))
+    if entry is None or entry[0] is not obj:
         return None
     _marks.blobs.append((entry[1], entry[2]))  # it must be stored before the call arrives
     return (SHARED_ID, entry[1])
+
+
+@contextlib.contextmanager
+def sharing(entries: Iterable[Tuple[Any, bytes, bytes]]) -> Iterator[None]:
+    """Client: the calls this thread pickles inside the block name these objects by key
+    (``(object, key, blob)``, from ``shared.Sharing.check`` just before: keyed by their
+    content now) instead of carrying them; see ``shared`` for the rule."""
+    outer = getattr(_marks, "sharing", None)
+    _marks.sharing = {id(entry[0]): entry for entry in entries}
+    try:
+        yield
+    finally:
+        _marks.sharing = outer
 
 
 class PortablePickler(Pickler):
@@ -133,12 +142,24 @@ class PortablePickler(Pickler):
     value cannot be loaded: functions and classes of the client's ``__main__`` script
     travel by reference instead (``__main__.name``; the node runs the script as
     ``__mp_main__``, as ``multiprocessing``'s spawn does), and so do those of modules
-    registered for pickling by value (the node is sent their source). Code that exists only as code
-    (a lambda, a closure, a nested function, a notebook cell) still travels by value, and
-    ``carried_code()`` says so."""
+    registered for pickling by value (the node is sent their source), each with the
+    current values of the globals its code reads there (``carried``), so that a task
+    sees what it would see on a node of the client's Python. Code that exists only as
+    code (a lambda, a closure, a nested function, a notebook cell) still travels by
+    value, and ``carried_code()`` says so."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._carrying: Set[int] = set()
 
     def reducer_override(self, obj: Any) -> Any:
         if _is_script_global(obj):
+            # the values of the globals it reads travel with it (the rule: ``carried``)
+            if id(obj) not in self._carrying:
+                self._carrying.add(id(obj))  # its reference inside the reduce: plain
+                reduced = carried.reduce(obj, _is_script_global)
+                if reduced is not None:
+                    return reduced
             return NotImplemented  # the standard pickler's reference: module + qualname
         return super().reducer_override(obj)
 
@@ -184,9 +205,9 @@ def serialize(
     objects it names."""
     _marks.code, _marks.blobs = False, []
     with io.BytesIO() as file:
-        _PICKLERS[portable, bool(_shared)](file, protocol=5, buffer_callback=buffer_callback).dump(
-            obj
-        )
+        _PICKLERS[portable, bool(getattr(_marks, "sharing", None))](
+            file, protocol=5, buffer_callback=buffer_callback
+        ).dump(obj)
         return file.getvalue()
 
 
@@ -234,7 +255,7 @@ def dumps(
     return (prefix + stream if prefix else stream, *buffers), sizes
 
 
-def _split(payload: proto.Tail, sizes: bytes) -> Tuple[memoryview, List[memoryview]]:
+def split(payload: proto.Tail | memoryview, sizes: bytes) -> Tuple[memoryview, List[memoryview]]:
     """(pickle stream, out-of-band buffers) as views of one received payload."""
     if isinstance(payload, tuple):  # Tail allows pieces only for messages being sent
         raise TypeError("a received payload is one buffer, not pieces")
@@ -256,7 +277,7 @@ def _split(payload: proto.Tail, sizes: bytes) -> Tuple[memoryview, List[memoryvi
 
 def loads(payload: proto.Tail, sizes: bytes = b"") -> Any:
     """The object of a payload; its big buffers stay views of ``payload`` (no copy)."""
-    stream, buffers = _split(payload, sizes)
+    stream, buffers = split(payload, sizes)
     return pickle.loads(stream, buffers=buffers)
 
 
@@ -355,7 +376,7 @@ def load_call(
     """Worker: ``(fn, args, kwargs)`` from a Run payload, any layout; ``stored`` gives the
     (unpickled) function the host holds under a key, ``shared`` a shared object;
     ``find`` looks globals up."""
-    stream, buffers = _split(payload, sizes)
+    stream, buffers = split(payload, sizes)
     if stream[:1] == SHARED_CALL:  # names shared objects; the layout byte follows
         stream = stream[1:]
         if shared is None:
