@@ -5,10 +5,11 @@ Owns: the agent's loop (one thread, ``select``: a parent that is safe to fork), 
 the worker code once; fresh interpreters where fork is missing or
 ``SSHEXEC_AGENT_START=spawn``), relaying each worker's stdin, stdout and stderr over the
 channel as ``Data`` frames (never decoding them; what several workers wrote goes out in
-one write), reaping workers and reporting each exit status or signal exactly
-(``Exited``, after the last byte of that worker's stdout), signals on request, the blob
-store (``Store``: a map's function or an initializer, in a private directory its workers
-read), and liveness: when the channel closes, or the client has said nothing for
+one write; a worker is read only while the client has acknowledged all but ``WINDOW``
+of its bytes, ``Ack``), reaping workers and reporting each exit status or signal exactly
+(``Exited``, after the last byte of that worker's stdout), signals on request, handing
+``Store`` pieces and ``Forget`` to the blob store (``store``; one it cannot keep is
+reported, ``StoreFailed``), and liveness: when the channel closes, or the client has said nothing for
 ``silence_deadline`` seconds (a silent partition), every worker's process group is
 killed and the agent exits. Must not import: any client module, asyncio; and it must
 never start a thread.
@@ -16,19 +17,17 @@ never start a thread.
 
 from __future__ import annotations
 
-import errno
 import os
 import select
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from typing import Dict, List, Optional, Tuple
 
 from .._wire import protocol as proto
 from .fdio import Reader
 from .spawn import close, kill_group, start_worker
+from .store import BlobStore
 
 DEFAULT_SILENCE = 30.0  # seconds, until Configure says otherwise
 READ_SIZE = 1 << 20
@@ -38,7 +37,7 @@ OUT_HIGH_WATER = 16 << 20  # bytes queued for the client beyond which workers ar
 STDERR_LINGER = 0.5  # seconds an exited worker's stderr may stay open (a task's child has it)
 TERM_GRACE = 1.0  # seconds between SIGTERM and SIGKILL when the agent ends its workers
 ENDING_LIMIT = 10.0  # seconds an ending agent waits for its workers' last output
-BLOB_PREFIX = "sshexec-blobs-"
+HEAD_ROOM = 1 << 16  # bytes a frame from the client may carry beyond a CHUNK of data
 CLIENT_DONE = "the client is done"
 
 
@@ -78,13 +77,18 @@ class Child:
         self.close_input = False  # CloseInput arrived: close stdin once pending is written
         self.status: Optional[Tuple[int, int]] = None  # (exit status, signal) once reaped
         self.reaped_at = 0.0
+        self.unacked = 0  # bytes of its stdout and stderr sent and not acknowledged (Ack)
+
+    def wants_output(self) -> bool:
+        """Its stdout and stderr may be read: the client has taken all but a window."""
+        return self.unacked < proto.WINDOW
 
 
 class Agent:
     def __init__(self, frames_in: int, frames_out: int, stage1: bytes, bundle: bytes) -> None:
         self.frames_in, self.frames_out = frames_in, frames_out
         self.stage1, self.bundle = stage1, bundle  # to spawn fresh interpreters
-        self.decoder = proto.FrameDecoder()
+        self.decoder = proto.FrameDecoder(proto.CHUNK + HEAD_ROOM)
         self.reader = Reader(READ_SIZE)  # one buffer for every read: one thread
         self.out: List[proto.Buffer] = []  # frames for the client, in order
         self.out_bytes = 0
@@ -93,7 +97,7 @@ class Agent:
         self.heard = time.monotonic()
         self.ending = ""  # why the agent is ending, once it is
         self.ended_at = 0.0
-        self.blob_dir = _blob_dir()
+        self.blobs = BlobStore()
         self.spawn_only = not hasattr(os, "fork") or os.environ.get("SSHEXEC_AGENT_START") == (
             "spawn"
         )
@@ -115,7 +119,7 @@ class Agent:
                     break  # a worker whose stdout never closes: report what is known
         finally:
             self._flush(block=True)
-            shutil.rmtree(self.blob_dir, ignore_errors=True)
+            self.blobs.close()
 
     def _step(self) -> None:
         readers = [self._wake_r]
@@ -123,7 +127,8 @@ class Agent:
             readers.append(self.frames_in)
         if self.out_bytes < OUT_HIGH_WATER:
             for child in self.children.values():
-                readers += [fd for fd in (child.stdout, child.stderr) if fd is not None]
+                if self._may_read(child):
+                    readers += [fd for fd in (child.stdout, child.stderr) if fd is not None]
         writers = [c.stdin for c in self.children.values() if c.pending and c.stdin is not None]
         if self.out:
             writers.append(self.frames_out)
@@ -184,11 +189,19 @@ class Agent:
             child = self.children.get(message.slot)
             if child is not None and child.status is None:
                 kill_group(child.pid, message.signum)
+        elif isinstance(message, proto.Ack):
+            child = self.children.get(message.slot)
+            if child is not None:
+                child.unacked = max(0, child.unacked - message.count)
         elif isinstance(message, proto.Store):
-            self._store(message.key, message.data)
+            self._store(message)
+        elif isinstance(message, proto.Forget):
+            self.blobs.forget(message.key)
         elif isinstance(message, proto.Configure):
             self.silence = message.silence_deadline
-            self.decoder.max_frame = message.max_frame
+            # every frame from the client is at most a CHUNK of data (Store and Data
+            # come in pieces); its max_frame may be less, never more
+            self.decoder.max_frame = min(message.max_frame, proto.CHUNK) + HEAD_ROOM
         elif isinstance(message, proto.Shutdown):
             self._end(CLIENT_DONE)
 
@@ -231,13 +244,20 @@ class Agent:
         if count:
             self.out[0] = memoryview(self.out[0])[count:]
 
-    def _store(self, key: bytes, data: proto.Tail) -> None:
-        path = os.path.join(self.blob_dir, key.hex())
-        temporary = f"{path}.{os.getpid()}.tmp"
-        with open(temporary, "wb") as f:
-            for piece in proto.tail_pieces(data):
-                f.write(piece)
-        os.replace(temporary, path)
+    def _store(self, message: proto.Store) -> None:
+        """A piece of a blob; a blob no directory could keep is the client's to hear of
+        (the tasks naming it fail with the reason), never the agent's end."""
+        try:
+            reason = self.blobs.put(message.key, message.size, message.data)
+        except OSError as exc:  # defensive: the store reports what it expects
+            reason = f"{type(exc).__name__}: {exc}"
+        if reason is not None:
+            self._send(proto.StoreFailed(message.key, reason))
+
+    def _may_read(self, child: Child) -> bool:
+        """Read this worker now: the client keeps up with it (or is gone: then what is
+        left is read and dropped, so the worker's end is seen)."""
+        return child.wants_output() or bool(self.ending)
 
     # ---- workers ----------------------------------------------------------------------
 
@@ -251,7 +271,7 @@ class Agent:
             err_r, err_w = os.pipe()
             pipes = [in_r, in_w, out_r, out_w, err_r, err_w]
             pid = start_worker(
-                in_r, out_w, err_w, self.blob_dir, self.stage1 if self.spawn_only else None
+                in_r, out_w, err_w, self.blobs.path, self.stage1 if self.spawn_only else None
             )
         except OSError as exc:
             for fd in pipes:
@@ -300,6 +320,7 @@ class Agent:
             except OSError:
                 data = b""
             if data:
+                child.unacked += len(data)
                 self._send(proto.Data(child.slot, stream, data))
                 continue
             close(fd)
@@ -370,30 +391,6 @@ def _drain(fd: int) -> None:
             pass
     except OSError:
         pass
-
-
-def _blob_dir() -> str:
-    """A private directory for blobs; those of agents that died without cleaning up
-    (killed) are removed."""
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-    for name in os.listdir(base):
-        if name.startswith(BLOB_PREFIX):
-            pid = name[len(BLOB_PREFIX) :].split("-", 1)[0]
-            path = os.path.join(base, name)
-            try:
-                if os.stat(path).st_uid == os.getuid() and pid.isdigit() and not _alive(int(pid)):
-                    shutil.rmtree(path, ignore_errors=True)
-            except OSError:
-                pass
-    return tempfile.mkdtemp(prefix=f"{BLOB_PREFIX}{os.getpid()}-", dir=base)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as exc:
-        return exc.errno == errno.EPERM
-    return True
 
 
 def main(stage1: bytes, bundle: bytes) -> None:

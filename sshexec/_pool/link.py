@@ -213,6 +213,14 @@ class OutputGate:
             if not waiter.done():
                 waiter.set_result(None)
 
+    @property
+    def is_backlogged(self) -> bool:
+        return self.output.is_backlogged
+
+    async def drained(self) -> None:
+        """Until the output backlog is below the high-water mark (a session's ``Pace``)."""
+        await self.written(None)
+
     async def written(self, worker_id: Optional[str]) -> None:
         """Until ``worker_id``'s output is written (None: until the backlog is below the
         high-water mark)."""

@@ -53,6 +53,8 @@ class Starts:
             False: None if other_initializer is None else _side(init, other_initializer),
         }
         self.max_frame = init.max_frame
+        # the initializers' blobs: kept on every host for the pool's life
+        self.blob_keys = {side[1][0] for side in self._sides.values() if side and side[1]}
 
     def for_python(self, version: str) -> Optional[Tuple[proto.Init, Optional[Blob]]]:
         return self._sides[same_python(version)]
