@@ -441,10 +441,10 @@ class SSHPoolExecutor(Executor):
         return False
 
 
-def _released(loop: Any, keeper: Any) -> None:
+def _released(loop: Any, keeper: Any, keys: Any) -> None:
     """A map's function was collected (on whatever thread): its hosts may forget it."""
     try:
-        loop.call_soon_threadsafe(keeper.released)
+        loop.call_soon_threadsafe(keeper.released, keys)
     except RuntimeError:  # the loop is closed: the agents are gone with their blobs
         pass
 

@@ -9,17 +9,25 @@ tasks needing it with the reason and leaves the agent up; a shared object over
 
 from __future__ import annotations
 
+import concurrent.futures
+import gc
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
+
+from sshexec import SSHExecError, SSHPoolExecutor
+from sshexec._pool import blobs
+from sshexec._wire import calls
+from sshexec._wire import protocol as proto
 
 from .sshd import SSHServer, executor_kwargs
 
@@ -126,3 +134,226 @@ def test_a_task_outprinting_a_paused_client_waits_and_the_client_stays_small(
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+# ---- blobs -------------------------------------------------------------------------
+
+
+def closure_over(n: int, size: int = 2 << 20) -> Callable[[int], int]:
+    """A map function carrying ``size`` bytes of its own (a blob, stored once per host)."""
+    payload = bytes([n % 256]) * size
+
+    def f(x: int) -> int:
+        return x + len(payload) + payload[0]
+
+    return f
+
+
+def stored_files(base: Path) -> Dict[str, int]:
+    """The complete blobs in an agent's private directories under ``base``."""
+    found = {}
+    for f in base.glob("sshexec-blobs-*/*"):
+        if re.fullmatch(r"[0-9a-f]{64}", f.name):
+            try:
+                found[f.name] = f.stat().st_size
+            except FileNotFoundError:  # forgotten meanwhile
+                pass
+    return found
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def blob_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Local agents keep their blobs under this directory (and nowhere else)."""
+    base = tmp_path / "blobs"
+    base.mkdir()
+    monkeypatch.setenv("SSHEXEC_BLOB_DIRS", str(base))
+    return base
+
+
+def test_map_functions_are_forgotten_on_the_node_once_their_maps_are_done(
+    blob_base: Path,
+) -> None:
+    with SSHPoolExecutor(2) as ex:
+        for n in range(40):
+            fn = closure_over(n)
+            results = ex.map(fn, range(4))
+            assert next(results) == (2 << 20) + n
+            assert len(stored_files(blob_base)) == 1  # kept while its map lives
+            assert list(results) == [x + (2 << 20) + n for x in range(1, 4)]
+            del fn, results
+            gc.collect()
+            wait_until(
+                lambda: not stored_files(blob_base),
+                f"map {n}: the node still holds {stored_files(blob_base)}",
+            )
+        assert ex.stats(refresh=0)  # the pool is healthy
+    assert not list(blob_base.iterdir())  # the agent removed its directory at the end
+
+
+def test_blobs_nothing_needs_are_evicted_least_recently_used_and_stored_again(
+    blob_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    numpy = pytest.importorskip("numpy")
+    monkeypatch.setattr(blobs, "BUDGET", 5 << 20)
+    a, b, c = (numpy.full(1 << 18, fill, dtype=numpy.float64) for fill in (1, 2, 3))  # 2 MiB
+    keys = [calls.share(obj).hex() for obj in (a, b, c)]
+    with SSHPoolExecutor(1) as ex:
+        for obj in (a, b, c):
+            assert ex.submit(numpy.sum, obj).result(timeout=60) == obj.sum()
+        held = stored_files(blob_base)
+        assert keys[0] not in held and {keys[1], keys[2]} <= set(held)  # a: the oldest
+        assert ex.submit(numpy.sum, a).result(timeout=60) == a.sum()  # stored again
+        held = stored_files(blob_base)
+        assert keys[1] not in held and {keys[0], keys[2]} <= set(held)
+
+
+def test_a_shared_object_over_max_frame_fails_its_future_and_the_agent_stays_up(
+    make_executor: Callable[..., SSHPoolExecutor],
+) -> None:
+    numpy = pytest.importorskip("numpy")
+    ex = make_executor(1, max_frame=2 << 20)
+    big = numpy.ones(3 << 18)  # 6 MiB, named by reference: only its blob is big
+    calls.share(big)
+    future = ex.submit(numpy.sum, big)
+    concurrent.futures.wait([future], timeout=60)
+    with pytest.raises(ValueError, match="max_frame=2097152"):
+        future.result(timeout=0)
+    assert ex.submit(pow, 2, 10).result(timeout=60) == 1024  # same agent, later tasks run
+    small = numpy.arange(1 << 17, dtype=numpy.float64)  # 1 MiB: fits
+    calls.share(small)
+    assert ex.submit(numpy.sum, small).result(timeout=60) == small.sum()
+
+
+def test_a_blob_bigger_than_a_chunk_crosses_in_pieces(
+    make_executor: Callable[..., SSHPoolExecutor],
+) -> None:
+    numpy = pytest.importorskip("numpy")
+    big = numpy.random.default_rng(1).random((3 * proto.CHUNK) // 8 + 12345)
+    calls.share(big)
+    ex = make_executor(1)
+    assert ex.submit(numpy.sum, big).result(timeout=60) == big.sum()
+    sent: List[proto.Message] = []
+    host = blobs.HostBlobs(sent.append, proto.CHUNK)
+    data = pickle.dumps(big, protocol=5)
+    assert host.store(b"k" * 32, data) and not host.store(b"k" * 32, data)
+    pieces = [m.data for m in sent if isinstance(m, proto.Store)]
+    assert [sum(map(len, proto.tail_pieces(p))) for p in pieces] == [
+        proto.CHUNK,
+        proto.CHUNK,
+        proto.CHUNK,
+        len(data) - 3 * proto.CHUNK,
+    ]
+    assert all(isinstance(m, proto.Store) and m.size == len(data) for m in sent)
+
+
+# ---- a store that cannot keep a blob ---------------------------------------------
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (root only): a /dev/shm that is full."""
+    path = tmp_path / "tiny"
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_store_falls_back_to_the_next_directory(
+    tiny_tmpfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    monkeypatch.setenv("SSHEXEC_BLOB_DIRS", os.pathsep.join([str(tiny_tmpfs), str(disk)]))
+    with SSHPoolExecutor(1) as ex:
+        fn = closure_over(7)
+        assert list(ex.map(fn, [1])) == [1 + (2 << 20) + 7]
+        assert len(stored_files(disk)) == 1 and not stored_files(tiny_tmpfs)
+
+
+def test_a_blob_no_directory_can_keep_fails_its_tasks_clearly_and_the_agent_lives(
+    tiny_tmpfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    numpy = pytest.importorskip("numpy")
+    missing = tmp_path / "missing"
+    monkeypatch.setenv("SSHEXEC_BLOB_DIRS", os.pathsep.join([str(tiny_tmpfs), str(missing)]))
+
+    def check(error: BaseException) -> None:
+        assert isinstance(error, SSHExecError), repr(error)
+        message = str(error)
+        assert "could not keep a blob" in message
+        assert f"{tiny_tmpfs}: No space left on device" in message
+        assert f"{missing}: No such file or directory" in message
+
+    with SSHPoolExecutor(2) as ex:
+        with pytest.raises(SSHExecError) as raised:  # a map whose function is a blob
+            list(ex.map(closure_over(9), range(3), timeout=60))
+        check(raised.value)
+        shared = numpy.ones(1 << 18)  # a shared object, 2 MiB
+        calls.share(shared)
+        futures = [ex.submit(numpy.sum, shared) for _ in range(4)]
+        done, _ = concurrent.futures.wait(futures, timeout=60)
+        assert len(done) == 4
+        for future in futures:
+            check(future.exception(timeout=0))  # type: ignore[arg-type]
+        assert ex.submit(pow, 3, 3).result(timeout=60) == 27  # the agent lives on
+
+
+def test_the_node_store_takes_pieces_and_moves_a_blob_that_outgrows_its_directory(
+    tiny_tmpfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sshexec._node import store
+
+    monkeypatch.setattr(store, "_reserve", lambda fd, size: None)  # find out while writing
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    kept = store.BlobStore([str(tiny_tmpfs), str(disk)])
+    try:
+        data = os.urandom(3 << 20)
+        key = calls.blob_key(data)
+        for at in range(0, len(data), 1 << 19):  # in pieces; the tmpfs fills at 1 MiB
+            assert kept.put(key, len(data), data[at : at + (1 << 19)]) is None
+        assert (disk / Path(kept.dirs[1]).name / key.hex()).read_bytes() == data
+        assert not list(Path(kept.dirs[0]).iterdir())  # the partial copy is gone
+        small = b"small"
+        assert kept.put(calls.blob_key(small), len(small), small) is None
+        assert (Path(kept.dirs[0]) / calls.blob_key(small).hex()).read_bytes() == small
+        kept.forget(key)
+        assert not (Path(kept.dirs[1]) / key.hex()).exists()
+        fails = store.BlobStore([str(tiny_tmpfs)])
+        reason = fails.put(b"k" * 32, len(data), (data[:100], data[100:]))
+        assert reason == f"{tiny_tmpfs}: No space left on device"
+        fails.close()
+    finally:
+        kept.close()
+    assert not list(tiny_tmpfs.iterdir()) and not list(disk.iterdir())
+
+
+def test_a_worker_drops_kept_objects_whose_blobs_were_forgotten(tmp_path: Path) -> None:
+    from sshexec._node.lookups import Lookups
+
+    lookups = Lookups(str(tmp_path), lambda name: None)
+    keys = []
+    for n in range(2):
+        data = pickle.dumps(list(range(n + 3)))
+        keys.append(calls.blob_key(data))
+        (tmp_path / keys[-1].hex()).write_bytes(data)
+    assert lookups.shared_object(keys[0]) == [0, 1, 2]
+    (tmp_path / keys[0].hex()).unlink()  # the agent forgot it
+    assert lookups.shared_object(keys[1]) == [0, 1, 2, 3]
+    assert keys[0] not in lookups._shared and keys[1] in lookups._shared
+    with pytest.raises(LookupError, match="not in the agent's store"):
+        lookups.shared_object(keys[0])

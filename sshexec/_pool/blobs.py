@@ -93,17 +93,19 @@ class Claims:
     def __init__(self) -> None:
         self._claims: Dict[int, List[bytes]] = {}
 
-    def claim(self, owner: object, keys: List[bytes], on_release: Callable[[], None]) -> None:
+    def claim(
+        self, owner: object, keys: List[bytes], on_release: Callable[[Set[bytes]], None]
+    ) -> None:
         """``keys`` (a list ``owner`` may still append to) are wanted while ``owner``
-        lives; ``on_release`` runs, on whatever thread collects it, when it is gone."""
+        lives; ``on_release(keys)`` runs, on whatever thread collects it, when it is gone."""
         ident = id(owner)
         self._claims[ident] = keys
         weakref.finalize(owner, self._release, ident, on_release)
 
-    def _release(self, ident: int, on_release: Callable[[], None]) -> None:
-        self._claims.pop(ident, None)
+    def _release(self, ident: int, on_release: Callable[[Set[bytes]], None]) -> None:
+        keys = set(self._claims.pop(ident, ()))
         try:
-            on_release()
+            on_release(keys)
         except BaseException:  # the pool's loop is gone: nobody to tell
             pass
 
@@ -127,12 +129,13 @@ class Keeper:
     ) -> None:
         self._in_flight, self._hosts = in_flight, hosts
         self.pinned: Set[bytes] = set()  # never forgotten: the initializer, for the pool's life
-        self._claimed_seen: Set[bytes] = set()  # keys some claimant stood behind
+        self._released: Set[bytes] = set()  # keys whose claimant is gone, maybe still held
         self._due = False
         self._swept_at = 0.0
 
-    def released(self) -> None:
+    def released(self, keys: Set[bytes]) -> None:
         """A claimant is gone (posted by its finalizer): its blobs may go."""
+        self._released |= keys
         self._due = True
         self.sweep()
 
@@ -149,9 +152,7 @@ class Keeper:
 
     def sweep(self) -> None:
         self._due, self._swept_at = False, time.monotonic()
-        claimed = CLAIMS.claimed()
-        self._claimed_seen |= claimed
-        released = self._claimed_seen - claimed - self.pinned
+        released = self._released - CLAIMS.claimed() - self.pinned
         needed: Dict[int, Set[bytes]] = {}
         for host, blobs in self._in_flight():
             needed.setdefault(id(host), set()).update(key for key, _ in blobs)
@@ -161,5 +162,5 @@ class Keeper:
             wanted = needed.get(id(host), set()) | self.pinned
             left = host.sweep(wanted, released) or left
             still_held.update(host.held)
-        self._claimed_seen = claimed | (released & still_held)  # what may still need forgetting
+        self._released = released & still_held  # what may still need forgetting
         self._due = self._due or left
