@@ -51,8 +51,7 @@ class Lookups:
             except FileNotFoundError:
                 continue
         raise LookupError(
-            f"the blob {key.hex()[:16]} is not in the agent's store ({self.blob_dir}): "
-            "the agent could not keep it"
+            f"the blob {key.hex()[:16]} is not in the agent's store ({self.blob_dir})"
         )
 
     def _is_stored(self, key: bytes) -> bool:

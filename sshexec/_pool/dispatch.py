@@ -94,7 +94,12 @@ class Dispatcher:
             if message.task_id == proto.INIT_TASK_ID:
                 assert isinstance(message, proto.Failed)
                 link.init_failed = True
-                link.host.give_up(f"initializer failed: {message.type_name}: {message.message}")
+                failed = link.session.blobs.failed
+                kept = [failed[key] for key in self.keeper.pinned if key in failed]
+                link.host.give_up(
+                    f"initializer failed: {message.type_name}: {message.message}"
+                    + (f" (the agent could not keep it: {kept[0]})" if kept else "")
+                )
                 return
             self._on_outcome(link, message)
         elif isinstance(message, proto.Revoked):

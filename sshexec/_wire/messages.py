@@ -186,7 +186,7 @@ class Configure:
     """Client -> agent, first: its limits and deadline."""
 
     TAG: ClassVar[int] = 30
-    max_frame: int  # the client's max_frame: what one Store or Data may carry
+    max_frame: int  # the client's max_frame (frames from the client carry a CHUNK at most)
     silence_deadline: float  # seconds without a byte from the client before the agent quits
 
 
