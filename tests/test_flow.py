@@ -279,9 +279,10 @@ def test_a_full_store_falls_back_to_the_next_directory(
     disk.mkdir()
     monkeypatch.setenv("SSHEXEC_BLOB_DIRS", os.pathsep.join([str(tiny_tmpfs), str(disk)]))
     with SSHPoolExecutor(1) as ex:
-        fn = closure_over(7)
-        assert list(ex.map(fn, [1])) == [1 + (2 << 20) + 7]
-        assert len(stored_files(disk)) == 1 and not stored_files(tiny_tmpfs)
+        results = ex.map(closure_over(7), [1, 2])
+        assert next(results) == 1 + (2 << 20) + 7
+        assert len(stored_files(disk)) == 1 and not stored_files(tiny_tmpfs)  # map alive
+        assert list(results) == [2 + (2 << 20) + 7]
 
 
 def test_a_blob_no_directory_can_keep_fails_its_tasks_clearly_and_the_agent_lives(

@@ -61,10 +61,17 @@ class WorkerChannel:
         self._how = ""  # how it ended, once it has
         self._closed = False
         self._taken = 0  # bytes of its stdout and stderr consumed and not acknowledged
+        self._discarding = False  # killed: what it still sends is dropped and acknowledged
 
     # ---- fed by the session -------------------------------------------------------------
 
     def data(self, stream: int, data: bytes) -> None:
+        if self._discarding:  # so the agent reads on to its end and reports its exit
+            if stream == 2:
+                self.stderr.feed(data)
+            self._taken += len(data)
+            self.acknowledge()
+            return
         if stream == 1:
             self._chunks.append(data)
             self._readable.set()
@@ -122,6 +129,10 @@ class WorkerChannel:
     def kill(self) -> None:
         if not self._ended.is_set():
             self.session.send(proto.Signal(self.slot, int(signal.SIGKILL)))
+            self._discarding = True  # its output is nobody's any more: let it all through
+            self._taken += sum(map(len, self._chunks))
+            self._chunks.clear()
+            self.acknowledge()
 
     async def aclose(self, grace: float) -> None:
         if self._closed:
