@@ -358,3 +358,66 @@ def test_a_worker_drops_kept_objects_whose_blobs_were_forgotten(tmp_path: Path) 
     assert keys[0] not in lookups._shared and keys[1] in lookups._shared
     with pytest.raises(LookupError, match="not in the agent's store"):
         lookups.shared_object(keys[0])
+
+
+OTHERS = textwrap.dedent(
+    """
+    import json, os, sys, time
+    sys.path.insert(0, {root!r})
+    from sshexec import SSHPoolExecutor
+
+    def flood(progress):
+        pad = "x" * 990
+        for i in range({lines}):
+            print(f"{{i:08d}} {{pad}}")
+            if i % 500 == 0:
+                with open(progress, "w") as f:
+                    f.write(str(i))
+        return 0
+
+    with SSHPoolExecutor(2, **json.loads(os.environ["KW"])) as ex:
+        flooding = ex.submit(flood, {progress!r})
+        while not os.path.exists({progress!r}):
+            time.sleep(0.05)
+        for n in range(100_000):  # one at a time: each goes to the idle worker
+            assert ex.submit(pow, 2, n % 64).result(timeout=120) == 2 ** (n % 64)
+            with open({others!r}, "w") as f:
+                f.write(str(n))
+            if flooding.done():
+                break
+    """
+)
+
+
+def test_workers_that_print_nothing_go_on_while_another_outprints_a_paused_client(
+    child_kwargs: Dict[str, Any], tmp_path: Path
+) -> None:
+    progress, others = tmp_path / "progress", tmp_path / "others"
+    root = str(Path(__file__).resolve().parent.parent)
+    code = OTHERS.format(root=root, lines=LINES, progress=str(progress), others=str(others))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, "KW": json.dumps(child_kwargs)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        wait_until(lambda: _progress(progress).isdigit(), "the flood never started", 60)
+        time.sleep(3.0)  # the flood fills what it may and blocks
+        held = _progress(progress)
+        assert held.isdigit() and int(held) < LINES // 2
+        done = _progress(others)
+        wait_until(
+            lambda: _progress(others).isdigit() and int(_progress(others)) > int(done or 0) + 50,
+            f"the other worker's results stopped too (at {_progress(others)})",
+            20,
+        )
+        assert _progress(progress) == held or int(_progress(progress)) < LINES // 2
+        lines = sum(1 for line in proc.stdout if b" xxxx" in line)
+        assert proc.wait(timeout=120) == 0
+        assert lines == LINES
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()

@@ -6,8 +6,8 @@ reader that hands each worker's bytes to its ``WorkerChannel``; every worker's w
 coalesced into one pipe write per loop pass; spawning and signalling workers; blobs
 stored once per host (``store``, kept in ``blobs``: see ``blobs.HostBlobs``); the
 acknowledgements (``Ack``) that let the agent read a worker on: sent as the link reader
-takes its stdout and the output router its stderr, held while the router is backlogged
-(``Pace``), so a worker that outprints the client waits, with at most a ``WINDOW`` of
+takes its stdout and the output router its stderr (held while the router is backlogged,
+``Pace``), so a worker that outprints the client waits, with at most a ``WINDOW`` of
 its bytes on the way or in the client's memory; liveness (a ``Ping`` every ``keepalive_interval``;
 the session is lost when the agent has been silent for three of them, as the agent
 quits when the client is); and its end, which ends every worker channel with the
@@ -60,7 +60,8 @@ class WorkerChannel:
         self._ended = asyncio.Event()  # Exited arrived, or the session was lost
         self._how = ""  # how it ended, once it has
         self._closed = False
-        self._taken = 0  # bytes of its stdout and stderr consumed and not acknowledged
+        self._taken = 0  # bytes of its stdout the reader took, not acknowledged yet
+        self._stderr = 0  # bytes of its stderr given to the output router, likewise
         self._discarding = False  # killed: what it still sends is dropped and acknowledged
 
     # ---- fed by the session -------------------------------------------------------------
@@ -76,19 +77,20 @@ class WorkerChannel:
             self._chunks.append(data)
             self._readable.set()
         else:
-            self.stderr.feed(data)  # to the output router, which paces the acknowledgement
-            self._took(len(data))
+            self.stderr.feed(data)  # to the output router: acknowledged as it keeps up
+            self._stderr += len(data)
+            if self._stderr >= ACK_EVERY:
+                self.session.ack(self)
 
-    def _took(self, count: int) -> None:
-        self._taken += count
-        if self._taken >= ACK_EVERY:
-            self.session.ack(self)
-
-    def acknowledge(self) -> None:
-        """Tell the agent what was taken: it may read that much more of this worker."""
-        if self._taken and not self._ended.is_set():
-            self.session.send(proto.Ack(self.slot, self._taken))
+    def acknowledge(self, stderr: bool = True) -> None:
+        """Tell the agent what was taken (of stdout; and of stderr, unless the output
+        router is behind): it may read that much more of this worker."""
+        count = self._taken + (self._stderr if stderr else 0)
         self._taken = 0
+        if stderr:
+            self._stderr = 0
+        if count and not self._ended.is_set():
+            self.session.send(proto.Ack(self.slot, count))
 
     def ended(self, how: str) -> None:
         if not self._ended.is_set():
@@ -106,7 +108,9 @@ class WorkerChannel:
             self._readable.clear()
             await self._readable.wait()
         chunk = self._chunks.popleft()
-        self._took(len(chunk))
+        self._taken += len(chunk)  # the reader paces itself (WorkerLink): no router wait
+        if self._taken >= ACK_EVERY:
+            self.acknowledge(stderr=False)
         return chunk
 
     def write(self, data: proto.Buffer) -> None:
@@ -233,8 +237,8 @@ class HostSession:
     # ---- flow control -------------------------------------------------------------------
 
     def ack(self, channel: WorkerChannel) -> None:
-        """``channel``'s consumer took a quarter window: acknowledge it, unless the
-        output router is backlogged (then once it has caught up)."""
+        """The output router took a quarter window of ``channel``'s stderr: acknowledge
+        it, unless the router is backlogged (then once it has caught up)."""
         pace = self.pace
         if pace is None or not pace.is_backlogged:
             channel.acknowledge()
