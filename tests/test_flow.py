@@ -421,3 +421,15 @@ def test_workers_that_print_nothing_go_on_while_another_outprints_a_paused_clien
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def test_a_blob_over_the_budget_goes_once_its_last_task_has_ended(
+    blob_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    numpy = pytest.importorskip("numpy")
+    monkeypatch.setattr(blobs, "BUDGET", 1 << 20)
+    big = numpy.ones(1 << 18)  # 2 MiB: over the budget by itself, kept while needed
+    calls.share(big)
+    with SSHPoolExecutor(1) as ex:
+        assert ex.submit(numpy.sum, big).result(timeout=60) == big.sum()
+        wait_until(lambda: not stored_files(blob_base), "the blob stayed over the budget", 10)

@@ -8,15 +8,17 @@ iterator or one of its tasks lives) and ``Keeper`` (the pool's sweep: a blob no 
 that host still needs is forgotten once its claimant is gone, or when the host holds
 more than ``BUDGET`` bytes, least recently used first). A blob needed again after it
 was forgotten is simply stored again. Loop thread only, except ``Claims.claim`` and
-the release it posts. Must not import: asyncio, subprocess, asyncssh.
+the release it posts; asyncio only for the timer of a sweep retried later. Must not
+import: subprocess, asyncssh.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import time
 import weakref
-from typing import Callable, Dict, Final, Iterable, List, Set, Tuple
+from typing import Callable, Dict, Final, Iterable, List, Optional, Set, Tuple
 
 from .._wire import protocol as proto
 
@@ -132,6 +134,7 @@ class Keeper:
         self._released: Set[bytes] = set()  # keys whose claimant is gone, maybe still held
         self._due = False
         self._swept_at = 0.0
+        self._later: Optional[asyncio.TimerHandle] = None
 
     def released(self, keys: Set[bytes]) -> None:
         """A claimant is gone (posted by its finalizer): its blobs may go."""
@@ -146,9 +149,20 @@ class Keeper:
             self.sweep()
 
     def maybe_sweep(self) -> None:
-        """After replies: sweep again when an earlier sweep left something behind."""
+        """After replies, or a while after a sweep that left something behind (a blob
+        still needed): sweep again, at most every ``SWEEP_EVERY`` seconds."""
         if self._due and time.monotonic() - self._swept_at > SWEEP_EVERY:
             self.sweep()
+
+    def _sweep_later(self) -> None:
+        if self._later is None:
+            self._later = asyncio.get_running_loop().call_later(SWEEP_EVERY, self._retry)
+
+    def _retry(self) -> None:
+        self._later = None
+        self.maybe_sweep()
+        if self._due:
+            self._sweep_later()
 
     def sweep(self) -> None:
         self._due, self._swept_at = False, time.monotonic()
@@ -163,4 +177,6 @@ class Keeper:
             left = host.sweep(wanted, released) or left
             still_held.update(host.held)
         self._released = released & still_held  # what may still need forgetting
-        self._due = self._due or left
+        if left:  # looked at again when the tasks needing it may have ended
+            self._due = True
+            self._sweep_later()
