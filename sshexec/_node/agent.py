@@ -8,10 +8,10 @@ channel as ``Data`` frames (never decoding them; what several workers wrote goes
 one write; a worker is read only while the client has acknowledged all but ``WINDOW``
 of its bytes, ``Ack``), reaping workers and reporting each exit status or signal exactly
 (``Exited``, after the last byte of that worker's stdout), signals on request, handing
-``Store`` pieces and ``Forget`` to the blob store (``store``; one it cannot keep is
-reported, ``StoreFailed``), and liveness: when the channel closes, or the client has said nothing for
-``silence_deadline`` seconds (a silent partition), every worker's process group is
-killed and the agent exits. Must not import: any client module, asyncio; and it must
+``Store`` pieces and ``Forget`` to the blob store (``store``; a blob it cannot keep is
+reported, ``StoreFailed``), and liveness: when the channel closes, or the client has
+said nothing for ``silence_deadline`` seconds (a silent partition), every worker's
+process group is killed and the agent exits. Must not import: any client module, asyncio; and it must
 never start a thread.
 """
 
