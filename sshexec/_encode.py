@@ -13,7 +13,7 @@ beyond ``_pool.versions``, or do I/O.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from ._pool.versions import describe
 from ._wire import calls
@@ -41,6 +41,8 @@ class MapFunction:
         if len(self.data) > max_frame - FRAME_OVERHEAD:
             self.data = None  # each item's own call then fails with the size error
         self.stored = _stored(self.data)
+        # the keys of its stored blobs, for as long as it lives (blobs.Claims)
+        self.keys: List[bytes] = [self.stored[0]] if self.stored is not None else []
         self._portable: Optional[Tuple[Optional[bytes], Optional[Blob]]] = None
 
     def portable(self) -> Tuple[Optional[bytes], Optional[Blob]]:
@@ -50,6 +52,8 @@ class MapFunction:
             if calls.carried_code():
                 data = None
             self._portable = (data, _stored(data))
+            if self._portable[1] is not None:
+                self.keys.append(self._portable[1][0])
         return self._portable
 
 
@@ -98,6 +102,18 @@ def encode(
                 if not calls.carried_code():
                     other = (portable, _with_stored(stored, calls.shared_blobs()))
     return Encoded(payload, size, blobs, None if other else describe(fn), other)
+
+
+def on_wire(encoded: Encoded) -> int:
+    """Bytes of the call with every blob it names: what must fit in ``max_frame``."""
+    sizes = [_on_wire(encoded.payload, encoded.blobs)]
+    if encoded.other is not None:
+        sizes.append(_on_wire(*encoded.other))
+    return max(sizes)
+
+
+def _on_wire(payload: calls.Payload, blobs: Tuple[Blob, ...]) -> int:
+    return calls.size(payload) + len(payload[1]) + sum(len(data) for _, data in blobs)
 
 
 def _with_stored(stored: Optional[Blob], shared: Tuple[Blob, ...]) -> Tuple[Blob, ...]:

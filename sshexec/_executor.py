@@ -31,12 +31,13 @@ from typing import (
 )
 
 from ._config import Settings
-from ._encode import FRAME_OVERHEAD, Encoded, MapFunction, encode
+from ._encode import FRAME_OVERHEAD, Encoded, MapFunction, encode, on_wire
 from ._hosts import build_transports, resolve_hosts
 from ._logs import logger
 from ._loop import Runtime, is_exiting
 from ._mapresults import MapItem, MapResults, flatten, in_chunks, ordered_results
 from ._output import OutputRouter
+from ._pool.blobs import CLAIMS
 from ._pool.link import STARTUP_TIMEOUT
 from ._pool.pool import Pool
 from ._pool.supervisor import snapshot
@@ -86,7 +87,9 @@ class SSHPoolExecutor(Executor):
         max_retries: How many more times a task is run when the worker running it dies
             (default 1). Exceptions raised by the callable are never retried.
         prefetch: Tasks kept in flight per worker so the link never idles (default 2).
-        max_frame: Largest pickled call or result, in bytes (default 1 GiB).
+        max_frame: Largest pickled call or result, in bytes (default 1 GiB). A call
+            counts with every blob it names (a ``map``'s big function, objects shared
+            with ``share``): the call and those blobs must fit in ``max_frame`` together.
         shutdown_grace: Seconds a worker gets to exit after shutdown before it is killed.
         reconnect_grace: Seconds a host that went away is waited for (reconnecting with
             backoff) before its tasks fail or, with no host left, the pool is broken.
@@ -303,11 +306,13 @@ class SSHPoolExecutor(Executor):
             failure = pickle.PicklingError(f"pickling the call raised {type(exc).__name__}: {exc}")
             failure.__cause__ = exc
         if encoded is not None:
-            on_wire = encoded.size + len(encoded.payload[1])  # and the buffers' sizes
-            if on_wire > self._max_frame - FRAME_OVERHEAD:
+            size = on_wire(encoded)  # with its buffers' sizes and the blobs it names
+            if size > self._max_frame - FRAME_OVERHEAD:
                 failure = ValueError(
-                    f"the pickled call is {on_wire} bytes, over max_frame={self._max_frame}; "
-                    "send less data per call or raise max_frame"
+                    f"the pickled call is {size} bytes with the stored function and shared "
+                    f"objects it names, over max_frame={self._max_frame} (the call and every "
+                    "blob it names must fit in max_frame together); send less data per call "
+                    "or raise max_frame"
                 )
         runtime = self._runtime
         task_id = next(self._task_ids)
@@ -375,6 +380,9 @@ class SSHPoolExecutor(Executor):
             raise
         except BaseException:  # each item's own pickling then fails its slot, and says why
             function = None
+        if function is not None:  # its blobs may be forgotten on the hosts once it is gone
+            loop, keeper = self._runtime.loop, self._pool.dispatch.keeper
+            CLAIMS.claim(function, function.keys, functools.partial(_released, loop, keeper))
         shared = MapResults()  # one condition for all items: no Future per item
         executor = weakref.ref(self)  # an abandoned iterator must not keep the executor alive
 
@@ -431,6 +439,14 @@ class SSHPoolExecutor(Executor):
         else:
             self._runtime.shutdown(wait=True, cancel_futures=True, bounded=True)
         return False
+
+
+def _released(loop: Any, keeper: Any, keys: Any) -> None:
+    """A map's function was collected (on whatever thread): its hosts may forget it."""
+    try:
+        loop.call_soon_threadsafe(keeper.released, keys)
+    except RuntimeError:  # the loop is closed: the agents are gone with their blobs
+        pass
 
 
 def _on_done(runtime: Runtime, task_id: int, future: Future[Any]) -> None:

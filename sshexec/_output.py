@@ -10,9 +10,10 @@ router's own (``sshexec-output-<n>``, started on the first line): a slow consume
 (``| less``), a blocked terminal or a logging handler that raises never stops the
 loop thread, so the results of workers that print nothing keep coming. The pool
 keeps a worker's results behind its output (``pending``: a Future resolves after its
-task's prints are written) and stops reading from workers while more than
-``HIGH_WATER`` bytes wait to be written, so a worker that outprints the consumer
-waits, as a local process blocked on a full pipe does. Must not import: asyncio, the
+task's prints are written) and stops reading from workers whose output is waiting
+while more than ``HIGH_WATER`` bytes wait to be written, so a worker that outprints the
+consumer waits (its agent stops reading it), as a local process blocked on a full pipe
+does, and workers that print nothing go on. Must not import: asyncio, the
 pool, or anything about frames beyond ``_wire.protocol``'s message classes.
 """
 

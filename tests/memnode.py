@@ -183,8 +183,13 @@ class SimAgent:
             worker = self.workers.get(message.slot)
             if worker is not None:
                 worker.die(0, message.signum)
-        elif isinstance(message, proto.Store):
-            self.blobs[message.key] = bytes(message.data)  # type: ignore[arg-type]
+        elif isinstance(message, proto.Store):  # in pieces: a piece after a whole one restarts
+            held = self.blobs.get(message.key, b"")
+            if len(held) >= message.size:
+                held = b""
+            self.blobs[message.key] = held + bytes(message.data)  # type: ignore[arg-type]
+        elif isinstance(message, proto.Forget):
+            self.blobs.pop(message.key, None)
         elif isinstance(message, proto.Ping):
             self._say(proto.Pong(message.nonce))
         elif isinstance(message, proto.Shutdown):

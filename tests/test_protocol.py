@@ -16,6 +16,7 @@ from sshexec._wire.protocol import (
     DEFAULT_MAX_FRAME,
     HEADER,
     MAX_FRAME_LIMIT,
+    Ack,
     CloseInput,
     Configure,
     Data,
@@ -23,6 +24,7 @@ from sshexec._wire.protocol import (
     Exited,
     Failed,
     Fetch,
+    Forget,
     FrameDecoder,
     FrameError,
     Hello,
@@ -43,6 +45,7 @@ from sshexec._wire.protocol import (
     Spawned,
     SpawnFailed,
     Store,
+    StoreFailed,
 )
 
 FUZZ = settings(
@@ -98,11 +101,16 @@ SAMPLES: List[Message] = [
     Data(2**31, 2, b""),
     CloseInput(3),
     Signal(4, 9),
-    Store(b"k" * 32, b"\x80\x05a pickled function" * 50),
+    Store(b"k" * 32, 1000, b"\x80\x05a pickled function" * 50),
+    Store(b"k" * 32, 3 << 20, b""),
+    Ack(1, 2 << 20),
+    Ack(2**31, 0),
+    Forget(b"k" * 32),
     Spawned(1, 31337),
     Exited(1, 0, 9),
     Exited(2, 7, 0),
     SpawnFailed(5, "OSError: [Errno 11] Resource temporarily unavailable"),
+    StoreFailed(b"k" * 32, "/dev/shm: No space left on device; /tmp: No space left on device"),
 ]
 
 

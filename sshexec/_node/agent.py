@@ -5,8 +5,10 @@ FD_SETSIZE limit; each descriptor registered once and changed only when what is 
 it changes), the channel to the client (commands in; what the workers wrote, as ``Data``
 frames, many to one write), its workers through ``children.Children`` (forked from this
 pristine parent, which has imported the worker code once; fresh interpreters where fork
-is missing or ``SSHEXEC_AGENT_START=spawn``), the blob store (``Store``: a map's function
-or an initializer, in a private directory its workers read), and the end: when the
+is missing or ``SSHEXEC_AGENT_START=spawn``; a worker is read only while the client has
+acknowledged all but ``WINDOW`` of its bytes, ``Ack``), handing ``Store`` pieces and
+``Forget`` to the blob store (``store.BlobStore``; a blob it cannot keep is reported,
+``StoreFailed``), and the end: when the
 channel closes, the client has said nothing for ``silence_deadline`` seconds (a silent
 partition), it sends ``Shutdown``, or the agent gets SIGTERM or SIGHUP, every worker and
 everything a worker started (the agent is their child subreaper on Linux) gets SIGTERM,
@@ -16,12 +18,9 @@ Must not import: any client module, asyncio; and it must never start a thread.
 
 from __future__ import annotations
 
-import errno
 import os
 import select
-import shutil
 import signal
-import tempfile
 import time
 from typing import Dict, List
 
@@ -29,6 +28,7 @@ from .._wire import protocol as proto
 from . import reaper
 from .children import Children
 from .fdio import Reader
+from .store import BlobStore
 
 DEFAULT_SILENCE = 30.0  # seconds, until Configure says otherwise
 READ_SIZE = 1 << 20
@@ -36,7 +36,7 @@ IOV_LIMIT = 512  # frames per writev, under every system's IOV_MAX
 OUT_HIGH_WATER = 16 << 20  # bytes queued for the client beyond which workers are not read
 TERM_GRACE = 1.0  # seconds between SIGTERM and SIGKILL when the agent ends its workers
 ENDING_LIMIT = 10.0  # seconds an ending agent waits for its workers' last output
-BLOB_PREFIX = "sshexec-blobs-"
+HEAD_ROOM = 1 << 16  # bytes a frame from the client may carry beyond a CHUNK of data
 CLIENT_DONE = "the client is done"
 
 
@@ -55,7 +55,7 @@ def _write_many(fd: int, pieces: List[proto.Buffer]) -> int:
 class Agent:
     def __init__(self, frames_in: int, frames_out: int, stage1: bytes, bundle: bytes) -> None:
         self.frames_in, self.frames_out = frames_in, frames_out
-        self.decoder = proto.FrameDecoder()
+        self.decoder = proto.FrameDecoder(proto.CHUNK + HEAD_ROOM)
         self.reader = Reader(READ_SIZE)  # one buffer for every read: one thread
         self.out: List[proto.Buffer] = []  # frames for the client, in order
         self.out_bytes = 0
@@ -67,13 +67,13 @@ class Agent:
         self.ended_at = 0.0
         self.killed = False  # ending: SIGKILL has followed SIGTERM
         self.stop_signal = 0  # a signal that asks the agent to end (SIGTERM, SIGHUP)
-        self.blob_dir = _blob_dir()
+        self.blobs = BlobStore()
         spawn_only = not hasattr(os, "fork") or os.environ.get("SSHEXEC_AGENT_START") == "spawn"
         self.children = Children(
             self._send,
             self._watch,
             self.reader,
-            self.blob_dir,
+            self.blobs.path,
             (stage1, bundle) if spawn_only else None,
         )
         self._wake_r, self._wake_w = os.pipe()  # a signal (SIGCHLD) wakes the poll
@@ -101,7 +101,7 @@ class Agent:
         finally:
             self.finish()
             self._flush(block=True)
-            shutil.rmtree(self.blob_dir, ignore_errors=True)
+            self.blobs.close()
 
     def _stop(self, signum: int, frame: object) -> None:
         self.stop_signal = signum  # acted on by the loop, never inside a handler
@@ -192,11 +192,17 @@ class Agent:
             self.children.close_input(message.slot)
         elif isinstance(message, proto.Signal):
             self.children.signal(message.slot, message.signum)
+        elif isinstance(message, proto.Ack):
+            self.children.ack(message.slot, message.count)
         elif isinstance(message, proto.Store):
-            self._store(message.key, message.data)
+            self._store(message)
+        elif isinstance(message, proto.Forget):
+            self.blobs.forget(message.key)
         elif isinstance(message, proto.Configure):
             self.silence = message.silence_deadline
-            self.decoder.max_frame = message.max_frame
+            # every frame from the client is at most a CHUNK of data (Store and Data
+            # come in pieces); its max_frame may be less, never more
+            self.decoder.max_frame = min(message.max_frame, proto.CHUNK) + HEAD_ROOM
         elif isinstance(message, proto.Shutdown):
             self._end(CLIENT_DONE)
 
@@ -237,15 +243,15 @@ class Agent:
         if count:
             self.out[0] = memoryview(self.out[0])[count:]
 
-    def _store(self, key: bytes, data: proto.Tail) -> None:
-        path = os.path.join(self.blob_dir, key.hex())
-        temporary = f"{path}.{os.getpid()}.tmp"
-        with open(temporary, "wb") as f:
-            for piece in proto.tail_pieces(data):
-                f.write(piece)
-        os.replace(temporary, path)
-
-    # ---- workers ----------------------------------------------------------------------
+    def _store(self, message: proto.Store) -> None:
+        """A piece of a blob; a blob no directory could keep is the client's to hear of
+        (the tasks naming it fail with the reason), never the agent's end."""
+        try:
+            reason = self.blobs.put(message.key, message.size, message.data)
+        except OSError as exc:  # defensive: the store reports what it expects
+            reason = f"{type(exc).__name__}: {exc}"
+        if reason is not None:
+            self._send(proto.StoreFailed(message.key, reason))
 
     # ---- the end ----------------------------------------------------------------------
 
@@ -257,6 +263,7 @@ class Agent:
         self.ending, self.ended_at = why, time.monotonic()
         self._watch(self.frames_in, 0)
         self.children.signal_all(signal.SIGTERM)
+        self.children.ignore_window()  # nobody will acknowledge: read to the end, to see it
         count = len(self.children.by_slot)
         if count or why != CLIENT_DONE:
             _log(f"sshexec agent: {why}; ending its {count} workers")
@@ -299,30 +306,6 @@ def _drain(fd: int) -> None:
             pass
     except OSError:
         pass
-
-
-def _blob_dir() -> str:
-    """A private directory for blobs; those of agents that died without cleaning up
-    (killed) are removed."""
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-    for name in os.listdir(base):
-        if name.startswith(BLOB_PREFIX):
-            pid = name[len(BLOB_PREFIX) :].split("-", 1)[0]
-            path = os.path.join(base, name)
-            try:
-                if os.stat(path).st_uid == os.getuid() and pid.isdigit() and not _alive(int(pid)):
-                    shutil.rmtree(path, ignore_errors=True)
-            except OSError:
-                pass
-    return tempfile.mkdtemp(prefix=f"{BLOB_PREFIX}{os.getpid()}-", dir=base)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as exc:
-        return exc.errno == errno.EPERM
-    return True
 
 
 def main(stage1: bytes, bundle: bytes) -> None:

@@ -2,7 +2,8 @@
 
 Owns: ``Children``, the table of the agent's workers (by slot, by pid until reaped),
 starting one (``spawn.start_worker``), writing its stdin, relaying what it writes to its
-stdout and stderr as ``Data`` (never decoded), reaping it, ending what it left running
+stdout and stderr as ``Data`` (never decoded; read only while the client has acknowledged
+all but ``WINDOW`` of a worker's bytes, ``Ack``), reaping it, ending what it left running
 (``_bury``: its process group at once, with ``/proc`` its session and their descendants)
 and reporting ``Exited`` exactly, after the last byte of its stdout (at once when its
 pipes close, else after ``LINGER``: a process that escaped the kill holds them). The agent
@@ -53,6 +54,11 @@ class Child:
         self.close_input = False  # CloseInput arrived: close stdin once pending is written
         self.status: Optional[Tuple[int, int]] = None  # (exit status, signal) once reaped
         self.reaped_at = 0.0
+        self.unacked = 0  # bytes of its stdout and stderr sent and not acknowledged (Ack)
+
+    def wants_output(self) -> bool:
+        """Its stdout and stderr may be read: the client has taken all but a window."""
+        return self.unacked < proto.WINDOW
 
 
 class Children:
@@ -74,6 +80,7 @@ class Children:
         self.exited: List[Child] = []  # reaped; Exited follows their output's end
         self.streams: Dict[int, Tuple[Child, int]] = {}  # fd -> its child, 0 (stdin), 1 or 2
         self.reading = True  # their outputs are watched (the client keeps up)
+        self.windowed = True  # each worker is read only within its window (until the end)
         self.subreaper = False  # orphaned descendants of workers come to the agent
 
     def ready(self, fd: int) -> None:
@@ -101,6 +108,29 @@ class Children:
         if child is not None:
             child.close_input = True
             self._write_input(child)
+
+    def ack(self, slot: int, count: int) -> None:
+        """The client took ``count`` more bytes of this worker's output."""
+        child = self.by_slot.get(slot)
+        if child is not None:
+            was = self._may_read(child)
+            child.unacked = max(0, child.unacked - count)
+            if not was and self._may_read(child):
+                self._watch_output(child, True)
+
+    def ignore_window(self) -> None:
+        """The agent is ending: what the workers still write is read to its end, whoever
+        acknowledges it (so each worker's end is seen)."""
+        self.windowed = False
+        self.read_all(self.reading)
+
+    def _may_read(self, child: Child) -> bool:
+        return self.reading and (child.wants_output() or not self.windowed)
+
+    def _watch_output(self, child: Child, on: bool) -> None:
+        for fd in (child.stdout, child.stderr):
+            if fd is not None:
+                self.watch(fd, select.POLLIN if on else 0)
 
     def signal(self, slot: int, signum: int) -> None:
         child = self.by_slot.get(slot)
@@ -133,9 +163,8 @@ class Children:
         child = Child(slot, pid, in_w, out_r, err_r)
         self.by_slot[slot] = self.running[pid] = child
         self.streams.update({in_w: (child, 0), out_r: (child, 1), err_r: (child, 2)})
-        if self.reading:
-            self.watch(out_r, select.POLLIN)
-            self.watch(err_r, select.POLLIN)
+        if self._may_read(child):
+            self._watch_output(child, True)
         self.send(proto.Spawned(slot, pid))
         if self.boot:  # a fresh interpreter: it reads stage 1 and the bundle first
             stage1, bundle = self.boot
@@ -177,7 +206,11 @@ class Children:
         except OSError:
             data = b""
         if data:
+            child.unacked += len(data)
             self.send(proto.Data(child.slot, stream, data))
+            if child.status is None and not self._may_read(child):
+                self._watch_output(child, False)  # until the client acknowledges (ack)
+                return False
             return True
         self._close(child, stream)
         return False
@@ -201,9 +234,7 @@ class Children:
         unregistered, since a closed pipe would wake the poll for nothing)."""
         self.reading = on
         for child in self.by_slot.values():
-            for fd in (child.stdout, child.stderr):
-                if fd is not None:
-                    self.watch(fd, select.POLLIN if on else 0)
+            self._watch_output(child, self._may_read(child))
 
     def reap(self) -> None:
         while True:

@@ -1,9 +1,12 @@
 """What a worker looks up while it unpickles a call: the agent's blobs, a map's stored
 function, shared objects, and, for a client of another Python version, its script.
 
-Owns: ``Lookups``: reading blobs from the agent's store (``blob_dir``; each arrived
-before the first command naming it), keeping the last few stored functions and shared
-objects unpickled (shared ones read-only where they can be, as joblib's memmaps are),
+Owns: ``Lookups``: reading blobs from the agent's store (``blob_dir``: its directories,
+an ``os.pathsep`` list; each blob arrived before the first command naming it), keeping
+the last few stored functions and shared objects unpickled (shared ones read-only where
+they can be, as joblib's memmaps are; one whose blob the agent has since deleted, told
+by the client that nothing needs it, is dropped at the next miss or within
+``PRUNE_EVERY`` seconds of use),
 and ``find_in_script``: the globals of the client's ``__main__`` are the script's,
 fetched from the client and run once as ``__mp_main__`` (as ``multiprocessing``'s spawn
 does; its ``if __name__ == "__main__":`` part does not run). Shipped to nodes. Must not
@@ -15,6 +18,7 @@ from __future__ import annotations
 import linecache
 import os
 import sys
+import time
 import types
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -22,6 +26,7 @@ from .._wire import calls, carried, shared
 from .._wire import protocol as proto
 
 KEEP = 4  # stored functions (and shared objects) a worker keeps unpickled
+PRUNE_EVERY = 1.0  # seconds between checks that kept objects' blobs are still stored
 MAIN, SCRIPT = "__main__", "__mp_main__"  # the client's script, and its name here
 
 
@@ -35,12 +40,34 @@ class Lookups:
         self._shared: Dict[bytes, Any] = {}
         self._script: Optional[types.ModuleType] = None
         self.where = "this node"  # named in errors: set from Init (host, hostname, Python)
+        self._pruned = 0.0
 
     def blob(self, key: bytes) -> bytes:
         if self.blob_dir is None:
             raise LookupError("this worker has no agent store to read stored blobs from")
-        with open(os.path.join(self.blob_dir, key.hex()), "rb") as f:
-            return f.read()
+        for folder in self.blob_dir.split(os.pathsep):
+            try:
+                with open(os.path.join(folder, key.hex()), "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                continue
+        raise LookupError(
+            f"the blob {key.hex()[:16]} is not in the agent's store ({self.blob_dir})"
+        )
+
+    def _is_stored(self, key: bytes) -> bool:
+        folders = self.blob_dir.split(os.pathsep) if self.blob_dir else []
+        return any(os.path.exists(os.path.join(f, key.hex())) for f in folders)
+
+    def _kept(self, cache: Dict[bytes, Any], key: bytes, load: Callable[[], Any]) -> Any:
+        """``cache[key]``, loaded when missing; the last ``KEEP`` used stay, and only
+        while their blobs are stored (a forgotten one is not held for ever)."""
+        if key not in cache or time.monotonic() - self._pruned > PRUNE_EVERY:
+            self._pruned = time.monotonic()
+            for kept in (self._functions, self._shared):
+                for other in [k for k in kept if k != key and not self._is_stored(k)]:
+                    del kept[other]
+        return _kept(cache, key, load)
 
     def stored_function(self, key: bytes) -> Any:
         """A map's stored function, unpickled once per worker for all its items."""
@@ -52,7 +79,7 @@ class Lookups:
             finally:
                 carried.note(outer)
 
-        function, values = _kept(self._functions, key, load)
+        function, values = self._kept(self._functions, key, load)
         carried.note(values)  # the globals it read when pickled: for each call again
         return function
 
@@ -69,7 +96,7 @@ class Lookups:
                     pass
             return obj
 
-        return _kept(self._shared, key, load)
+        return self._kept(self._shared, key, load)
 
     def find_in_script(self, module: str, name: str, find: calls.FindClass) -> Any:
         if module not in (MAIN, SCRIPT):

@@ -3,22 +3,24 @@
 Owns: ``Dispatcher``: turning the table's placements into ``Run`` and ``Revoke``
 frames coalesced per worker, the replies of each link (``Done``/``Failed`` end their
 task through the table; ``Revoked`` puts it back; a failed initializer gives the host
-up), retiring a worker that has used its ``max_tasks_per_child``, and adaptive
-prefetch (a worker's depth from its round trip and mean task time). Loop thread only.
+up), retiring a worker that has used its ``max_tasks_per_child``, adaptive
+prefetch (a worker's depth from its round trip and mean task time), and when to sweep
+the hosts' blobs (``blobs.Keeper``: it sees which blobs the tasks sent still need). Loop thread only.
 Must not import: subprocess or asyncssh, or touch hosts, links' channels or shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
-from .._errors import ResultDecodeError, rebuild
+from .._errors import ResultDecodeError, SSHExecError, rebuild
 from .._logs import logger
 from .._scheduler import depth_for
-from .._tasks import TaskTable
+from .._tasks import SENT, Task, TaskTable
 from .._wire import calls
 from .._wire import protocol as proto
+from .blobs import HostBlobs, Keeper
 from .link import WorkerLink
 
 log = logger("sshexec.pool")
@@ -37,6 +39,7 @@ class Dispatcher:
         self._retire = retire
         self._pending = False  # a call of now() is scheduled
         self._payload_mean = 0.0  # moving mean of Run payload sizes (bytes)
+        self.keeper = Keeper(self._in_flight, self._hosts)
 
     def soon(self) -> None:
         if not self._pending:
@@ -48,6 +51,7 @@ class Dispatcher:
         self._pending = False
         sends, steals = self.table.place()
         batches: Dict[str, List[proto.Message]] = {}
+        stored: Set[HostBlobs] = set()
         for worker_id, tasks in sends.items():
             messages = batches.setdefault(worker_id, [])
             link = self.links[worker_id]
@@ -59,7 +63,8 @@ class Dispatcher:
                 else:
                     buffers = task.buffers
                 for blob in blobs:  # a big map function, shared arguments: once per host
-                    session.store(*blob)
+                    if session.store(*blob):
+                        stored.add(session.blobs)
                 log.debug("dispatch task=%d worker=%s", task.task_id, worker_id)
                 self._payload_mean += (task.size - self._payload_mean) * 0.1
                 messages.append(proto.Run(task.task_id, payload, buffers))
@@ -68,6 +73,19 @@ class Dispatcher:
             batches.setdefault(worker_id, []).append(proto.Revoke(task_id))
         for worker_id, messages in batches.items():
             self.links[worker_id].send(*proto.frame_pieces(messages))  # few writes per worker
+        for host in stored:
+            self.keeper.stored(host)
+
+    def _in_flight(self) -> Iterator[Tuple[HostBlobs, Tuple[Tuple[bytes, bytes], ...]]]:
+        """Each task sent and not ended: its host's blobs, and the blobs it names."""
+        for task in self.table:
+            link = self.links.get(task.worker_id or "")
+            if task.state == SENT and link is not None:
+                other = task.other[1] if task.other is not None else ()
+                yield link.session.blobs, (*task.blobs, *other)
+
+    def _hosts(self) -> List[HostBlobs]:
+        return list({id(link.session): link.session.blobs for link in self.links.values()}.values())
 
     # ---- replies (each link's reader calls these) --------------------------------------
 
@@ -76,7 +94,12 @@ class Dispatcher:
             if message.task_id == proto.INIT_TASK_ID:
                 assert isinstance(message, proto.Failed)
                 link.init_failed = True
-                link.host.give_up(f"initializer failed: {message.type_name}: {message.message}")
+                failed = link.session.blobs.failed
+                kept = [failed[key] for key in self.keeper.pinned if key in failed]
+                link.host.give_up(
+                    f"initializer failed: {message.type_name}: {message.message}"
+                    + (f" (the agent could not keep it: {kept[0]})" if kept else "")
+                )
                 return
             self._on_outcome(link, message)
         elif isinstance(message, proto.Revoked):
@@ -99,7 +122,8 @@ class Dispatcher:
             return
         log.debug("task done task=%d worker=%s", task.task_id, link.worker_id)
         if isinstance(reply, proto.Failed):
-            self.table.fail(task, rebuild(reply, link.worker_id))
+            error = rebuild(reply, link.worker_id)
+            self.table.fail(task, _not_stored(link, task, reply, error) or error)
             return
         try:
             result = calls.loads(reply.payload, reply.buffers)
@@ -120,6 +144,7 @@ class Dispatcher:
             self._retire(link)
         elif link.is_alive:
             self._tune(link)
+        self.keeper.maybe_sweep()
         self.soon()
 
     def _tune(self, link: WorkerLink) -> None:
@@ -129,3 +154,25 @@ class Dispatcher:
         if rtt is not None and mean is not None:
             self.table.set_depth(link.worker_id, depth_for(rtt, mean, self._payload_mean))
         link.ping_if_due(PING_EVERY)
+
+
+def _not_stored(
+    link: WorkerLink, task: Task, reply: proto.Failed, error: BaseException
+) -> Optional[BaseException]:
+    """The call could not be loaded because the host's agent could not keep a blob it
+    names: that, with the agent's reason, is the task's error."""
+    failed = link.session.blobs.failed
+    if reply.stage != proto.STAGE_CALL or not failed:
+        return None
+    other = task.other[1] if task.other is not None else ()
+    for key, data in (*task.blobs, *other):
+        reason = failed.get(key)
+        if reason is not None:
+            exc = SSHExecError(
+                f"task {task.task_id}: the agent on {link.session.host} could not keep a blob "
+                f"this call needs ({len(data)} bytes), so worker {link.worker_id} could not "
+                f"load the call: {reason}. Free space there, or send less data per call."
+            )
+            exc.__cause__ = error
+            return exc
+    return None

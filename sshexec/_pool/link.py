@@ -7,7 +7,8 @@ about a task (output, logs, module fetches, pongs), and the reader loop. The rea
 owns its end: whatever stops it (EOF, a bad frame, cancellation, a bug), it reports the
 link lost exactly once, synchronously, so the pool can forget the worker in one step.
 A worker's results wait behind its output (``OutputRouter.pending``), and reading
-pauses while the output writer is backlogged. Must not import: asyncssh or subprocess
+a worker whose output is not all written pauses while the output writer is backlogged
+(its agent then stops reading it: flow control); workers that print nothing read on. Must not import: asyncssh or subprocess
 (it sees only the ``Transport``/``Channel`` protocols), or the task table.
 """
 
@@ -102,8 +103,8 @@ class WorkerLink:
                         )  # its prints first, then its result
                     replies.on_reply(self, message)
                 replies.after_replies(self)
-                if output.is_backlogged:
-                    await replies.gate.written(None)
+                if output.is_backlogged and output.pending(self.worker_id):
+                    await replies.gate.written(None)  # a worker that prints nothing reads on
                 chunk = await self.channel.read()
                 if not chunk:
                     self.decoder.end()
@@ -224,6 +225,14 @@ class OutputGate:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+    @property
+    def is_backlogged(self) -> bool:
+        return self.output.is_backlogged
+
+    async def drained(self) -> None:
+        """Until the output backlog is below the high-water mark (a session's ``Pace``)."""
+        await self.written(None)
 
     async def written(self, worker_id: Optional[str]) -> None:
         """Until ``worker_id``'s output is written (None: until the backlog is below the

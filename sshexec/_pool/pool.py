@@ -83,6 +83,7 @@ class Pool:
         self.gate = OutputGate(output)
         self.links: Dict[str, WorkerLink] = {}  # every worker the table knows, and only those
         self.dispatch = Dispatcher(self.table, self.links, self._retire_spent)
+        self.dispatch.keeper.pinned |= self.starts.blob_keys
         self.on_reply = self.dispatch.on_reply  # the links' Replies: these two are the hot path
         self.after_replies = self.dispatch.after_replies
         self.broken: Optional[BrokenPool] = None

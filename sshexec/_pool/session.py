@@ -4,7 +4,11 @@ Owns: ``HostSession``: opening the pipe (the transport runs the bootstrap comman
 handshake (shell chatter, the bundle), the agent's ``Hello`` and ``Configure``; the
 reader that hands each worker's bytes to its ``WorkerChannel``; every worker's writes
 coalesced into one pipe write per loop pass; spawning and signalling workers; blobs
-stored once per host (``store``); liveness (a ``Ping`` every ``keepalive_interval``;
+stored once per host (``store``, kept in ``blobs``: see ``blobs.HostBlobs``); the
+acknowledgements (``Ack``) that let the agent read a worker on: sent as the link reader
+takes its stdout and the output router its stderr (held while the router is backlogged,
+``Pace``), so a worker that outprints the client waits, with at most a ``WINDOW`` of
+its bytes on the way or in the client's memory; liveness (a ``Ping`` every ``keepalive_interval``;
 the session is lost when the agent has been silent for three of them, as the agent
 quits when the client is); and its end, which ends every worker channel with the
 reason. ``WorkerChannel`` is what a ``WorkerLink`` reads and writes: one worker's
@@ -18,19 +22,30 @@ import asyncio
 import collections
 import itertools
 import signal
-from typing import Deque, Dict, List, Optional, Set
+from typing import Deque, Dict, List, Optional, Protocol, Set
 
 from .._errors import WorkerStartupError
 from .._logs import logger
 from .._transports.base import Channel, StderrSink, StderrTail, Transport, describe_exit, handshake
 from .._wire import protocol as proto
+from .blobs import HostBlobs
 
 log = logger("sshexec.pool")
 
-DATA_CHUNK = 4 << 20  # a worker's bytes travel in Data frames of at most this size
+ACK_EVERY = proto.WINDOW // 4  # bytes of a worker taken before they are acknowledged
 SMALL = 1 << 16  # pieces under this size are joined into one write
 MISSED_BEATS = 3  # keepalive intervals of silence that end a session, on both ends
 _nonces = itertools.count(1)
+
+
+class Pace(Protocol):
+    """The consumer of workers' output (the output router, through the pool's gate)."""
+
+    @property
+    def is_backlogged(self) -> bool: ...
+
+    async def drained(self) -> None:
+        """Until it is no longer backlogged."""
 
 
 class WorkerChannel:
@@ -45,15 +60,37 @@ class WorkerChannel:
         self._ended = asyncio.Event()  # Exited arrived, or the session was lost
         self._how = ""  # how it ended, once it has
         self._closed = False
+        self._taken = 0  # bytes of its stdout the reader took, not acknowledged yet
+        self._stderr = 0  # bytes of its stderr given to the output router, likewise
+        self._discarding = False  # killed: what it still sends is dropped and acknowledged
 
     # ---- fed by the session -------------------------------------------------------------
 
     def data(self, stream: int, data: bytes) -> None:
+        if self._discarding:  # so the agent reads on to its end and reports its exit
+            if stream == 2:
+                self.stderr.feed(data)
+            self._taken += len(data)
+            self.acknowledge()
+            return
         if stream == 1:
             self._chunks.append(data)
             self._readable.set()
         else:
-            self.stderr.feed(data)
+            self.stderr.feed(data)  # to the output router: acknowledged as it keeps up
+            self._stderr += len(data)
+            if self._stderr >= ACK_EVERY:
+                self.session.ack(self)
+
+    def acknowledge(self, stderr: bool = True) -> None:
+        """Tell the agent what was taken (of stdout; and of stderr, unless the output
+        router is behind): it may read that much more of this worker."""
+        count = self._taken + (self._stderr if stderr else 0)
+        self._taken = 0
+        if stderr:
+            self._stderr = 0
+        if count and not self._ended.is_set():
+            self.session.send(proto.Ack(self.slot, count))
 
     def ended(self, how: str) -> None:
         if not self._ended.is_set():
@@ -70,7 +107,11 @@ class WorkerChannel:
                 return b""
             self._readable.clear()
             await self._readable.wait()
-        return self._chunks.popleft()
+        chunk = self._chunks.popleft()
+        self._taken += len(chunk)  # the reader paces itself (WorkerLink): no router wait
+        if self._taken >= ACK_EVERY:
+            self.acknowledge(stderr=False)
+        return chunk
 
     def write(self, data: proto.Buffer) -> None:
         if not self._ended.is_set():
@@ -92,6 +133,10 @@ class WorkerChannel:
     def kill(self) -> None:
         if not self._ended.is_set():
             self.session.send(proto.Signal(self.slot, int(signal.SIGKILL)))
+            self._discarding = True  # its output is nobody's any more: let it all through
+            self._taken += sum(map(len, self._chunks))
+            self._chunks.clear()
+            self.acknowledge()
 
     async def aclose(self, grace: float) -> None:
         if self._closed:
@@ -115,6 +160,7 @@ class HostSession:
         on_stderr: StderrSink,
         max_frame: int,
         keepalive_interval: float,
+        pace: Optional[Pace] = None,
     ) -> None:
         self.transport, self.python = transport, python
         self.host = transport.host
@@ -123,14 +169,16 @@ class HostSession:
         self.hello: Optional[proto.Hello] = None
         self.is_alive = False
         self.lost_reason = ""
-        self.bytes_saved = 0  # bytes of blobs that did not cross again (stats)
-        self.bytes_stored = 0  # bytes of blobs sent (stats: part of the host's bytes sent)
+        self.pace = pace
+        self.piece = min(proto.CHUNK, max_frame)  # data per Data or Store frame, at most
+        self.blobs = HostBlobs(self.send, self.piece)
         self._pipe: Optional[Channel] = None
         self._decoder = proto.FrameDecoder(max_frame + 4096)
         self._channels: Dict[int, WorkerChannel] = {}
         self._spawning: Dict[int, asyncio.Future[int]] = {}
         self._slots = itertools.count(1)
-        self._stored: Set[bytes] = set()
+        self._unacked: Set[WorkerChannel] = set()  # acknowledgements held for the router
+        self._acking: Optional[asyncio.Task[None]] = None
         self._out: List[proto.Buffer] = []
         self._flush_due = False
         self._heard = 0.0
@@ -174,15 +222,39 @@ class HostSession:
         return channel
 
     def store(self, key: bytes, data: bytes) -> bool:
-        """Make ``data`` available to this host's workers under ``key``; False when it
-        already was (then ``len(data)`` bytes did not travel again)."""
-        if key in self._stored:
-            self.bytes_saved += len(data)
-            return False
-        self._stored.add(key)
-        self.bytes_stored += len(data)
-        self.send(proto.Store(key, data))
-        return True
+        """Make ``data`` available to this host's workers under ``key``, in pieces;
+        False when it already was (then ``len(data)`` bytes did not travel again)."""
+        return self.blobs.store(key, data)
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.blobs.bytes_saved
+
+    @property
+    def bytes_stored(self) -> int:
+        return self.blobs.bytes_stored
+
+    # ---- flow control -------------------------------------------------------------------
+
+    def ack(self, channel: WorkerChannel) -> None:
+        """The output router took a quarter window of ``channel``'s stderr: acknowledge
+        it, unless the router is backlogged (then once it has caught up)."""
+        pace = self.pace
+        if pace is None or not pace.is_backlogged:
+            channel.acknowledge()
+            return
+        self._unacked.add(channel)
+        if self._acking is None:
+            self._acking = asyncio.get_running_loop().create_task(self._ack_when_drained(pace))
+
+    async def _ack_when_drained(self, pace: Pace) -> None:
+        try:
+            await pace.drained()
+        finally:
+            self._acking = None
+        channels, self._unacked = self._unacked, set()
+        for channel in channels:
+            channel.acknowledge()
 
     # ---- writing --------------------------------------------------------------------------
 
@@ -193,12 +265,13 @@ class HostSession:
         self._flush_soon()
 
     def send_data(self, slot: int, data: proto.Buffer) -> None:
-        if len(data) <= DATA_CHUNK:
+        piece = self.piece
+        if len(data) <= piece:
             self.send(proto.Data(slot, 0, (data,)))
             return
         view = memoryview(data)
-        for at in range(0, len(view), DATA_CHUNK):
-            self.send(proto.Data(slot, 0, (view[at : at + DATA_CHUNK],)))
+        for at in range(0, len(view), piece):
+            self.send(proto.Data(slot, 0, (view[at : at + piece],)))
 
     def _flush_soon(self) -> None:
         if not self._flush_due:
@@ -278,6 +351,9 @@ class HostSession:
                         self.host, "spawn", f"the agent could not start a worker: {message.reason}"
                     )
                 )
+        elif isinstance(message, proto.StoreFailed):
+            log.warning("the agent on host=%s could not keep a blob: %s", self.host, message.reason)
+            self.blobs.store_failed(message.key, message.reason)
         elif isinstance(message, proto.Pong):
             pass  # its arrival is the point (self._heard)
         else:
@@ -320,10 +396,11 @@ class HostSession:
             self._flush()
         await self._pipe.aclose(grace)
         self._lost("the session was closed")
-        for task in self._tasks:
+        tasks = self._tasks + ([self._acking] if self._acking is not None else [])
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=2.0)
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
 
 
 def _signal_name(signum: int) -> Optional[str]:

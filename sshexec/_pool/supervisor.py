@@ -27,7 +27,7 @@ from .._errors import WorkerStartupError
 from .._logs import logger
 from .._stats import Counters, HostStats, Stats, WorkerStats, median_rtt
 from .._transports.base import Transport
-from .link import STARTUP_TIMEOUT, WorkerLink, open_worker
+from .link import STARTUP_TIMEOUT, OutputGate, WorkerLink, open_worker
 from .session import HostSession
 from .versions import CLIENT, Starts, minor
 
@@ -51,6 +51,7 @@ class PoolHooks(Protocol):
 
     starts: Starts
     output: OutputRouter
+    gate: OutputGate
     keepalive_interval: float
 
     def python_seen(self, version: str) -> None: ...
@@ -243,6 +244,7 @@ class Supervisor:
             lambda line: output.stderr_line(f"{self.name}#agent", line),
             self.pool.starts.max_frame,
             self.pool.keepalive_interval,
+            self.pool.gate,
         )
         try:
             await asyncio.wait_for(session.open(), STARTUP_TIMEOUT)

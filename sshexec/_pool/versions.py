@@ -54,6 +54,8 @@ class Starts:
         }
         self.max_frame = init.max_frame
         self.forward_modules = init.forward_modules  # the client answers Fetch only if set
+        # the initializers' blobs: kept on every host for the pool's life
+        self.blob_keys = {side[1][0] for side in self._sides.values() if side and side[1]}
 
     def for_python(self, version: str) -> Optional[Tuple[proto.Init, Optional[Blob]]]:
         return self._sides[same_python(version)]

@@ -4,8 +4,8 @@ Owns: the worker protocol (host -> worker commands ``Init``, ``Run``, ``Shutdown
 ``Revoke``, ``Ping``, ``Source``; worker -> host facts ``Hello``, ``Ready``, ``Done``,
 ``Failed``, ``Revoked``, ``Pong``, ``Output``, ``Log``, ``Fetch``) and the agent protocol
 spoken on a host's one channel (``Configure``, ``Spawn``, ``Data``, ``CloseInput``,
-``Signal``, ``Store`` / ``Spawned``, ``Exited``, ``SpawnFailed``; ``Hello``, ``Ping``,
-``Pong`` and ``Shutdown`` serve there too). A field named by a class's ``TAIL`` travels
+``Signal``, ``Ack``, ``Store``, ``Forget`` / ``Spawned``, ``Exited``, ``SpawnFailed``,
+``StoreFailed``; ``Hello``, ``Ping``, ``Pong`` and ``Shutdown`` serve there too). A field named by a class's ``TAIL`` travels
 raw after the msgpack head (see ``protocol``). Must not import: anything beyond the
 stdlib.
 """
@@ -186,7 +186,7 @@ class Configure:
     """Client -> agent, first: its limits and deadline."""
 
     TAG: ClassVar[int] = 30
-    max_frame: int  # the client's max_frame: what one Store or Data may carry
+    max_frame: int  # the client's max_frame (frames from the client carry a CHUNK at most)
     silence_deadline: float  # seconds without a byte from the client before the agent quits
 
 
@@ -229,13 +229,38 @@ class Signal:
 
 @dataclass(frozen=True)
 class Store:
-    """Client -> agent: keep ``data`` under ``key`` for this host's workers (a map's
-    function, an initializer): it crosses the network once per host, not once per task."""
+    """Client -> agent: keep a blob under ``key`` for this host's workers (a map's
+    function, an initializer, a shared object): it crosses the network once per host,
+    not once per task. It comes in pieces of at most ``CHUNK`` bytes, one frame each and
+    back to back; ``size`` (the whole blob's, in every piece) says when it is complete.
+    A piece arriving when no blob of that key is incomplete starts a new one."""
 
     TAG: ClassVar[int] = 35
     TAIL: ClassVar[str] = "data"
     key: bytes
+    size: int
     data: Tail
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Client -> agent: ``count`` more bytes of the worker in ``slot`` (its stdout and
+    stderr ``Data``) were taken by their consumer. The agent reads a worker only while
+    less than ``WINDOW`` of its bytes are unacknowledged: a worker that outprints the
+    client blocks on its full pipe, as a local process does."""
+
+    TAG: ClassVar[int] = 36
+    slot: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Forget:
+    """Client -> agent: no task will name the blob ``key`` any more (until it is stored
+    again): delete it."""
+
+    TAG: ClassVar[int] = 37
+    key: bytes
 
 
 @dataclass(frozen=True)
@@ -267,6 +292,20 @@ class SpawnFailed:
     reason: str
 
 
+@dataclass(frozen=True)
+class StoreFailed:
+    """Agent -> client: the blob ``key`` could not be kept (``reason``: where it was
+    tried and why, "No space left on device" say); workers will not find it."""
+
+    TAG: ClassVar[int] = 44
+    key: bytes
+    reason: str
+
+
+CHUNK: Final = 4 << 20  # the most bytes of data one Data or Store frame carries
+WINDOW: Final = 8 << 20  # unacknowledged bytes of one worker beyond which the agent waits
+
+
 Message = Union[
     Init,
     Run,
@@ -289,7 +328,10 @@ Message = Union[
     CloseInput,
     Signal,
     Store,
+    Ack,
+    Forget,
     Spawned,
     Exited,
     SpawnFailed,
+    StoreFailed,
 ]

@@ -1,0 +1,222 @@
+"""The agent's blob store: the files its workers read a map's function, an initializer
+or a shared object from.
+
+Owns: ``BlobStore``: one private directory per base (``/dev/shm`` first, memory-backed,
+then the system's temp dir on disk; ``SSHEXEC_BLOB_DIRS``, a path list, overrides
+them), blobs arriving in pieces (appended to a temporary file, renamed into place when
+complete), a blob that does not fit where it started moved on to the next directory,
+``forget`` deleting one, and removing what agents that died without cleaning up left.
+A blob that fits nowhere is reported (``put`` returns why) and never ends the agent.
+Workers are told every directory (``path``: an ``os.pathsep`` list) and look in each.
+Must not import: any client module, asyncio; never start a thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from typing import Dict, List, Optional
+
+from .._wire import protocol as proto
+
+BLOB_PREFIX = "sshexec-blobs-"
+COPY_SIZE = 1 << 20  # bytes per read when a partial blob moves to the next directory
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # posix_fallocate's "it does not fit"
+
+
+class _Partial:
+    """A blob whose pieces are arriving."""
+
+    def __init__(self, size: int, errors: List[str]) -> None:
+        self.size = size
+        self.received = 0  # bytes of pieces seen (kept or not)
+        self.written = 0  # bytes in the temporary file
+        self.at = 0  # index of the directory it is written in
+        self.fd = -1
+        self.path = ""
+        self.errors = errors  # why each directory tried failed
+
+
+class BlobStore:
+    def __init__(self, bases: Optional[List[str]] = None) -> None:
+        self.dirs: List[str] = []
+        self.errors: List[str] = []  # bases that could not take a directory, and why
+        for base in _bases() if bases is None else bases:
+            try:
+                self.dirs.append(_private_dir(base))
+            except OSError as exc:
+                self.errors.append(f"{base}: {exc.strerror or exc}")
+        self._partial: Dict[bytes, _Partial] = {}
+
+    @property
+    def path(self) -> str:
+        """Where workers look, in order."""
+        return os.pathsep.join(self.dirs)
+
+    def put(self, key: bytes, size: int, data: proto.Tail) -> Optional[str]:
+        """One piece of the blob ``key``; when it was the last and the blob could not be
+        kept anywhere, the reason (else None)."""
+        partial = self._partial.get(key)
+        if partial is None:
+            partial = self._partial[key] = _Partial(size, list(self.errors))
+            self._open(key, partial)
+        for piece in proto.tail_pieces(data):
+            partial.received += len(piece)
+            if partial.fd >= 0:
+                self._write(key, partial, memoryview(piece))
+        if partial.received < partial.size:
+            return None
+        del self._partial[key]
+        if partial.fd < 0:
+            return "; ".join(partial.errors or ["no directory to keep it in"])
+        os.close(partial.fd)
+        final = os.path.join(self.dirs[partial.at], key.hex())
+        try:
+            os.replace(partial.path, final)
+        except OSError as exc:  # nothing to fall back on: the bytes are written there
+            _remove(partial.path)
+            return _failed(self.dirs[partial.at], exc)
+        return None
+
+    def forget(self, key: bytes) -> None:
+        for folder in self.dirs:
+            _remove(os.path.join(folder, key.hex()))
+
+    def close(self) -> None:
+        for partial in self._partial.values():
+            if partial.fd >= 0:
+                os.close(partial.fd)
+        self._partial.clear()
+        for folder in self.dirs:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # ---- writing, and moving on when a directory is full --------------------------------
+
+    def _open(self, key: bytes, partial: _Partial) -> None:
+        """A temporary file in the first directory from ``partial.at`` that can take the
+        whole blob; fd -1 when none can."""
+        while partial.at < len(self.dirs):
+            folder = self.dirs[partial.at]
+            path = os.path.join(folder, f"{key.hex()}.{os.getpid()}.part")
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            except OSError as exc:
+                partial.errors.append(_failed(folder, exc))
+                partial.at += 1
+                continue
+            full = _reserve(fd, partial.size)
+            if full is not None:
+                os.close(fd)
+                _remove(path)
+                partial.errors.append(_failed(folder, OSError(full, os.strerror(full))))
+                partial.at += 1
+                continue
+            partial.fd, partial.path = fd, path
+            return
+
+    def _write(self, key: bytes, partial: _Partial, view: memoryview) -> None:
+        while view:
+            try:
+                written = os.write(partial.fd, view)
+            except OSError as exc:
+                if not self._move_on(key, partial, exc):
+                    return
+                continue
+            partial.written += written
+            view = view[written:]
+
+    def _move_on(self, key: bytes, partial: _Partial, error: OSError) -> bool:
+        """The directory could not take more: copy what it holds to the next one that
+        can; False when none can (the rest of the blob is dropped)."""
+        old_fd, old_path = partial.fd, partial.path
+        partial.errors.append(_failed(self.dirs[partial.at], error))
+        partial.fd = -1
+        try:
+            while True:
+                partial.at += 1
+                self._open(key, partial)
+                if partial.fd < 0:
+                    return False
+                try:
+                    _copy(old_path, partial.fd, partial.written)
+                    return True
+                except OSError as exc:  # the next one is full too: on to the one after
+                    partial.errors.append(_failed(self.dirs[partial.at], exc))
+                    os.close(partial.fd)
+                    _remove(partial.path)
+                    partial.fd = -1
+        finally:
+            os.close(old_fd)
+            _remove(old_path)
+
+
+def _failed(folder: str, exc: OSError) -> str:
+    """``/dev/shm: No space left on device``: the base directory, and why."""
+    return f"{os.path.dirname(folder)}: {exc.strerror or exc}"
+
+
+def _copy(path: str, fd: int, size: int) -> None:
+    with open(path, "rb") as source:
+        while size > 0:
+            chunk = source.read(min(COPY_SIZE, size))
+            if not chunk:
+                return
+            size -= len(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+
+
+def _reserve(fd: int, size: int) -> Optional[int]:
+    """Claim the blob's room now (tmpfs: its pages), so a full directory is known before
+    a byte is written; the errno when it does not fit, None otherwise (or unknowable)."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None or size <= 0:
+        return None
+    try:
+        fallocate(fd, 0, size)
+    except OSError as exc:
+        return exc.errno if exc.errno in _FULL else None
+    return None
+
+
+def _bases() -> List[str]:
+    named = os.environ.get("SSHEXEC_BLOB_DIRS")
+    if named:
+        return [base for base in named.split(os.pathsep) if base]
+    disk = tempfile.gettempdir()
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        return ["/dev/shm"] if os.path.realpath(disk) == "/dev/shm" else ["/dev/shm", disk]
+    return [disk]
+
+
+def _private_dir(base: str) -> str:
+    """A private directory in ``base``; those of agents that died without cleaning up
+    (killed) are removed first."""
+    for name in os.listdir(base):
+        if name.startswith(BLOB_PREFIX):
+            pid = name[len(BLOB_PREFIX) :].split("-", 1)[0]
+            path = os.path.join(base, name)
+            try:
+                if os.stat(path).st_uid == os.getuid() and pid.isdigit() and not _alive(int(pid)):
+                    shutil.rmtree(path, ignore_errors=True)
+            except OSError:
+                pass
+    return tempfile.mkdtemp(prefix=f"{BLOB_PREFIX}{os.getpid()}-", dir=base)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
