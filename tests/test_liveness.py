@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import os
 import random
 import threading
 import time
@@ -18,9 +19,11 @@ from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 
+from benchmarks.proxy import DelayProxy
 from sshexec import SSHPoolExecutor
 
 from . import tasks
+from .sshd import SSHServer, executor_kwargs
 from .waits import bounded, eventually
 
 Make = Callable[..., SSHPoolExecutor]
@@ -145,3 +148,42 @@ def test_shutdown_wait_from_a_callback_returns(make_executor: Make) -> None:
     _done, not_done = cf.wait(rest, timeout=30)
     assert not not_done
     eventually(lambda: later == [3], 30, "the callback queued behind it ran")
+
+
+# ---- a slow link ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slow_link(sshd_pair: List[SSHServer]) -> Iterator[Dict[str, Any]]:
+    """Host alpha behind a 1 MB/s link (each way): executor keyword arguments for it."""
+    server = sshd_pair[0]
+    proxy = DelayProxy(server.port, 0.0, rate=1 << 20)
+    port = proxy.start()
+    try:
+        with server.client.known_hosts.open("a") as f:  # the same sshd, at the proxy's port
+            f.write(f"[{server.address}]:{port} {server.host_key}\n")
+        kwargs = executor_kwargs([server])
+        kwargs["hosts"] = [f"{server.client.user}@{server.address}:{port}"]
+        yield kwargs
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.ssh
+@pytest.mark.parametrize("transport", ["asyncssh", "openssh"])
+def test_big_argument_over_a_slow_link_is_not_silence(
+    slow_link: Dict[str, Any], transport: str, sshexec_logs: pytest.LogCaptureFixture
+) -> None:
+    """8 MB at 1 MB/s with keepalive_interval=1: the client's pings wait behind the
+    upload for 8 s, over the 3 s deadline; the agent's own beats (and our writes
+    draining) keep the host alive, and the task runs once."""
+    blob = os.urandom(8 << 20)
+    with SSHPoolExecutor(1, keepalive_interval=1.0, transport=transport, **slow_link) as ex:
+        future = ex.submit(tasks.nbytes, blob)
+        assert future.result(timeout=100) == len(blob)
+        assert ex.submit(tasks.square, 3).result(timeout=30) == 9
+    stats = ex.stats()
+    assert sum(h.tasks_retried for h in stats.hosts.values()) == 0
+    assert sum(h.tasks_failed for h in stats.hosts.values()) == 0
+    assert len(stats.workers) == 1, "the worker was replaced"
+    assert not silence_records(sshexec_logs)

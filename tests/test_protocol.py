@@ -16,6 +16,7 @@ from sshexec._wire.protocol import (
     DEFAULT_MAX_FRAME,
     HEADER,
     MAX_FRAME_LIMIT,
+    Beat,
     CloseInput,
     Configure,
     Data,
@@ -93,6 +94,7 @@ SAMPLES: List[Message] = [
     Source("nope", "missing", "", "", False, ""),
     # the agent protocol, on a host's one channel
     Configure(1 << 30, 30.0),
+    Configure(1 << 20, 3.0, 1.0),
     Spawn(1),
     Data(1, 0, b"\x00\x00\x00\x05frame bytes"),
     Data(2**31, 2, b""),
@@ -103,6 +105,7 @@ SAMPLES: List[Message] = [
     Exited(1, 0, 9),
     Exited(2, 7, 0),
     SpawnFailed(5, "OSError: [Errno 11] Resource temporarily unavailable"),
+    Beat(),
 ]
 
 

@@ -4,9 +4,11 @@ Owns: ``HostSession``: opening the pipe (the transport runs the bootstrap comman
 handshake (shell chatter, the bundle), the agent's ``Hello`` and ``Configure``; the
 reader that hands each worker's bytes to its ``WorkerChannel``; every worker's writes
 coalesced into one pipe write per loop pass; spawning and signalling workers; blobs
-stored once per host (``store``); liveness (a ``Ping`` every ``keepalive_interval``;
-the session is lost when the agent has been silent for three of them, as the agent
-quits when the client is); and its end, which ends every worker channel with the
+stored once per host (``store``); liveness (a ``Ping`` every ``keepalive_interval``,
+by which the agent judges the client; the agent ``Beat``s on its own clock as often,
+every byte received counts as hearing from it, and so do our own writes to it while
+they still drain (a big upload over a slow link); the session is lost when the agent
+has been silent for three intervals, as the agent quits when the client is); and its end, which ends every worker channel with the
 reason. ``WorkerChannel`` is what a ``WorkerLink`` reads and writes: one worker's
 stdin and stdout, its stderr lines and its exit status as the agent reported it.
 Must not import: asyncssh or subprocess (it sees the ``Transport`` protocol only).
@@ -79,6 +81,9 @@ class WorkerChannel:
     async def drain(self) -> None:
         await self.session.drain()
 
+    def backlog(self) -> int:
+        return 0  # its bytes wait in the session's pipe, judged there
+
     async def exit_reason(self, timeout: float) -> str:
         try:
             await asyncio.wait_for(self._ended.wait(), timeout)
@@ -134,6 +139,7 @@ class HostSession:
         self._out: List[proto.Buffer] = []
         self._flush_due = False
         self._heard = 0.0
+        self._bytes_written = 0  # handed to the pipe; minus its backlog: taken by the host
         self._tasks: List[asyncio.Task[None]] = []
 
     async def open(self) -> proto.Hello:
@@ -148,7 +154,8 @@ class HostSession:
             await pipe.aclose(0.1)
             raise
         self.hello, self.is_alive, self._heard = hello, True, loop.time()
-        self.send(proto.Configure(self.max_frame, MISSED_BEATS * self.keepalive_interval))
+        interval = self.keepalive_interval
+        self.send(proto.Configure(self.max_frame, MISSED_BEATS * interval, interval))
         self._tasks = [loop.create_task(self._read()), loop.create_task(self._keep_alive())]
         return hello
 
@@ -213,8 +220,11 @@ class HostSession:
         if self._pipe is None or not out:
             return
         small: List[proto.Buffer] = []
+        written = 0
         for piece in out:
-            if len(piece) < SMALL:
+            size = len(piece)
+            written += size
+            if size < SMALL:
                 small.append(piece)
                 continue
             if small:
@@ -223,6 +233,7 @@ class HostSession:
             self._pipe.write(piece)
         if small:
             self._pipe.write(b"".join(small) if len(small) > 1 else small[0])
+        self._bytes_written += written
 
     async def drain(self) -> None:
         if self._pipe is not None:
@@ -278,19 +289,30 @@ class HostSession:
                         self.host, "spawn", f"the agent could not start a worker: {message.reason}"
                     )
                 )
-        elif isinstance(message, proto.Pong):
+        elif isinstance(message, (proto.Beat, proto.Pong)):
             pass  # its arrival is the point (self._heard)
         else:
             log.warning(
                 "unexpected %s from the agent on host=%s", type(message).__name__, self.host
             )
 
+    def _taken(self) -> int:
+        """Bytes of ours the host (its end of the pipe) has taken so far."""
+        if self._pipe is None:
+            return 0
+        return self._bytes_written - self._pipe.backlog()
+
     async def _keep_alive(self) -> None:
         loop = asyncio.get_running_loop()
         interval = self.keepalive_interval
+        taken = 0
         while self.is_alive:
             await asyncio.sleep(interval)
-            silent = loop.time() - self._heard
+            now = loop.time()
+            if self._taken() != taken:  # our writes to it still drain: that is not silence
+                taken = self._taken()
+                self._heard = max(self._heard, now)
+            silent = now - self._heard
             if silent > MISSED_BEATS * interval:
                 reason = f"the agent on {self.host} has said nothing for {silent:.0f} s"
                 log.warning("%s; giving its workers up", reason)

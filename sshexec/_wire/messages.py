@@ -188,6 +188,7 @@ class Configure:
     TAG: ClassVar[int] = 30
     max_frame: int  # the client's max_frame: what one Store or Data may carry
     silence_deadline: float  # seconds without a byte from the client before the agent quits
+    beat_interval: float = 0.0  # seconds between the agent's Beats (0: none)
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,15 @@ class SpawnFailed:
     reason: str
 
 
+@dataclass(frozen=True)
+class Beat:
+    """Agent -> client, every ``Configure.beat_interval`` on the agent's own clock: it
+    is alive. Never queued behind the client's uploads (it travels the other way), and
+    no user code can hold it back, as it could a reply to the client's ``Ping``."""
+
+    TAG: ClassVar[int] = 43
+
+
 Message = Union[
     Init,
     Run,
@@ -292,4 +302,5 @@ Message = Union[
     Spawned,
     Exited,
     SpawnFailed,
+    Beat,
 ]
