@@ -21,6 +21,8 @@ import pytest
 
 from benchmarks.proxy import DelayProxy
 from sshexec import SSHPoolExecutor
+from sshexec._pool import session as session_module
+from sshexec._wire import protocol as proto
 
 from . import tasks
 from .sshd import SSHServer, executor_kwargs
@@ -186,4 +188,29 @@ def test_big_argument_over_a_slow_link_is_not_silence(
     assert sum(h.tasks_retried for h in stats.hosts.values()) == 0
     assert sum(h.tasks_failed for h in stats.hosts.values()) == 0
     assert len(stats.workers) == 1, "the worker was replaced"
+    assert not silence_records(sshexec_logs)
+
+
+@pytest.mark.ssh
+def test_our_writes_draining_alone_are_not_silence(
+    slow_link: Dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    sshexec_logs: pytest.LogCaptureFixture,
+) -> None:
+    """With the agent's beats off, the client hears nothing for the 8 s its ping waits
+    behind the upload; but the upload drains (sshd opens the SSH window as the agent
+    reads): the host is there, and nothing is lost."""
+    send = session_module.HostSession.send
+
+    def without_beats(self: Any, message: proto.Message) -> None:
+        if isinstance(message, proto.Configure):
+            message = proto.Configure(message.max_frame, message.silence_deadline, 0.0)
+        send(self, message)
+
+    monkeypatch.setattr(session_module.HostSession, "send", without_beats)
+    blob = os.urandom(8 << 20)
+    with SSHPoolExecutor(1, keepalive_interval=1.0, **slow_link) as ex:
+        assert ex.submit(tasks.nbytes, blob).result(timeout=100) == len(blob)
+    stats = ex.stats()
+    assert sum(h.tasks_retried for h in stats.hosts.values()) == 0
     assert not silence_records(sshexec_logs)

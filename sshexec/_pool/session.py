@@ -296,22 +296,20 @@ class HostSession:
                 "unexpected %s from the agent on host=%s", type(message).__name__, self.host
             )
 
-    def _taken(self) -> int:
-        """Bytes of ours the host (its end of the pipe) has taken so far."""
-        if self._pipe is None:
-            return 0
-        return self._bytes_written - self._pipe.backlog()
-
     async def _keep_alive(self) -> None:
         loop = asyncio.get_running_loop()
         interval = self.keepalive_interval
-        taken = 0
+        waiting, taken = 0, 0  # our bytes held back at the last look, and those taken by then
         while self.is_alive:
             await asyncio.sleep(interval)
             now = loop.time()
-            if self._taken() != taken:  # our writes to it still drain: that is not silence
-                taken = self._taken()
+            backlog = self._pipe.backlog() if self._pipe is not None else 0
+            # bytes that had to wait (the SSH window, a full pipe) moved on since: the host
+            # takes them, so it is there. Bytes that never waited prove nothing (a socket
+            # or sshd takes a ping whether or not the host is still there).
+            if waiting and self._bytes_written - backlog > taken:
                 self._heard = max(self._heard, now)
+            waiting, taken = backlog, self._bytes_written - backlog
             silent = now - self._heard
             if silent > MISSED_BEATS * interval:
                 reason = f"the agent on {self.host} has said nothing for {silent:.0f} s"
