@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import weakref
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Callable, Optional, Tuple, TypeVar
 
@@ -30,6 +31,7 @@ _ENDED = ("CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED")  # Future's private
 
 F = TypeVar("F", bound=Callable[..., Any])
 _Item = Optional[Tuple[Any, int, Any]]
+_running: weakref.WeakSet[Ender] = weakref.WeakSet()  # enders whose thread was started
 
 
 def inline(fn: F) -> F:
@@ -83,6 +85,13 @@ def notify_cancelled(future: Any) -> None:
             pass
 
 
+def join_all() -> None:
+    """At interpreter exit: the callbacks every closed executor still has queued run."""
+    for ender in list(_running):
+        if ender._closed:
+            ender.join()
+
+
 class Ender:
     """Ends the Futures of one executor. ``end`` is called on the loop thread only."""
 
@@ -115,6 +124,7 @@ class Ender:
                     target=self._serve, name=f"sshexec-callbacks-{self.name}", daemon=True
                 )
                 self.thread.start()
+                _running.add(self)
             self._queue.put(item)
 
     def _serve(self) -> None:

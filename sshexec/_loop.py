@@ -18,7 +18,7 @@ import threading
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, List, Optional, Set
 
-from ._ending import Ender
+from ._ending import Ender, join_all
 from ._logs import logger
 
 if TYPE_CHECKING:
@@ -128,9 +128,10 @@ class Runtime:
         with self.lock:
             first = not self.is_shut_down
             self.is_shut_down = True
-            if self.loop.is_closed():
-                return
-            if first:
+            closed = self.loop.is_closed()
+            if closed:
+                pass  # the pool is closed: only the callbacks may still be running
+            elif first:
                 grace = self.grace if bounded else None
                 self.closing = asyncio.run_coroutine_threadsafe(
                     self._close(cancel_futures, grace), self.loop
@@ -140,6 +141,10 @@ class Runtime:
                     self.loop.call_soon_threadsafe(self.pool.cancel_queued)
                 if bounded:
                     self.loop.call_soon_threadsafe(self._kill_later)
+        if closed:
+            if wait:
+                self.ender.join()
+            return
         if wait and self.closing is not None and self.thread.is_alive():
             if self.on_loop_thread():
                 raise RuntimeError(
@@ -201,6 +206,7 @@ def _shutdown_at_exit() -> None:
             runtime.shutdown(wait=True)
         except Exception:  # keep shutting the others down
             log.exception("error shutting down an executor at exit")
+    join_all()  # the callbacks of executors shut down earlier without waiting
 
 
 def _forget_in_child() -> None:
