@@ -208,7 +208,7 @@ class SSHPoolExecutor(Executor):
 
     @staticmethod
     async def _start_pool(runtime: Runtime, transports: Any, pool_args: Dict[str, Any]) -> Pool:
-        pool = Pool(transports, **pool_args)
+        pool = Pool(transports, ender=runtime.ender, **pool_args)
         runtime.pool = pool
         try:
             await pool.start()
@@ -319,7 +319,7 @@ class SSHPoolExecutor(Executor):
         if item is not None:
             item.task_id = task_id
         elif failure is None:  # cancelled while queued, its task leaves the pool at once
-            future.add_done_callback(functools.partial(_on_done, runtime, task_id))
+            future.add_done_callback(_CancelHook(runtime, task_id))
         with runtime.lock:
             if runtime.is_shut_down:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -407,8 +407,10 @@ class SSHPoolExecutor(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; pending tasks finish (or are cancelled when
         ``cancel_futures``), then every worker, channel, connection and the loop thread
-        end. With ``wait`` it returns when all of that is done. Thread-safe; may be
-        called more than once.
+        end. With ``wait`` it returns when all of that is done and every Future has
+        ended (its done-callbacks run). Thread-safe; may be called more than once, and
+        from a done-callback (then the callbacks queued behind that one run after it
+        returns).
 
         Raises:
             RuntimeError: ``wait=True`` from the executor's own loop thread.
@@ -449,7 +451,16 @@ def _released(loop: Any, keeper: Any, keys: Any) -> None:
         pass
 
 
-def _on_done(runtime: Runtime, task_id: int, future: Future[Any]) -> None:
-    """A submit's Future ended; when by ``cancel()``, its queued task leaves the pool."""
-    if future.cancelled():
-        runtime.cancel([task_id])
+class _CancelHook:
+    """A submit's Future ended; when by ``cancel()``, its queued task leaves the pool.
+    Ours, cheap and non-blocking: a Future with only this callback ends on the loop thread."""
+
+    __slots__ = ("runtime", "task_id")
+    _sshexec_inline = True  # _ending.INLINE
+
+    def __init__(self, runtime: Runtime, task_id: int) -> None:
+        self.runtime, self.task_id = runtime, task_id
+
+    def __call__(self, future: Future[Any]) -> None:
+        if future.cancelled():
+            self.runtime.cancel([self.task_id])

@@ -1,8 +1,9 @@
 """The executor's loop thread and the hooks that shut forgotten executors down.
 
 Owns: one daemon thread per executor running its asyncio loop (``sshexec-loop-<n>``),
-the shutdown sequence run on it, and the interpreter-exit hook over every live
-loop. Holds no reference to an executor. Must not import: asyncssh, or know
+its ``Ender`` (whose ``sshexec-callbacks-<n>`` thread runs the Futures' done-callbacks:
+closed when the loop ends, joined by ``shutdown(wait=True)``), the shutdown sequence
+run on it, and the interpreter-exit hook over every live loop. Holds no reference to an executor. Must not import: asyncssh, or know
 about transports, frames or tasks beyond handing them to the pool (``post``) and
 the pool's ``aclose``.
 """
@@ -17,6 +18,7 @@ import threading
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, List, Optional, Set
 
+from ._ending import Ender, join_all
 from ._logs import logger
 
 if TYPE_CHECKING:
@@ -41,9 +43,9 @@ class Runtime:
     def __init__(self, grace: float) -> None:
         self.grace = grace  # how long running tasks get when a shutdown must be bounded
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(
-            target=self._run, name=f"sshexec-loop-{next(_loop_ids)}", daemon=True
-        )
+        number = next(_loop_ids)
+        self.thread = threading.Thread(target=self._run, name=f"sshexec-loop-{number}", daemon=True)
+        self.ender = Ender(str(number))  # ends Futures that have callbacks, on its own thread
         self.pool: Optional[Pool] = None
         self.closing: Optional[Future[None]] = None
         self.lock = threading.Lock()  # the only lock: guards the flags below
@@ -76,6 +78,7 @@ class Runtime:
             finally:
                 with self.lock:  # others check is_closed() under it before scheduling
                     self.loop.close()
+                self.ender.close()  # no outcome comes any more
                 _live.discard(self)
 
     def on_loop_thread(self) -> bool:
@@ -125,9 +128,10 @@ class Runtime:
         with self.lock:
             first = not self.is_shut_down
             self.is_shut_down = True
-            if self.loop.is_closed():
-                return
-            if first:
+            closed = self.loop.is_closed()
+            if closed:
+                pass  # the pool is closed: only the callbacks may still be running
+            elif first:
                 grace = self.grace if bounded else None
                 self.closing = asyncio.run_coroutine_threadsafe(
                     self._close(cancel_futures, grace), self.loop
@@ -137,6 +141,10 @@ class Runtime:
                     self.loop.call_soon_threadsafe(self.pool.cancel_queued)
                 if bounded:
                     self.loop.call_soon_threadsafe(self._kill_later)
+        if closed:
+            if wait:
+                self.ender.join()
+            return
         if wait and self.closing is not None and self.thread.is_alive():
             if self.on_loop_thread():
                 raise RuntimeError(
@@ -149,6 +157,9 @@ class Runtime:
                 self.terminate()
                 raise
             self.thread.join(10.0)
+            # every Future has ended once the callbacks queued before it have run; from a
+            # callback itself, the ones behind it run when it returns
+            self.ender.join()
 
     def terminate(self) -> None:
         """Kill every worker now; running tasks fail, queued ones are cancelled."""
@@ -182,6 +193,7 @@ class Runtime:
         if not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10.0)
+        self.ender.close()
 
 
 def _shutdown_at_exit() -> None:
@@ -194,6 +206,7 @@ def _shutdown_at_exit() -> None:
             runtime.shutdown(wait=True)
         except Exception:  # keep shutting the others down
             log.exception("error shutting down an executor at exit")
+    join_all()  # the callbacks of executors shut down earlier without waiting
 
 
 def _forget_in_child() -> None:

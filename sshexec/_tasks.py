@@ -7,8 +7,10 @@ soon as the pool has read how the worker died, within a bounded wait); an *ended
 task is no longer in the table. The scheduler's placement, the links' replies and
 losses, cancellation and shutdown all go through the table, so they cannot disagree:
 it is the only caller of the ``Scheduler`` and the only code that ends Futures
-(``set_running_or_notify_cancel`` first, ``done()`` checked before every outcome, and
-whatever a done-callback raises logged, never propagated). Loop thread only.
+(``set_running_or_notify_cancel`` first, and again when a cancelled task leaves the
+queue, the only thing that wakes ``wait``/``as_completed``; ``done()`` checked before
+every outcome; the outcome set through the ``Ender``, so no done-callback ever runs on
+the loop thread). Loop thread only.
 Must not import: asyncio, the pool, or do I/O.
 """
 
@@ -18,6 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+from ._ending import CANCEL, ERROR, RESULT, Ender, notify_cancelled
 from ._logs import logger
 from ._mapresults import MapItem
 from ._scheduler import Scheduler
@@ -96,8 +99,11 @@ class TaskTable:
     """The tasks of one pool. ``on_idle`` is called whenever the last task that somebody
     waits for ends (abandoned ones do not count): shutdown waits for exactly that."""
 
-    def __init__(self, scheduler: Scheduler, on_idle: Callable[[], None]) -> None:
+    def __init__(
+        self, scheduler: Scheduler, on_idle: Callable[[], None], ender: Optional[Ender] = None
+    ) -> None:
         self.scheduler = scheduler
+        self.ender = ender if ender is not None else Ender("table")
         self._tasks: Dict[int, Task] = {}
         self._waited = 0  # tasks in the table that are not abandoned
         self._on_idle = on_idle
@@ -134,6 +140,7 @@ class TaskTable:
             return False
         self.scheduler.cancel(task_id)
         self._remove(task)
+        notify_cancelled(task.future)
         return True
 
     def cancel_queued(self) -> None:
@@ -145,7 +152,7 @@ class TaskTable:
                 self.scheduler.submit(task_id, task.group, task.bound is not None)  # back
                 continue
             self._remove(task)
-            _safely(task.future.cancel)
+            self.ender.end(task.future, CANCEL)
 
     def _remove(self, task: Task) -> None:
         del self._tasks[task.task_id]
@@ -229,8 +236,7 @@ class TaskTable:
 
     def resolve(self, task: Task, value: Any) -> None:
         """End a task that ``finish`` returned with its result."""
-        if not task.future.done():
-            _safely(task.future.set_result, value)
+        self.ender.end(task.future, RESULT, value)
 
     def fail(self, task: Task, error: BaseException) -> None:
         """End a task with ``error``: a task ``finish`` returned, or any task still in
@@ -246,7 +252,7 @@ class TaskTable:
             return
         if not future.running() and not _safely(future.set_running_or_notify_cancel):
             return  # cancelled by the user
-        _safely(future.set_exception, error)
+        self.ender.end(future, ERROR, error)
 
     def fail_ending(self, tasks: Sequence[Task], error: Callable[[Task], BaseException]) -> None:
         for task in tasks:
@@ -294,10 +300,10 @@ class TaskTable:
 
 
 def _safely(method: Callable[..., Any], *args: Any) -> Any:
-    """Call a Future's method; whatever its done-callbacks raise (SystemExit and
-    KeyboardInterrupt included) is logged, never raised into the pool."""
+    """Call a Future's method that runs no callback; a Future in a state it did not
+    expect is logged, never raised into the pool."""
     try:
         return method(*args)
-    except BaseException:  # user code in a done-callback: the loop thread must go on
-        log.exception("a Future's done-callback raised; the pool goes on")
+    except BaseException:
+        log.exception("a Future was in an unexpected state; the pool goes on")
         return False

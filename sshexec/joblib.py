@@ -34,6 +34,7 @@ from joblib.parallel import (
     register_parallel_backend,
 )
 
+from ._ending import inline
 from ._executor import SSHPoolExecutor
 from ._hosts import local_cpu_count, resolve_hosts, share_workers
 from ._layers import byvalue as _byvalue
@@ -202,7 +203,7 @@ class Backend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
         if callback is not None:
             callbacks = self._held.callbacks
             assert callbacks is not None
-            future.add_done_callback(lambda done: callbacks.post(callback, done))
+            future.add_done_callback(inline(lambda done: callbacks.post(callback, done)))
         return future
 
     apply_async = submit  # the same call under its name before joblib 1.5

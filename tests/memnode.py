@@ -241,6 +241,9 @@ class MemChannel:
     async def drain(self) -> None:
         pass
 
+    def backlog(self) -> int:
+        return 0
+
     async def aclose(self, grace: float) -> None:
         self.agent.end()  # its stdin closed: the agent ends its workers and exits
 

@@ -299,3 +299,11 @@ def fetch_from_client(names: List[str]) -> List[Tuple[str, str]]:
 
 def total(data: Any) -> float:
     return float(data.sum())
+
+
+def note_run_then_sleep(path: str, seconds: float, value: Any = None) -> Any:
+    """Appends a line to ``path`` (one per run: a rerun shows), then sleeps."""
+    with open(path, "a") as f:
+        f.write(f"run {os.getpid()}\n")
+    time.sleep(seconds)
+    return value

@@ -146,6 +146,36 @@ def test_exception_that_cannot_be_rebuilt(executor: SSHPoolExecutor) -> None:
         executor.submit(tasks.raise_unpicklable).result(timeout=30)
 
 
+def test_done_callbacks_that_raise_or_exit(
+    executor: SSHPoolExecutor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A done-callback raising, even SystemExit, on the executor's callback thread: it is
+    logged, and that thread runs the callbacks after it; the pool goes on."""
+    caplog.set_level(logging.CRITICAL, logger="concurrent.futures")
+    caplog.set_level(logging.CRITICAL, logger="sshexec.callbacks")
+    ran: List[int] = []
+
+    def raise_it(error: BaseException) -> Callable[[cf.Future[int]], None]:
+        def callback(_: cf.Future[int]) -> None:
+            raise error
+
+        return callback
+
+    first = executor.submit(tasks.sleep_then, 0.3, 1)
+    first.add_done_callback(raise_it(ValueError("callback")))
+    second = executor.submit(tasks.sleep_then, 0.3, 2)
+    second.add_done_callback(raise_it(SystemExit(3)))
+    third = executor.submit(tasks.sleep_then, 0.6, 3)
+    third.add_done_callback(lambda f: ran.append(f.result()))
+    _, not_done = cf.wait([first, second, third], timeout=30)
+    assert not not_done
+    deadline = time.monotonic() + 10
+    while not ran and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ran == [3]
+    assert executor.submit(tasks.square, 4).result(timeout=30) == 16
+
+
 def test_call_over_the_frame_limit_fails_before_sending(make_executor: Make) -> None:
     executor = make_executor(1, max_frame=1 << 20)
     with pytest.raises(ValueError, match="max_frame"):

@@ -4,10 +4,18 @@ transport of ``memnode``, whose workers finish, raise, die idle or busy, hang, a
 revokes late and fail to start, while the test submits, maps, cancels, breaks out of
 maps, kills workers and shuts down.
 
+Futures are observed as users observe them: through ``wait()`` and ``as_completed()``
+(a cancelled Future nobody notified is ``done()`` and still hangs both). Half of them
+carry done-callbacks (some raise), so they end on the executor's callback thread, the
+rest on the loop thread; a callback records its thread, never the loop's.
+
 After every step, on the loop thread: every pending Future's task is queued, on a live
-worker the pool knows, or ending (its worker just died); the table and the scheduler
-agree task by task and worker by worker; no Future ended twice; no work went to a
-worker the pool had forgotten. After shutdown, every Future has ended.
+worker the pool knows, or ending (its worker just died), or its outcome is on the
+callback thread's queue; the table and the scheduler agree task by task and worker by
+worker; no Future ended twice; no work went to a worker the pool had forgotten; and
+``wait(timeout=0)`` counts as done exactly the Futures that are done (every cancelled
+one included). After shutdown, ``wait`` sees every Future end and ``as_completed``
+yields each exactly once.
 ``SSHEXEC_MODEL_EXAMPLES`` sets the number of examples (the soak in ``benchmarks/``
 runs many more)."""
 
@@ -16,10 +24,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import os
+import random
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -28,6 +37,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import sshexec._executor as executor_module
 from sshexec import SSHPoolExecutor
+from sshexec._ending import RESULT
 from sshexec._tasks import ENDING, QUEUED, SENT
 
 from . import tasks
@@ -56,7 +66,8 @@ class PoolModel(RuleBasedStateMachine):
         self.node.task_of = pool.table.get
         self.futures: List[cf.Future[Any]] = []
         self.expected: Dict[int, Any] = {}  # id(future) -> its value, when it succeeds
-        self.endings: Dict[int, int] = {}  # id(future) -> times it ended
+        self.endings: Dict[int, int] = {}  # id(future) -> times it ended (with callbacks)
+        self.callback_threads: List[str] = []  # where done-callbacks ran
         self.maps: List[Any] = []  # map iterators (generators: they have close())
         self.is_shut = False
 
@@ -75,14 +86,20 @@ class PoolModel(RuleBasedStateMachine):
         return self.on_loop(self.node.live)  # type: ignore[no-any-return]
 
     def track(self, future: cf.Future[Any], value: Any) -> None:
+        """Every other Future gets done-callbacks (every fourth one that raises)."""
         self.futures.append(future)
         self.expected[id(future)] = value
         self.endings[id(future)] = 0
+        if len(self.futures) % 2:
+            return  # none: it ends on the loop thread, no hand-off
 
         def ended(f: cf.Future[Any]) -> None:
             self.endings[id(f)] += 1
+            self.callback_threads.append(threading.current_thread().name)
 
         future.add_done_callback(ended)
+        if len(self.futures) % 4 == 0:
+            future.add_done_callback(_raising_callback)
 
     # ---- what users do ------------------------------------------------------------------
 
@@ -119,38 +136,49 @@ class PoolModel(RuleBasedStateMachine):
     def cancel(self, data: st.DataObject) -> None:
         self.futures[data.draw(st.integers(0, len(self.futures) - 1))].cancel()
 
+    @precondition(lambda self: bool(self.futures) and not self.is_shut)
+    @rule(seed=st.integers(0, 2**16), share=st.sampled_from([0.3, 1.0]))
+    def cancel_many(self, seed: int, share: float) -> None:
+        """A user cancels a batch, from a thread of its own, while the pool runs."""
+        picked = random.Random(seed).sample(self.futures, int(len(self.futures) * share) or 1)
+        bounded_run(lambda: [f.cancel() for f in picked])
+
     # ---- what workers and hosts do ------------------------------------------------------
 
     @precondition(lambda self: not self.is_shut)
     @rule(data=st.data(), times=st.integers(1, 4))
     def finish(self, data: st.DataObject, times: int) -> None:
+        index = data.draw(st.integers(0, 7))  # drawn whatever is live: replays draw alike
         live = self.workers()
         if live:
-            worker = data.draw(st.sampled_from(live))
+            worker = live[index % len(live)]
             for _ in range(times):
                 self.on_loop(worker.finish)
 
     @precondition(lambda self: not self.is_shut)
     @rule(data=st.data())
     def die(self, data: st.DataObject) -> None:
+        index = data.draw(st.integers(0, 7))
         live = self.workers()
         if live:
-            self.on_loop(data.draw(st.sampled_from(live)).die)
+            self.on_loop(live[index % len(live)].die)
 
     @precondition(lambda self: not self.is_shut)
     @rule(data=st.data(), hung=st.booleans())
     def hang(self, data: st.DataObject, hung: bool) -> None:
+        index = data.draw(st.integers(0, 7))  # drawn whatever is live: replays draw alike
         live = self.workers()
         if live:
-            worker = data.draw(st.sampled_from(live))
+            worker = live[index % len(live)]
             worker.is_hung = hung
 
     @precondition(lambda self: not self.is_shut)
     @rule(data=st.data(), slow=st.booleans())
     def slow_revokes(self, data: st.DataObject, slow: bool) -> None:
+        index = data.draw(st.integers(0, 7))  # drawn whatever is live: replays draw alike
         live = self.workers()
         if live:
-            worker = data.draw(st.sampled_from(live))
+            worker = live[index % len(live)]
             worker.slow_revokes = slow
             if not slow:
                 self.on_loop(worker.answer_revokes)
@@ -206,9 +234,14 @@ class PoolModel(RuleBasedStateMachine):
         assert done.wait(10), "shutdown did not return: it hangs"
         if failure:
             raise failure[0]
-        pending = [f for f in self.futures if not f.done()]
-        assert not pending, f"{len(pending)} Futures pending after shutdown"
+        # shutdown(wait=True) returned: every Future has ended, as wait() sees it
+        _done, not_done = cf.wait(self.futures, timeout=0)
+        assert not not_done, f"{len(not_done)} Futures never ended for wait() after shutdown"
+        seen = [id(f) for f in cf.as_completed(self.futures, timeout=10)]
+        assert len(seen) == len(set(seen)) == len(self.futures), "as_completed: not each once"
         assert not self.ex._pool.table._tasks, "tasks left in the table after shutdown"
+        on_loop = [n for n in self.callback_threads if n.startswith("sshexec-loop-")]
+        assert not on_loop, "a done-callback ran on the loop thread"
 
     def teardown(self) -> None:
         if not self.is_shut:
@@ -234,22 +267,46 @@ class PoolModel(RuleBasedStateMachine):
     def nothing_is_left_hanging(self) -> None:
         if self.is_shut:
             return
-        problems: List[str] = self.on_loop(self._check)
+        problems, ending = self.on_loop(self._check)
         assert not problems, "\n".join(problems)
+        self.flush_callbacks()  # the outcomes queued for the callback thread are set
+        stuck = [f for f in ending if not f.done()]
+        assert not stuck, f"{len(stuck)} pending Futures have no task in the table"
         assert not self.node.violations, self.node.violations
 
-    def _check(self) -> List[str]:
+    @invariant()
+    def wait_sees_every_ended_future(self) -> None:
+        """What is ``done()`` is done for ``wait()`` too: a cancelled Future whose task
+        left the queue was notified (only that wakes ``wait`` and ``as_completed``)."""
+        if self.is_shut:
+            return
+        self.on_loop(lambda: None)  # cancels posted by cancel() reach the table
+        self.flush_callbacks()
+        ended = [f for f in self.futures if f.done()]
+        done, _ = cf.wait(self.futures, timeout=0)
+        missed = [f for f in ended if f not in done]
+        assert not missed, f"{len(missed)} Futures are done() but not for wait(): {missed[:3]}"
+
+    def flush_callbacks(self) -> None:
+        """Wait until what the callback thread holds has run (a marker behind it)."""
+        marker: cf.Future[None] = cf.Future()
+        marker.add_done_callback(lambda _: None)
+        self.ex._runtime.ender.end(marker, RESULT, None)
+        marker.result(timeout=10)
+
+    def _check(self) -> Tuple[List[str], List[cf.Future[Any]]]:
         pool = self.ex._pool
         table = pool.table
         sched = table.scheduler
         problems = []
+        ending: List[cf.Future[Any]] = []  # its outcome may wait on the callback thread
         by_future = {id(t.future): t for t in table}
         for future in self.futures:
             if future.done():
                 continue
             task = by_future.get(id(future))
             if task is None:
-                problems.append(f"a pending Future has no task in the table ({future})")
+                ending.append(future)
             elif task.state == SENT and task.worker_id not in pool.links:
                 problems.append(f"{task} is on a worker the pool does not know")
         queued = set(sched._queue) | set(sched._bound)
@@ -269,11 +326,23 @@ class PoolModel(RuleBasedStateMachine):
         for task in table:
             if task.state not in (QUEUED, SENT, ENDING):
                 problems.append(f"{task} has no state")
-        return problems
+        return problems, ending
 
 
 async def _call(fn: Any) -> Optional[Any]:
     return fn()
+
+
+def _raising_callback(_: Any) -> None:
+    raise ValueError("a user's done-callback raised")
+
+
+def bounded_run(fn: Any) -> None:
+    """``fn()`` on a thread of its own (a user's), bounded."""
+    thread = threading.Thread(target=fn, name="model-user", daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "cancel() hangs"
 
 
 TestPoolModel = PoolModel.TestCase

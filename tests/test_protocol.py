@@ -17,6 +17,7 @@ from sshexec._wire.protocol import (
     HEADER,
     MAX_FRAME_LIMIT,
     Ack,
+    Beat,
     CloseInput,
     Configure,
     Data,
@@ -96,6 +97,7 @@ SAMPLES: List[Message] = [
     Source("nope", "missing", "", "", False, ""),
     # the agent protocol, on a host's one channel
     Configure(1 << 30, 30.0),
+    Configure(1 << 20, 3.0, 1.0),
     Spawn(1),
     Data(1, 0, b"\x00\x00\x00\x05frame bytes"),
     Data(2**31, 2, b""),
@@ -111,6 +113,7 @@ SAMPLES: List[Message] = [
     Exited(2, 7, 0),
     SpawnFailed(5, "OSError: [Errno 11] Resource temporarily unavailable"),
     StoreFailed(b"k" * 32, "/dev/shm: No space left on device; /tmp: No space left on device"),
+    Beat(),
 ]
 
 
@@ -619,3 +622,70 @@ def test_an_int_is_accepted_where_a_float_belongs() -> None:
     (message,) = decode_all(packed_frame([Done.TAG, 5, 2, b""], b"r"))
     assert message == Done(5, b"r", 2.0)
     assert type(message.seconds) is float
+
+
+# The wire as both ends of PROTOCOL_VERSION 7 agree on it: any change to this table is a
+# wire change, which must bump PROTOCOL_VERSION (nodes keep cached bundles of the old one).
+WIRE_7 = {
+    1: (
+        "Init",
+        ("worker_id", "initializer", "max_frame", "forward_modules", "log_level", "python"),
+    ),
+    2: ("Run", ("task_id", "payload", "buffers")),
+    3: ("Shutdown", ()),
+    4: ("Revoke", ("task_id",)),
+    5: ("Ping", ("nonce",)),
+    6: ("Source", ("name", "kind", "origin", "code", "is_package", "detail")),
+    10: (
+        "Hello",
+        ("protocol", "python", "cloudpickle", "msgpack", "pid", "hostname", "cpus", "executable"),
+    ),
+    11: ("Ready", ()),
+    12: ("Done", ("task_id", "payload", "seconds", "buffers")),
+    13: (
+        "Failed",
+        ("task_id", "type_name", "message", "traceback", "exception", "stage", "seconds"),
+    ),
+    14: ("Revoked", ("task_id",)),
+    15: ("Pong", ("nonce",)),
+    16: ("Output", ("stream", "data")),
+    17: (
+        "Log",
+        (
+            "name",
+            "levelno",
+            "message",
+            "pathname",
+            "lineno",
+            "func",
+            "created",
+            "exc_text",
+            "thread_name",
+        ),
+    ),
+    18: ("Fetch", ("name",)),
+    30: ("Configure", ("max_frame", "silence_deadline", "beat_interval")),
+    31: ("Spawn", ("slot",)),
+    32: ("Data", ("slot", "stream", "data")),
+    33: ("CloseInput", ("slot",)),
+    34: ("Signal", ("slot", "signum")),
+    35: ("Store", ("key", "size", "data")),
+    36: ("Ack", ("slot", "count")),
+    37: ("Forget", ("key",)),
+    40: ("Spawned", ("slot", "pid")),
+    41: ("Exited", ("slot", "status", "signum")),
+    42: ("SpawnFailed", ("slot", "reason")),
+    43: ("Beat", ()),
+    44: ("StoreFailed", ("key", "reason")),
+}
+
+
+def test_the_wire_is_protocol_7() -> None:
+    """Version 7: flow control (Ack), blobs in pieces with a lifecycle (Store.size, Forget,
+    StoreFailed) and the agent's own heartbeat (Beat, Configure.beat_interval)."""
+    assert proto.PROTOCOL_VERSION == 7
+    found = {
+        cls.TAG: (cls.__name__, tuple(f.name for f in dataclasses.fields(cls)))
+        for cls in proto._CLASSES
+    }
+    assert found == WIRE_7

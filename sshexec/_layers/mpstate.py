@@ -23,6 +23,7 @@ from concurrent.futures import CancelledError, Future
 from concurrent.futures.process import _RemoteTraceback
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from .._ending import inline
 from .._errors import WorkerLostError
 from .adapters import CallbackThread
 from .mpresults import Throttle
@@ -147,7 +148,7 @@ class PoolState:
             else:
                 self.results.post(result._set, index, (False, exc))
             return
-        future.add_done_callback(functools.partial(self._done, result, index))
+        future.add_done_callback(inline(functools.partial(self._done, result, index)))
 
     def _done(self, result: Any, index: int, future: Future[Any]) -> None:
         self.results.post(self._deliver, result, index, future)  # off the loop thread

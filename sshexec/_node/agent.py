@@ -13,6 +13,9 @@ channel closes, the client has said nothing for ``silence_deadline`` seconds (a 
 partition), it sends ``Shutdown``, or the agent gets SIGTERM or SIGHUP, every worker and
 everything a worker started (the agent is their child subreaper on Linux) gets SIGTERM,
 then SIGKILL, and the agent exits, even when every pipe is gone: kill first, log last.
+Its own writes to the client prove nothing of the client (sshd takes them whether or not
+the client is there). It sends a ``Beat`` every ``beat_interval`` (from ``Configure``) on
+its own clock, so an idle but healthy agent is never silent to the client.
 Must not import: any client module, asyncio; and it must never start a thread.
 """
 
@@ -63,6 +66,8 @@ class Agent:
         self.watched: Dict[int, int] = {}  # fd -> the events it is registered for
         self.silence = DEFAULT_SILENCE
         self.heard = time.monotonic()
+        self.beat_every = 0.0  # seconds between Beats, from Configure (0: none)
+        self.next_beat = 0.0
         self.ending = ""  # why the agent is ending, once it is
         self.ended_at = 0.0
         self.killed = False  # ending: SIGKILL has followed SIGTERM
@@ -128,6 +133,7 @@ class Agent:
             self.children.report_exits()
         if self.ending:
             self._escalate()
+        self._beat()
         if self.out:  # everything read in this pass goes out in one write
             self._flush(block=False)
         self._watch(self.frames_out, select.POLLOUT if self.out else 0)
@@ -142,6 +148,8 @@ class Agent:
             due = self.ended_at + (ENDING_LIMIT if self.killed else TERM_GRACE)
         else:
             due = self.heard + self.silence
+            if self.beat_every > 0:
+                due = min(due, self.next_beat)
         due = min(due, self.children.due())
         return max(0, int((due - time.monotonic()) * 1000) + 1)
 
@@ -203,6 +211,7 @@ class Agent:
             # every frame from the client is at most a CHUNK of data (Store and Data
             # come in pieces); its max_frame may be less, never more
             self.decoder.max_frame = min(message.max_frame, proto.CHUNK) + HEAD_ROOM
+            self.beat_every = message.beat_interval
         elif isinstance(message, proto.Shutdown):
             self._end(CLIENT_DONE)
 
@@ -252,6 +261,14 @@ class Agent:
             reason = f"{type(exc).__name__}: {exc}"
         if reason is not None:
             self._send(proto.StoreFailed(message.key, reason))
+
+    def _beat(self) -> None:
+        """A Beat when one is due: on the agent's own clock, whatever the client sends."""
+        if self.beat_every > 0 and not self.ending:
+            now = time.monotonic()
+            if now >= self.next_beat:
+                self._send(proto.Beat())
+                self.next_beat = now + self.beat_every
 
     # ---- the end ----------------------------------------------------------------------
 

@@ -8,6 +8,8 @@ Data flow (every step after the first runs on the executor's loop thread)::
     Future.cancel() / map closed ──▶ Runtime.cancel ──▶ TaskTable.cancel: gone at once
     worker: Run ──▶ fn(*args) ──▶ Done | Failed
     WorkerLink._read_replies ──▶ Dispatcher.on_reply ──▶ TaskTable.finish ──▶ resolve | fail
+        ──▶ Ender: a Future without callbacks ends here; one with callbacks, on the
+            executor's callback thread (no user code runs on the loop thread)
                              │                     └──▶ Dispatcher.soon
                              └─ Output/Log/Fetch/Pong: handled by the link itself
     the reader ends (EOF, bad frame, any error) ──▶ Pool.on_lost, in one synchronous step:
@@ -29,6 +31,7 @@ import logging
 import sys
 from typing import Any, Coroutine, Dict, List, Optional, Sequence, Set, Tuple
 
+from .._ending import Ender
 from .._errors import BrokenPool, WorkerLostError, WorkerStartupError
 from .._logs import logger
 from .._output import WRITER_TIMEOUT, OutputRouter
@@ -66,10 +69,11 @@ class Pool:
         keepalive_interval: float = 10.0,
         forward_modules: bool = True,
         log_level: int = logging.WARNING,
+        ender: Optional[Ender] = None,
     ) -> None:
         self.hosts = [Supervisor(t, n, python, self, reconnect_grace) for t, n, python in hosts]
         self.table = TaskTable(
-            Scheduler(prefetch=prefetch, max_retries=max_retries), self._now_idle
+            Scheduler(prefetch=prefetch, max_retries=max_retries), self._now_idle, ender
         )
         self.starts = Starts(
             proto.Init("", b"", max_frame, forward_modules, log_level),

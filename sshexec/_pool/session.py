@@ -8,9 +8,12 @@ stored once per host (``store``, kept in ``blobs``: see ``blobs.HostBlobs``); th
 acknowledgements (``Ack``) that let the agent read a worker on: sent as the link reader
 takes its stdout and the output router its stderr (held while the router is backlogged,
 ``Pace``), so a worker that outprints the client waits, with at most a ``WINDOW`` of
-its bytes on the way or in the client's memory; liveness (a ``Ping`` every ``keepalive_interval``;
-the session is lost when the agent has been silent for three of them, as the agent
-quits when the client is); and its end, which ends every worker channel with the
+its bytes on the way or in the client's memory; liveness (a ``Ping`` every
+``keepalive_interval``, by which the agent judges the client; the agent ``Beat``s on its
+own clock as often, every byte received counts as hearing from it, and so do our own
+writes to it while they still drain (a big upload over a slow link); the session is lost
+when the agent has been silent for three intervals, as the agent quits when the client
+is); and its end, which ends every worker channel with the
 reason. ``WorkerChannel`` is what a ``WorkerLink`` reads and writes: one worker's
 stdin and stdout, its stderr lines and its exit status as the agent reported it.
 Must not import: asyncssh or subprocess (it sees the ``Transport`` protocol only).
@@ -120,6 +123,9 @@ class WorkerChannel:
     async def drain(self) -> None:
         await self.session.drain()
 
+    def backlog(self) -> int:
+        return 0  # its bytes wait in the session's pipe, judged there
+
     async def exit_reason(self, timeout: float) -> str:
         try:
             await asyncio.wait_for(self._ended.wait(), timeout)
@@ -182,6 +188,7 @@ class HostSession:
         self._out: List[proto.Buffer] = []
         self._flush_due = False
         self._heard = 0.0
+        self._bytes_written = 0  # handed to the pipe; minus its backlog: taken by the host
         self._tasks: List[asyncio.Task[None]] = []
 
     async def open(self) -> proto.Hello:
@@ -196,7 +203,8 @@ class HostSession:
             await pipe.aclose(0.1)
             raise
         self.hello, self.is_alive, self._heard = hello, True, loop.time()
-        self.send(proto.Configure(self.max_frame, MISSED_BEATS * self.keepalive_interval))
+        interval = self.keepalive_interval
+        self.send(proto.Configure(self.max_frame, MISSED_BEATS * interval, interval))
         self._tasks = [loop.create_task(self._read()), loop.create_task(self._keep_alive())]
         return hello
 
@@ -286,8 +294,11 @@ class HostSession:
         if self._pipe is None or not out:
             return
         small: List[proto.Buffer] = []
+        written = 0
         for piece in out:
-            if len(piece) < SMALL:
+            size = len(piece)
+            written += size
+            if size < SMALL:
                 small.append(piece)
                 continue
             if small:
@@ -296,6 +307,7 @@ class HostSession:
             self._pipe.write(piece)
         if small:
             self._pipe.write(b"".join(small) if len(small) > 1 else small[0])
+        self._bytes_written += written
 
     async def drain(self) -> None:
         if self._pipe is not None:
@@ -354,7 +366,7 @@ class HostSession:
         elif isinstance(message, proto.StoreFailed):
             log.warning("the agent on host=%s could not keep a blob: %s", self.host, message.reason)
             self.blobs.store_failed(message.key, message.reason)
-        elif isinstance(message, proto.Pong):
+        elif isinstance(message, (proto.Beat, proto.Pong)):
             pass  # its arrival is the point (self._heard)
         else:
             log.warning(
@@ -364,9 +376,18 @@ class HostSession:
     async def _keep_alive(self) -> None:
         loop = asyncio.get_running_loop()
         interval = self.keepalive_interval
+        waiting, taken = 0, 0  # our bytes held back at the last look, and those taken by then
         while self.is_alive:
             await asyncio.sleep(interval)
-            silent = loop.time() - self._heard
+            now = loop.time()
+            backlog = self._pipe.backlog() if self._pipe is not None else 0
+            # bytes that had to wait (the SSH window, a full pipe) moved on since: the host
+            # takes them, so it is there. Bytes that never waited prove nothing (a socket
+            # or sshd takes a ping whether or not the host is still there).
+            if waiting and self._bytes_written - backlog > taken:
+                self._heard = max(self._heard, now)
+            waiting, taken = backlog, self._bytes_written - backlog
+            silent = now - self._heard
             if silent > MISSED_BEATS * interval:
                 reason = f"the agent on {self.host} has said nothing for {silent:.0f} s"
                 log.warning("%s; giving its workers up", reason)

@@ -76,6 +76,10 @@ class SSHChannel:
         except (asyncssh.Error, OSError):
             pass
 
+    def backlog(self) -> int:
+        """What waits for the SSH channel's window: sshd opens it as the agent reads."""
+        return int(self.process.stdin.channel.get_write_buffer_size())
+
     async def exit_reason(self, timeout: float) -> str:
         try:
             await asyncio.wait_for(self.process.wait_closed(), timeout)

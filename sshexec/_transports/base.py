@@ -40,6 +40,11 @@ class Channel(Protocol):
 
     async def drain(self) -> None: ...
 
+    def backlog(self) -> int:
+        """Bytes written and not yet taken by the other end (the pipe to the process,
+        or the SSH channel's window); 0 when unknown. Shrinking, it shows the host is
+        there: its silence while our writes still drain is not silence."""
+
     async def aclose(self, grace: float) -> None:
         """End the worker: close its stdin, wait up to ``grace``, then force it. Bounded."""
 

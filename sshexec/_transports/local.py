@@ -81,6 +81,11 @@ class PipeChannel:
         except (OSError, RuntimeError):  # the worker died; the read loop reports it
             pass
 
+    def backlog(self) -> int:
+        if self._writer is None or self._writer.is_closing():
+            return 0
+        return int(self._writer.transport.get_write_buffer_size())
+
     async def exit_reason(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while self.proc.poll() is None and time.monotonic() < deadline:

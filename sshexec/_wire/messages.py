@@ -188,6 +188,7 @@ class Configure:
     TAG: ClassVar[int] = 30
     max_frame: int  # the client's max_frame (frames from the client carry a CHUNK at most)
     silence_deadline: float  # seconds without a byte from the client before the agent quits
+    beat_interval: float = 0.0  # seconds between the agent's Beats (0: none)
 
 
 @dataclass(frozen=True)
@@ -306,6 +307,15 @@ CHUNK: Final = 4 << 20  # the most bytes of data one Data or Store frame carries
 WINDOW: Final = 8 << 20  # unacknowledged bytes of one worker beyond which the agent waits
 
 
+@dataclass(frozen=True)
+class Beat:
+    """Agent -> client, every ``Configure.beat_interval`` on the agent's own clock: it
+    is alive. Never queued behind the client's uploads (it travels the other way), and
+    no user code can hold it back, as it could a reply to the client's ``Ping``."""
+
+    TAG: ClassVar[int] = 43
+
+
 Message = Union[
     Init,
     Run,
@@ -334,4 +344,5 @@ Message = Union[
     Exited,
     SpawnFailed,
     StoreFailed,
+    Beat,
 ]
