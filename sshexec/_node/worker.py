@@ -25,6 +25,7 @@ import msgpack
 
 from .._wire import calls, carried
 from .._wire import protocol as proto
+from . import reaper
 from .fdio import Reader
 from .lookups import Lookups
 from .namespaces import Namespaces
@@ -330,8 +331,11 @@ _agent = 0  # the pid of the agent that started this worker process (main() sets
 
 def end_process() -> None:
     """End this worker process now, from any thread. If its agent is gone (killed), nobody
-    else will end what its tasks started: its process group goes with it."""
+    else will end what its tasks started: everything descending from this worker (a child
+    a task moved into a session of its own too, while it is still our child) and its
+    process group go with it."""
     if _agent and os.getppid() != _agent:
+        reaper.sweep(signal.SIGKILL, ancestors=[os.getpid()], groups=[os.getpid()])
         try:
             os.killpg(os.getpgid(0), signal.SIGKILL)  # this process too
         except OSError:
