@@ -82,6 +82,8 @@ def default_plan(seed: int, tag: str, tasks: int = 60) -> Dict[str, Any]:
         "tasks": tasks,
         "kinds": list(chaos_tasks.KINDS),
         "max_sleep": 0.6,
+        "long_tasks": 2,  # the first two sleep this long: the job outlasts the first kill
+        "long_sleep": 3.0,
         "flood_bytes": 2_000_000,
         "callback_block": 4.0,  # over 3 keepalive intervals of 1 s: must not look like silence
         "block_fraction": 0.03,
@@ -141,7 +143,11 @@ def _still_alive(seen: Dict[int, Tuple[str, int]]) -> List[str]:
     for pid, (what, started) in seen.items():
         fields = _stat(pid)
         if fields is not None and fields[0] != b"Z" and int(fields[19]) == started:
-            left.append(f"{what} pid {pid}: {_cmdline(pid)[-80:]!r}")
+            parent, group, session = (int(f) for f in fields[1:4])
+            left.append(
+                f"{what} pid {pid} (parent {parent}, group {group}, session {session}): "
+                f"{_cmdline(pid)[-60:]!r}"
+            )
     return left
 
 
@@ -196,11 +202,11 @@ def run_once(
                 node_peak, sum(_rss_mb(p) for p, (w, _) in now.items() if w != "task child")
             )
             if next_kill is None and "started" in _read_events(out):
-                next_kill = time.monotonic() + rng.uniform(0.3, 2.0)
+                next_kill = time.monotonic() + rng.uniform(0.2, 1.0)
             if kills_left and next_kill is not None and time.monotonic() >= next_kill:
                 killed.extend(_kill(kill, client.pid, now, rng))
                 kills_left -= 1
-                next_kill = time.monotonic() + rng.uniform(0.5, 2.0)
+                next_kill = time.monotonic() + rng.uniform(0.3, 1.0)
             time.sleep(0.1)
         if client.poll() is None:
             killed.append("client (the round's time limit)")

@@ -49,6 +49,8 @@ def main() -> None:
     rng = random.Random(plan["seed"])
     tag, n = plan["tag"], plan["tasks"]
     kinds = [rng.choice(plan["kinds"]) for _ in range(n)]
+    long = min(plan.get("long_tasks", 0), n)
+    kinds[:long] = ["sleep"] * long  # the job outlasts the driver's first kill
     args = {
         "compute": lambda: rng.randrange(1000, 50_000),
         "sleep": lambda: rng.uniform(0.05, plan["max_sleep"]),
@@ -73,7 +75,7 @@ def main() -> None:
     with SSHPoolExecutor(plan.get("max_workers"), **kwargs) as ex:
         say("started", pid=os.getpid())
         for i, kind in enumerate(kinds):
-            arg = args.get(kind, lambda: 0.0)()
+            arg = plan["long_sleep"] if i < long else args.get(kind, lambda: 0.0)()
             future = ex.submit(chaos_tasks.run, kind, i, tag, arg)
             block = plan["callback_block"] if rng.random() < plan["block_fraction"] else 0.0
             future.add_done_callback(functools.partial(on_done, i, block))

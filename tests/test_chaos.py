@@ -52,6 +52,8 @@ def remote_target(start_server: StartServer) -> Iterator[Target]:
 def run_round(target: Target, kill: str, seed: int, tmp_path: Path) -> None:
     result = run_once(target, kill, seed, tmp_path, ROUND_PLAN)
     assert not result.problems, describe(result)
+    if kill != "none":  # the round did what it says
+        assert result.killed, f"nothing was killed: {describe(result)}"
 
 
 @pytest.mark.parametrize("kill", ["none", "worker", "agent", "client"])

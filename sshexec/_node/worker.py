@@ -88,6 +88,7 @@ class Worker:
         self.is_reading = True
         self.lookups = Lookups(None, self.fetch)  # main() names the agent's blob store
         self.on_lost: Optional[Callable[[], None]] = None  # main(): the process ends
+        self.told_to_stop = False  # Shutdown came (not EOF alone, not a broken pipe)
         self.namespaces = Namespaces(self.lookups.script)
 
     def send(self, message: proto.Message) -> None:
@@ -207,7 +208,10 @@ class Worker:
         self.send(self.hello())
         while True:
             message = self.inbox.get()
-            if message is None or isinstance(message, proto.Shutdown):
+            if message is None:
+                return
+            if isinstance(message, proto.Shutdown):
+                self.told_to_stop = True  # an orderly end: the agent ends what is left
                 return
             if isinstance(message, proto.Run) and not self.claim(message.task_id):
                 continue  # revoked while queued: the reader thread has answered
@@ -326,16 +330,15 @@ def say(text: str) -> None:
         pass
 
 
-_agent = 0  # the pid of the agent that started this worker process (main() sets it)
-
-
-def end_process() -> None:
-    """End this worker process now, from any thread. If its agent is gone (killed), nobody
-    else will end what its tasks started: everything descending from this worker (a child
-    a task moved into a session of its own too, while it is still our child) and its
-    process group go with it."""
-    if _agent and os.getppid() != _agent:
-        reaper.sweep(signal.SIGKILL, ancestors=[os.getpid()], groups=[os.getpid()])
+def end_process(orderly: bool = False) -> None:
+    """End this worker process now, from any thread. Unless the client said ``Shutdown``
+    (``orderly``: the agent reaps us and ends what is left), the end is the stream's (EOF,
+    a broken pipe) and the agent may be gone with it, even if it is still our parent for a
+    moment (a killed agent's pipes close before its children are re-parented): so nobody
+    else may end what the tasks started, and everything descending from this worker (a
+    child a task moved into a session of its own too) and its process group go with it."""
+    if not orderly:
+        reaper.end_family()
         try:
             os.killpg(os.getpgid(0), signal.SIGKILL)  # this process too
         except OSError:
@@ -346,8 +349,6 @@ def end_process() -> None:
 def main(blob_dir: Optional[str] = None) -> None:
     """A worker's life, in the process the agent forked (or spawned) for it: fds 0 and 1
     are its frame pipes, ``blob_dir`` is where the agent keeps this host's blobs."""
-    global _agent
-    _agent = os.getppid()
     frames_in, frames_out = _claim_stdio()
     worker = Worker(frames_in, frames_out)
     worker.lookups.blob_dir = blob_dir
@@ -359,4 +360,4 @@ def main(blob_dir: Optional[str] = None) -> None:
         worker._flush_output()
     except BaseException as exc:  # the frame channel broke, or worse: the process ends anyway
         say(f"sshexec worker {worker.worker_id}: ended by {type(exc).__name__}: {exc}")
-    end_process()
+    end_process(worker.told_to_stop)
