@@ -26,6 +26,7 @@ from typing import (
 
 from .._bootstrap import interpreters
 from .._transports.local import LocalTransport
+from .allocation import Allocation, allocation
 from .files import read_hosts
 from .spec import Host, parse_host
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from .._transports.base import Transport
 
 HOSTS_ENV = "SSHEXEC_HOSTS"
+FROM_ALLOCATION = "allocation"  # SSHEXEC_HOSTS=allocation
 
 if TYPE_CHECKING:
     HostsArg = Union[str, "os.PathLike[str]", Host, Iterable[Union[str, Host, "os.PathLike[str]"]]]
@@ -46,12 +48,24 @@ def hosts_from_env() -> Optional[List[str]]:
     return _split(os.environ.get(HOSTS_ENV, "")) or None
 
 
+def allocation_from_env() -> bool:
+    """``SSHEXEC_HOSTS=allocation``: the hosts of the batch allocation this runs in."""
+    return os.environ.get(HOSTS_ENV, "").strip() == FROM_ALLOCATION
+
+
 def resolve_hosts(hosts: Optional[HostsArg]) -> Optional[List[Host]]:
     """The executor's ``hosts`` argument as ``Host`` values; None means local workers.
 
     A str is a comma-separated list; an item ``@path`` or a path object is a host file;
-    None reads ``SSHEXEC_HOSTS`` the same way."""
+    None reads ``SSHEXEC_HOSTS`` the same way (``allocation`` there: ``allocation()``).
+    An ``Allocation`` is kept as it is: it knows it is a grant."""
     items: List[Any]
+    if isinstance(hosts, Allocation):
+        if not hosts:
+            raise ValueError("hosts is an empty allocation")
+        return hosts
+    if hosts is None and allocation_from_env():
+        return allocation()
     if hosts is None:
         from_env = hosts_from_env()
         if from_env is None:
@@ -92,7 +106,14 @@ def local_cpu_count() -> int:
 
 def share_workers(total: Optional[int], hosts: Sequence[Host]) -> List[Optional[int]]:
     """Worker count per host: its own ``workers``, else a round-robin share of
-    ``max_workers``, else None (its cores, learnt when it connects)."""
+    ``max_workers``, else None (its cores, learnt when it connects). Within an
+    ``Allocation``, ``max_workers`` takes that many of the granted workers.
+
+    Raises:
+        ValueError: ``max_workers`` is more than an allocation granted.
+    """
+    if isinstance(hosts, Allocation) and total is not None:
+        return list(hosts.fit(total))
     open_hosts = [i for i, h in enumerate(hosts) if h.workers is None]
     counts: List[Optional[int]] = [h.workers for h in hosts]
     if total is not None and open_hosts:
@@ -124,7 +145,7 @@ def build_transports(
         return [
             (LocalTransport(python), max_workers or local_cpu_count(), python or sys.executable)
         ]
-    parsed = [parse_host(s) for s in specs]
+    parsed = specs if isinstance(specs, Allocation) else [parse_host(s) for s in specs]
     labels = [h.label for h in parsed]
     twice = sorted({x for x in labels if labels.count(x) > 1})
     if twice:
