@@ -455,3 +455,30 @@ def test_cli_demo_and_check_over_an_allocation(
     )
     assert result.returncode == 1
     assert "no batch allocation found" in result.stderr and "PE_HOSTFILE" in result.stderr
+
+
+def test_joblib_and_pool_through_an_allocation(tmp_path: Path) -> None:
+    """A one-node PBS job on this machine: 3 slots granted, local workers; joblib with
+    max_workers=2 takes two of them, Pool the three."""
+    import joblib
+    from joblib import Parallel, delayed, parallel_config
+
+    import sshexec.joblib  # registers backend="sshexec"
+
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text(f"{socket.gethostname()}\n" * 3)
+    hosts = sshexec.allocation(environ={"PBS_NODEFILE": str(nodefile)})
+    assert list(hosts) == [Host(":", workers=3)]
+    with parallel_config(backend="sshexec", hosts=hosts, max_workers=2):
+        assert joblib.effective_n_jobs(-1) == 2
+        assert Parallel(n_jobs=-1)(delayed(tasks.square)(i) for i in range(6)) == [
+            0,
+            1,
+            4,
+            9,
+            16,
+            25,
+        ]
+    with sshexec.Pool(hosts=hosts) as pool:
+        assert pool.map(tasks.square, range(5)) == [0, 1, 4, 9, 16]
+        assert pool._processes == 3
