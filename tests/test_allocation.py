@@ -449,6 +449,15 @@ def test_cli_demo_and_check_over_an_allocation(
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "node-beta" in result.stdout and "srun: not probed" in result.stdout
+    result = subprocess.run(
+        [*run, "map", "builtins:len", *common],
+        env=env,
+        input="ab\nabc\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (result.returncode, result.stdout) == (0, "2\n3\n"), result.stderr
     env.pop("PBS_NODEFILE")
     result = subprocess.run(
         [*run, "demo", *demo, *common], env=env, capture_output=True, text=True, timeout=120
@@ -482,3 +491,17 @@ def test_joblib_and_pool_through_an_allocation(tmp_path: Path) -> None:
     with sshexec.Pool(hosts=hosts) as pool:
         assert pool.map(tasks.square, range(5)) == [0, 1, 4, 9, 16]
         assert pool._processes == 3
+
+
+def test_sshexec_hosts_allocation_runs_the_unchanged_program(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text(f"{socket.gethostname()}\n" * 2)
+    monkeypatch.setenv("PBS_NODEFILE", str(nodefile))
+    monkeypatch.setenv("SSHEXEC_HOSTS", "allocation")
+    with SSHPoolExecutor() as executor:  # as a ProcessPoolExecutor script has it
+        assert executor._max_workers == 2  # the grant, not this machine's cores
+        assert list(executor.map(tasks.square, range(4))) == [0, 1, 4, 9]
+    with pytest.raises(ValueError, match="max_workers=3 is more than the PBS allocation"):
+        SSHPoolExecutor(3)
