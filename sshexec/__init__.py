@@ -20,7 +20,7 @@ from ._errors import (
     WorkerStartupError,
 )
 from ._executor import SSHPoolExecutor
-from ._hosts import Host, parse_host, read_hosts
+from ._hosts import Host, allocation, expand_hostlist, parse_host, read_hosts
 from ._layers import joblib_hook as _joblib_hook
 from ._layers.mppool import Pool
 from ._progress import progress
@@ -47,6 +47,8 @@ __all__ = [
     "WorkerStartupError",
     "WorkerStats",
     "__version__",
+    "allocation",
+    "expand_hostlist",
     "parse_host",
     "progress",
     "read_hosts",

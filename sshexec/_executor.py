@@ -76,8 +76,10 @@ class SSHPoolExecutor(Executor):
         max_tasks_per_child: Replace each worker after this many tasks.
         hosts: ``"[N/][user@]host[:port]"`` strings or ``Host`` values (``":"`` is this
             machine); a str is a comma-separated list; ``"@path"`` or a ``pathlib.Path``
-            is a host file (see ``read_hosts``). None reads ``SSHEXEC_HOSTS`` the same
-            way; when that is unset too, workers are local.
+            is a host file (see ``read_hosts``); ``sshexec.allocation()`` is the nodes of
+            the batch job this runs in, as granted. None reads ``SSHEXEC_HOSTS`` the same
+            way (``allocation`` there: the batch job's nodes); when that is unset too,
+            workers are local.
         python: Remote interpreter for hosts without ``Host(python=...)``.
         known_hosts: known_hosts file to check host keys against (default: ssh's).
         unsafe_skip_host_key_check: Accept any host key. UNSAFE: anyone on the path can

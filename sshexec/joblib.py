@@ -143,12 +143,15 @@ class Backend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
         if specs is None:  # local workers
             default_workers = max_workers or local_cpu_count()
         else:  # tell each host's workers how many they are, where it is known now
-            counts = share_workers(max_workers, specs)
+            counts = share_workers(max_workers, specs)  # within an allocation's grant
             kwargs["hosts"] = [
-                dataclasses.replace(host, env={**host.env, _byvalue.HOST_WORKERS_VAR: str(n)})
+                dataclasses.replace(
+                    host, workers=n, env={**host.env, _byvalue.HOST_WORKERS_VAR: str(n)}
+                )
                 if n
                 else host
                 for host, n in zip(specs, counts)
+                if n != 0  # max_workers is smaller than the number of hosts
             ]
         client_values = {n: os.environ[n] for n in _byvalue.THREAD_VARS if n in os.environ}
         kwargs["initializer"] = _byvalue.limit_threads

@@ -291,3 +291,15 @@ async def _throughput(conn: asyncssh.SSHClientConnection) -> float:
     finally:
         process.close()
     return received / 1e6 / max(time.perf_counter() - started, 1e-9)
+
+
+def probe_srun(granted: Sequence[Host], settings: CheckSettings) -> Optional[bool]:
+    """``sshexec check --allocation``'s second probe: can ``srun`` start the agent on
+    each node of the allocation? Prints its report; returns whether every node can,
+    or None when not probed.
+
+    The hook for the srun transport: this build has none, so nothing is probed.
+    """
+    del granted, settings
+    print("srun: not probed (this build has no srun transport)")
+    return None

@@ -9,6 +9,7 @@ Must not import asyncssh at module level (only ``check`` needs it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import itertools
 import os
@@ -16,7 +17,7 @@ import sys
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Union
 
 from .._errors import SSHExecError
-from .._hosts import HOSTS_ENV, TRANSPORTS
+from .._hosts import FROM_ALLOCATION, HOSTS_ENV, TRANSPORTS, Allocation, allocation
 
 DESCRIPTION = "Run Python functions on other machines over SSH."
 EXAMPLES = """\
@@ -24,16 +25,24 @@ examples:
   sshexec check me@node1 node2:2222        can these hosts run workers? what to fix
   sshexec demo --hosts me@node1,node2      count primes on them, with per-host stats
   seq 100 | sshexec map mymod:square --hosts @hosts.txt
+  sshexec demo --allocation                in a Slurm, PBS, LSF or SGE job: its nodes
 """
 
 
 def _host_options(parser: argparse.ArgumentParser, workers: bool = True) -> None:
     group = parser.add_argument_group("hosts and SSH")
-    group.add_argument(
+    chosen = group.add_mutually_exclusive_group()
+    chosen.add_argument(
         "--hosts",
         metavar="SPECS",
         help="comma-separated [user@]host[:port], or @FILE for a host file "
         f"(default: ${HOSTS_ENV}" + (", else local workers)" if workers else ")"),
+    )
+    chosen.add_argument(
+        "--allocation",
+        action="store_true",
+        help="the nodes of the batch job this runs in (Slurm, PBS, LSF, SGE), with the "
+        f"workers it was granted on each (also {HOSTS_ENV}={FROM_ALLOCATION})",
     )
     if workers:
         group.add_argument(
@@ -115,8 +124,14 @@ def split_hosts(value: Optional[str]) -> Union[str, List[str], None]:
     return [h.strip() for h in value.split(",") if h.strip()]
 
 
+def allocation_of(args: argparse.Namespace) -> Allocation:
+    """``--allocation``: the job's nodes; ``--transport`` reaches them if given."""
+    return allocation(args.transport)
+
+
 def executor_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    kwargs: Dict[str, Any] = {"hosts": split_hosts(args.hosts)}
+    hosts: Any = allocation_of(args) if args.allocation else split_hosts(args.hosts)
+    kwargs: Dict[str, Any] = {"hosts": hosts}
     if getattr(args, "workers", None) is not None:
         kwargs["max_workers"] = args.workers
     if args.python:
@@ -135,7 +150,9 @@ def executor_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return kwargs
 
 
-def where(args: argparse.Namespace) -> str:
+def where(args: argparse.Namespace, hosts: Any = None) -> str:
+    if isinstance(hosts, Allocation):
+        return hosts.description
     return args.hosts or os.environ.get(HOSTS_ENV, "").strip() or "local workers"
 
 
@@ -154,7 +171,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            return run_demo(executor_kwargs(args), where(args), args.limit, args.block, args.serial)
+            kwargs = executor_kwargs(args)
+            place = where(args, kwargs["hosts"])
+            return run_demo(kwargs, place, args.limit, args.block, args.serial)
         return run_map(args)
     except KeyboardInterrupt:
         print("sshexec: interrupted", file=sys.stderr)
@@ -168,14 +187,24 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import asyncio
 
     from .._hosts import resolve_hosts
-    from .check import check_hosts
+    from .check import check_hosts, probe_srun
     from .probing import CheckSettings
     from .report import render
 
+    if args.allocation and args.host:
+        parser.error("check: give hosts or --allocation, not both")
     given: Union[str, List[str], None] = list(args.host) or args.hosts
-    hosts = [h for h in resolve_hosts(given) or [] if not h.is_local]  # ":" needs no check
+    granted = allocation_of(args) if args.allocation else None
+    hosts = [h for h in (granted or resolve_hosts(given) or []) if not h.is_local]  # ":" too
+    if granted is not None and not hosts:
+        print(f"nothing to check: {granted.description} is this node only (local workers)")
+        return 0
     if not hosts:
         parser.error(f"check: give hosts to check (arguments, --hosts or ${HOSTS_ENV})")
+    if granted is not None:  # ssh reaches each node; the srun probe is srun's own
+        hosts = [
+            dataclasses.replace(h, transport=None) if h.transport == "srun" else h for h in hosts
+        ]
     if args.timeout <= 0:
         parser.error("check: --timeout must be > 0")
     given_to_executor = executor_kwargs(args)  # what demo and map would pass on
@@ -188,7 +217,12 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     )
     reports = asyncio.run(check_hosts(hosts, settings))
     print(render(reports))
-    return 0 if all(r.is_usable for r in reports) else 1
+    usable = all(r.is_usable for r in reports)
+    if granted is not None:
+        print(f"{granted.description}, over ssh (BatchMode: keys only, no prompts)")
+        srun_usable = probe_srun(granted, settings)
+        usable = usable and srun_usable is not False
+    return 0 if usable else 1
 
 
 def load_function(target: str) -> Callable[[str], object]:
