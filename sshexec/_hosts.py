@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 HOSTS_ENV = "SSHEXEC_HOSTS"
 LOCAL = ":"  # GNU parallel's name for this machine
-TRANSPORTS = ("asyncssh", "openssh")  # what carries a remote host's bytes
+TRANSPORTS = ("asyncssh", "openssh", "srun")  # what carries a remote host's bytes
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -95,7 +95,8 @@ class Host:
             raise ValueError(f"host {name}: workers must be a positive int, got {self.workers!r}")
         if self.transport is not None and self.transport not in TRANSPORTS:
             raise ValueError(
-                f"host {name}: transport must be 'asyncssh' or 'openssh', got {self.transport!r}"
+                f"host {name}: transport must be one of {', '.join(TRANSPORTS)}, "
+                f"got {self.transport!r}"
             )
         if self.is_local and (
             self.user is not None
@@ -352,6 +353,8 @@ def build_transports(
         from ._transports.asyncssh import SSHTransport
     if "openssh" in kinds:
         from ._transports.openssh import OpenSSHTransport
+    if "srun" in kinds:
+        from ._transports.srun import SrunTransport
 
     built: List[Tuple[Transport, Optional[int], str]] = []
     for host, count in zip(parsed, share_workers(max_workers, parsed)):
@@ -374,7 +377,9 @@ def build_transports(
             env=host.env,
             cwd=host.cwd,
         )
-        if (host.transport or transport) == "openssh":
+        if (host.transport or transport) == "srun":  # a step of the Slurm job on that node
+            made = SrunTransport(host.label, host.hostname, options=host.options, **common)
+        elif (host.transport or transport) == "openssh":
             made = OpenSSHTransport(
                 host.label,
                 host.hostname,
