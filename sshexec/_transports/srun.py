@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,14 +36,19 @@ from .local import launch
 JOB_ENV = "SLURM_JOB_ID"
 OPTIONS = ("jobid", "srun_args")  # what Host(options=...) may hold for transport="srun"
 _OWN_ERRORS = ("srun: error:", "srun: fatal:", "srun: Job step creation", "srun: Unable")
+_STEP_ENDED = re.compile(r"^slurmstepd\S*: error: \*\*\* (.+?) \*\*\*")  # CANCELLED, ...
 
 
 def srun_errors(said: str) -> List[str]:
-    """srun's own error lines in its stderr, not those about a task's exit status."""
+    """srun's own error lines in its stderr, not those about a task's exit status, and
+    slurmstepd's word on why the step ended (``STEP 8.1 ON node2 CANCELLED AT ...``)."""
     found = []
     for raw in said.splitlines():
         line = raw.strip()
-        if line.startswith(_OWN_ERRORS) and ": task " not in line:
+        ended = _STEP_ENDED.match(line)
+        if ended:
+            found.append(ended.group(1))
+        elif line.startswith(_OWN_ERRORS) and ": task " not in line:
             found.append(line)
     return found
 
