@@ -266,8 +266,15 @@ def shell_path(path: str) -> str:
 def remote_command(
     python: Optional[str], env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None
 ) -> str:
-    """The SSH exec command: a POSIX sh loop over candidate interpreters, wrapped in
-    ``/bin/sh -c`` so it also works for users whose login shell is not POSIX.
+    """The SSH exec command: ``remote_script`` wrapped in ``/bin/sh -c`` so it also works
+    for users whose login shell is not POSIX."""
+    return f"exec /bin/sh -c {shlex.quote(remote_script(python, env, cwd))}"
+
+
+def remote_script(
+    python: Optional[str], env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None
+) -> str:
+    """A POSIX sh script that starts stage 1 with the first candidate interpreter found.
 
     ``cwd`` is entered first (exit ``MISSING_CWD_EXIT`` when it cannot be), then ``env`` is
     exported, so an ``env`` ``PATH`` also applies to finding the interpreter. Values are
@@ -284,13 +291,12 @@ def remote_command(
         )
     for name, value in (env or {}).items():
         setup += f"export {name}={shlex.quote(value)}; "
-    script = (
+    return (
         f"{setup}for p in {listed}; do "
         f'if command -v "$p" >/dev/null 2>&1; then exec "$p" -c {code}; fi; done; '
         f"echo 'sshexec: no usable Python on PATH (tried {' '.join(candidates)})' >&2; "
         f"exit {MISSING_PYTHON_EXIT}"
     )
-    return f"exec /bin/sh -c {shlex.quote(script)}"
 
 
 def local_argv(python: Optional[str] = None) -> Sequence[str]:

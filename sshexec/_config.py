@@ -56,4 +56,6 @@ class Settings:
             if not isinstance(number, (int, float)) or number <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds")
         if self.transport not in TRANSPORTS:
-            raise ValueError(f"transport must be 'asyncssh' or 'openssh', got {self.transport!r}")
+            raise ValueError(
+                f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}"
+            )

@@ -103,7 +103,9 @@ class SSHPoolExecutor(Executor):
             in this process) or ``"openssh"`` (one ``ssh`` client process per worker:
             encryption outside this process's GIL, and everything ``ssh`` honours, from
             ``~/.ssh/config`` and ``Match exec`` to certificates, GSSAPI and hardware
-            keys). ``Host(transport=...)`` and a host file's ``transport=`` choose per host.
+            keys); or ``"srun"`` (inside a Slurm allocation: the agent is a job step on
+            the node the host names, no sshd needed). ``Host(transport=...)`` and a host
+            file's ``transport=`` choose per host.
         forward_modules: When a worker cannot import a module a call needs (your project's
             ``utils.py``), send it the module's pure-Python source from this process
             (default True). A missing package with compiled code fails with an error

@@ -1,4 +1,4 @@
-"""Shared fixtures: real sshd hosts, the executor factory, and the leak check."""
+"""Shared fixtures: real sshd hosts, a real Slurm, the executor factory, and the leak check."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from sshexec import Host, SSHPoolExecutor, parse_host
 
 from . import tasks
 from .procs import wait_no_workers, worker_pids
+from .slurm import REQUIRE_ENV as SLURM_REQUIRE_ENV
+from .slurm import Cluster
+from .slurm import missing as slurm_missing
 from .sshd import REQUIRE_ENV, Client, SSHServer, executor_kwargs, sshd_available
 from .waits import shut_down
 
@@ -133,3 +136,23 @@ def executor(make_executor: Callable[..., SSHPoolExecutor]) -> SSHPoolExecutor:
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A real Slurm on this machine: munged, slurmctld and slurmd node1..node3 (2, 2 and
+    1 CPUs), stopped (and every job cancelled) at the end of the session."""
+    absent = slurm_missing()
+    if absent:
+        message = (
+            f"Slurm not installed ({', '.join(absent)} missing): apt-get install slurmd "
+            "slurmctld slurm-client munge"
+        )
+        if os.environ.get(SLURM_REQUIRE_ENV):
+            pytest.fail(message + f" ({SLURM_REQUIRE_ENV} is set)")
+        pytest.skip(message)
+    cluster = Cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()

@@ -372,10 +372,13 @@ def test_max_workers_takes_part_of_the_grant_never_more() -> None:
     assert [count for _, count, _ in built] == [1, 1]  # n3 gets none of two
 
 
-def test_srun_hosts_wait_for_the_srun_transport() -> None:
+def test_srun_hosts_build_the_srun_transport() -> None:
+    from sshexec._transports.srun import SrunTransport
+
     hosts = Allocation([Host("n1", workers=2, transport="srun")], "Slurm")
-    with pytest.raises(ValueError, match="srun"):
-        build_transports(hosts, None, None, None, False, 5.0, 5.0, None)
+    built = build_transports(hosts, None, None, None, False, 5.0, 5.0, None)
+    assert [type(t) for t, _, _ in built] == [SrunTransport]
+    assert [count for _, count, _ in built] == [2]
 
 
 def test_sshexec_hosts_allocation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

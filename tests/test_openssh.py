@@ -156,7 +156,7 @@ def test_untranslatable_ssh_options_are_refused_at_construction(
 
 
 def test_transport_is_validated() -> None:
-    with pytest.raises(ValueError, match="transport must be 'asyncssh' or 'openssh'"):
+    with pytest.raises(ValueError, match="transport must be one of asyncssh, openssh, srun"):
         SSHPoolExecutor(hosts=["node1"], transport="paramiko")
     with pytest.raises(ValueError, match="host n: transport must be"):
         Host("n", transport="ssh")

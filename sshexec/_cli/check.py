@@ -13,6 +13,7 @@ import: the executor or the pool.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import glob
 import os
 import shlex
@@ -25,8 +26,10 @@ from .._bootstrap import client_version, interpreters
 from .._errors import WorkerStartupError
 from .._hosts import Host
 from .._transports.asyncssh import SSHTransport
+from .._transports.base import handshake
 from .._transports.openssh import OpenSSHTransport
 from .._transports.sshlib import asyncssh
+from .._wire import protocol as proto
 from . import sshprobe
 from .probing import (
     PY_PROBE,
@@ -295,11 +298,51 @@ async def _throughput(conn: asyncssh.SSHClientConnection) -> float:
 
 def probe_srun(granted: Sequence[Host], settings: CheckSettings) -> Optional[bool]:
     """``sshexec check --allocation``'s second probe: can ``srun`` start the agent on
-    each node of the allocation? Prints its report; returns whether every node can,
-    or None when not probed.
+    each node of the allocation (a job step, as ``transport="srun"`` starts it)? Prints a
+    line per node; returns whether every node can, or None when nothing is probed (no
+    node but this one, or not a Slurm allocation)."""
+    nodes = [h for h in granted if not h.is_local]
+    if not nodes or getattr(granted, "scheduler", "Slurm") != "Slurm":
+        print("srun: not probed (no Slurm node to reach)")
+        return None
+    results = asyncio.run(_srun_all(nodes, settings))
+    for host, (ok, detail) in zip(nodes, results):
+        print(f"srun {host.hostname}: {'ok' if ok else 'FAILED'}: {detail}")
+    return all(ok for ok, _ in results)
 
-    The hook for the srun transport: this build has none, so nothing is probed.
-    """
-    del granted, settings
-    print("srun: not probed (this build has no srun transport)")
-    return None
+
+async def _srun_all(nodes: Sequence[Host], settings: CheckSettings) -> List[Tuple[bool, str]]:
+    return list(await asyncio.gather(*(_srun_agent(h, settings) for h in nodes)))
+
+
+async def _srun_agent(host: Host, settings: CheckSettings) -> Tuple[bool, str]:
+    """Start the agent on ``host`` as a step, read its Hello, end it: (ok, what was seen)."""
+    started = time.perf_counter()
+    node = dataclasses.replace(host, transport="srun", workers=None)
+    python = " or ".join(interpreters(node.python or settings.python))
+    try:
+        transport = transport_for(node, settings)
+        await transport.connect()
+        pipe = await transport.open_channel(lambda line: None)
+    except (WorkerStartupError, ValueError, OSError) as exc:
+        return False, str(exc)
+    try:
+        decoder = proto.FrameDecoder()
+        decoder.feed(await asyncio.wait_for(handshake(pipe, node.label, python), settings.timeout))
+        while (hello := next(decoder.messages(), None)) is None:
+            chunk = await asyncio.wait_for(pipe.read(), settings.timeout)
+            if not chunk:
+                tail = pipe.stderr_tail().strip().splitlines()[-1:]
+                return False, "the agent ended before saying Hello" + (
+                    f" ({tail[0]})" if tail else ""
+                )
+            decoder.feed(chunk)
+        if not isinstance(hello, proto.Hello):
+            return False, f"expected the agent's Hello, got {type(hello).__name__}"
+        seconds = time.perf_counter() - started
+        return True, f"agent up in {seconds:.2f} s, Python {hello.python}, {hello.cpus} CPUs"
+    except (WorkerStartupError, proto.FrameError, asyncio.TimeoutError) as exc:
+        return False, str(exc) or f"no answer within {settings.timeout:g} s"
+    finally:
+        await pipe.aclose(1.0)
+        await transport.aclose()

@@ -61,8 +61,8 @@ def _host_options(parser: argparse.ArgumentParser, workers: bool = True) -> None
     group.add_argument(
         "--transport",
         choices=TRANSPORTS,
-        help="asyncssh (default) or openssh: the ssh binary, with everything it honours "
-        "(a host file's transport= wins)",
+        help="asyncssh (default), openssh: the ssh binary, with everything it honours, or "
+        "srun: a Slurm job step on each node of the allocation (a host file's transport= wins)",
     )
 
 

@@ -151,14 +151,12 @@ def build_transports(
     if twice:
         raise ValueError(f"host {twice[0]} is listed twice; use Host(..., workers=N) instead")
     kinds = {h.transport or transport for h in parsed if not h.is_local}
-    if "srun" in kinds:  # the srun transport (a Slurm job step) is not in this build yet
-        raise ValueError(
-            "transport 'srun' is not available yet: use allocation(transport='ssh') or an ssh transport"
-        )
     if "asyncssh" in kinds:  # imported only when a host uses it
         from .._transports.asyncssh import SSHTransport
     if "openssh" in kinds:
         from .._transports.openssh import OpenSSHTransport
+    if "srun" in kinds:
+        from .._transports.srun import SrunTransport
 
     built: List[Tuple[Transport, Optional[int], str]] = []
     for host, count in zip(parsed, share_workers(max_workers, parsed)):
@@ -181,7 +179,9 @@ def build_transports(
             env=host.env,
             cwd=host.cwd,
         )
-        if (host.transport or transport) == "openssh":
+        if (host.transport or transport) == "srun":  # a step of the Slurm job on that node
+            made = SrunTransport(host.label, host.hostname, options=host.options, **common)
+        elif (host.transport or transport) == "openssh":
             made = OpenSSHTransport(
                 host.label,
                 host.hostname,

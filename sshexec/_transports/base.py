@@ -60,7 +60,7 @@ class Channel(Protocol):
 
 class Transport(Protocol):
     host: str
-    kind: str  # "local", "asyncssh" or "openssh": what carries the bytes
+    kind: str  # "local", "asyncssh", "openssh" or "srun": what carries the bytes
 
     async def connect(self) -> None: ...
 

@@ -1,6 +1,7 @@
 """``LocalTransport``: workers as subprocesses of this machine.
 
-Owns: ``PipeChannel`` (a worker subprocess's pipes, reaped by polling) and
+Owns: ``PipeChannel`` (a worker subprocess's pipes, reaped by polling), ``launch`` (a
+command with pipes, its channel started: here and for ``ssh`` and ``srun``) and
 ``LocalTransport`` (``hosts=None`` or ``":"``): the same bootstrap and the same frames
 as over SSH, with no shell. Translates ``OSError`` at this edge. Must not import:
 asyncssh, or know about tasks and Futures.
@@ -12,7 +13,7 @@ import asyncio
 import os
 import subprocess
 import time
-from typing import List, Mapping, Optional
+from typing import Any, Callable, List, Mapping, Optional, Sequence, TypeVar
 
 from .. import _bootstrap
 from .._errors import WorkerStartupError
@@ -21,6 +22,8 @@ from .._wire.protocol import Buffer
 from .base import READ_SIZE, Channel, StderrSink, StderrTail, describe_exit
 
 log = logger("sshexec.pool")
+
+C = TypeVar("C", bound="PipeChannel")
 
 
 class PipeChannel:
@@ -156,27 +159,55 @@ class LocalTransport:
     async def open_channel(self, on_stderr: StderrSink) -> Channel:
         argv = _bootstrap.local_argv(self.python)
         await self.connect()  # the directory may have gone since
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,  # Ctrl-C reaches the client, which then closes the workers
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
-                cwd=self.cwd,
-            )
-        except OSError as exc:
-            raise WorkerStartupError(
-                self.host, "interpreter", f"cannot run {argv[0]}: {exc}", "Check python=."
-            ) from exc
-        channel = PipeChannel(proc, on_stderr)
-        try:
-            await channel.start()
-        except BaseException:  # cancelled during shutdown: leave no process behind
-            await channel.aclose(0.0)
-            raise
-        return channel
+        return await launch(
+            argv,
+            self.host,
+            lambda proc: PipeChannel(proc, on_stderr),
+            stage="interpreter",
+            fix="Check python=.",
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+            cwd=self.cwd,
+        )
 
     async def aclose(self) -> None:
         pass
+
+
+async def launch(
+    argv: Sequence[str],
+    host: str,
+    make: Callable[[subprocess.Popen[bytes]], C],
+    stage: str = "connect",
+    fix: str = "",
+    **popen: Any,
+) -> C:
+    """Run ``argv`` with pipes, in a session of its own (Ctrl-C reaches the client, which
+    then closes it), and start the channel ``make`` builds on it. ``popen``: ``env``,
+    ``cwd``.
+
+    Raises:
+        WorkerStartupError: The command cannot run (named with ``host`` and ``stage``).
+    """
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            **popen,
+        )
+    except OSError as exc:
+        raise WorkerStartupError(
+            host,
+            stage,
+            f"cannot run {argv[0]}: {exc}",
+            fix or f"Check that {argv[0]} is installed.",
+        ) from exc
+    channel = make(proc)
+    try:
+        await channel.start()
+    except BaseException:  # cancelled during shutdown: leave no process behind
+        await channel.aclose(0.0)
+        raise
+    return channel

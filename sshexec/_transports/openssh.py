@@ -7,10 +7,9 @@ is ssh's own messages and then the agent's. Being ``ssh``, it honours everything
 hardware keys, the agent), and encryption runs in the ``ssh`` process, outside this
 one's GIL. The command line is ``ssh_command``'s.
 
-Owns: ``OpenSSHChannel`` (holds ssh's stderr back until the remote command has written
-its first byte, so that ssh's exit status 255 before that becomes a
-``WorkerStartupError`` naming host, stage and fix instead of worker output; tells a
-lost connection from the agent's own end), ``OpenSSHTransport`` (the private config's
+Owns: ``OpenSSHChannel`` (a ``CommandChannel``: ssh's exit status 255 before the remote
+command has written its first byte becomes a ``WorkerStartupError`` naming host, stage
+and fix instead of worker output; tells a lost connection from the agent's own end), ``OpenSSHTransport`` (the private config's
 life, at most ``STARTS_AT_ONCE`` handshakes at a time for sshd's ``MaxStartups``).
 Killing the local ssh is enough to end a host's workers: the agent ends them when its
 channel closes. Must not
@@ -20,52 +19,25 @@ import: asyncssh, the pool, or know about tasks, Futures or message contents.
 from __future__ import annotations
 
 import asyncio
-import collections
 import shutil
 import subprocess
 import time
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .. import _bootstrap
 from .._errors import WorkerStartupError
 from .._logs import logger
 from .base import READ_SIZE, Channel, StderrSink
-from .local import PipeChannel
+from .command import CommandChannel
+from .local import launch
 from .ssh_command import DEFAULT_KNOWN_HOSTS, CommandLine, Finding, diagnose, parse_resolved
 
 log = logger("sshexec.ssh")
 
 STARTS_AT_ONCE = 8  # ssh handshakes in flight per host: below sshd's MaxStartups (10:30:100)
-EXIT_WAIT = 5.0  # seconds to wait for ssh's exit status once its stdout has ended
-HELD_LINES = 400  # ssh's last stderr lines held back before the remote command's first output
 
 
-class _HeldStderr:
-    """ssh's stderr lines, held back until the remote command has started; then relayed."""
-
-    def __init__(self, sink: StderrSink) -> None:
-        self.sink = sink
-        # the last lines: a LogLevel DEBUG3 in the user's config says a lot before its error
-        self.held: Deque[bytes] = collections.deque(maxlen=HELD_LINES)
-        self.is_open = False
-
-    def line(self, data: bytes) -> None:
-        if self.is_open:
-            self.sink(data)
-        else:
-            self.held.append(data)
-
-    def open(self) -> None:
-        if not self.is_open:
-            self.is_open = True
-            while self.held:
-                self.sink(self.held.popleft())
-
-    def text(self) -> str:
-        return b"".join(self.held).decode("utf-8", "replace")
-
-
-class OpenSSHChannel(PipeChannel):
+class OpenSSHChannel(CommandChannel):
     """The ``ssh`` process running one worker on ``host``."""
 
     def __init__(
@@ -75,42 +47,19 @@ class OpenSSHChannel(PipeChannel):
         transport: OpenSSHTransport,
         on_started: Callable[[], None],
     ) -> None:
-        self._held = _HeldStderr(on_stderr)
-        super().__init__(proc, self._held.line)
-        self.pid: Optional[int] = None  # the remote worker's, from its Hello (not ssh's)
+        super().__init__(proc, on_stderr, on_started)
         self.transport = transport
-        self._on_started: Optional[Callable[[], None]] = on_started
-        self._has_output = False
 
-    def _started(self) -> None:
-        done, self._on_started = self._on_started, None
-        if done is not None:
-            done()
-
-    async def read(self) -> bytes:
-        """As PipeChannel's; raises WorkerStartupError when ssh itself failed (exit 255)
-        before the remote command wrote anything: no connection, host key, login."""
-        chunk = await super().read()
-        if self._has_output:
-            return chunk
-        self._has_output = True
-        self._started()
-        if not chunk:
-            await super().exit_reason(EXIT_WAIT)  # and its stderr, to the end
-            if self.proc.poll() == 255:
-                raise self.transport.startup_error(diagnose(self._held.text()))
-        self._held.open()  # the remote side's own stderr from here on, chatter included
-        return chunk
+    def startup_failure(self, status: Optional[int], said: str) -> Optional[WorkerStartupError]:
+        """ssh itself failed (exit 255) before the remote command wrote anything: no
+        connection, host key, login."""
+        return self.transport.startup_error(diagnose(said)) if status == 255 else None
 
     async def exit_reason(self, timeout: float) -> str:
         how = await super().exit_reason(timeout)
         if self.proc.poll() == 255:
             return f"the SSH connection to {self.transport.host} was lost (ssh exit status 255)"
         return how
-
-    async def aclose(self, grace: float) -> None:
-        self._started()
-        await super().aclose(grace)
 
 
 class OpenSSHTransport:
@@ -207,25 +156,14 @@ class OpenSSHTransport:
         starts = self._starts
         await starts.acquire()  # released once the remote command has answered, or failed
         try:
-            proc = subprocess.Popen(
+            return await launch(
                 self.command_line.argv(command),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,  # Ctrl-C reaches the client, which then closes them
+                self.host,
+                lambda proc: OpenSSHChannel(proc, on_stderr, self, starts.release),
             )
-        except OSError as exc:
+        except WorkerStartupError:  # ssh did not run: no channel releases the slot
             starts.release()
-            raise WorkerStartupError(
-                self.host, "connect", f"cannot run ssh: {exc}", "Check that ssh is installed."
-            ) from exc
-        channel = OpenSSHChannel(proc, on_stderr, self, starts.release)
-        try:
-            await channel.start()
-        except BaseException:  # cancelled during shutdown: leave no process behind
-            await channel.aclose(0.0)
             raise
-        return channel
 
     def startup_error(self, finding: Finding) -> WorkerStartupError:
         """ssh's exit 255 before the remote command started, named for this host."""
