@@ -23,6 +23,7 @@ from typing import (
     Dict,
     Iterable,
     Iterator,
+    List,
     Literal,
     Mapping,
     Optional,
@@ -385,8 +386,7 @@ class SSHPoolExecutor(Executor):
         except BaseException:  # each item's own pickling then fails its slot, and says why
             function = None
         if function is not None:  # its blobs may be forgotten on the hosts once it is gone
-            loop, keeper = self._runtime.loop, self._pool.dispatch.keeper
-            CLAIMS.claim(function, function.keys, functools.partial(_released, loop, keeper))
+            self._claim_blobs(function, function.keys)
         shared = MapResults()  # one condition for all items: no Future per item
         executor = weakref.ref(self)  # an abandoned iterator must not keep the executor alive
 
@@ -407,6 +407,13 @@ class SSHPoolExecutor(Executor):
             runtime.forget,
             lambda cancelled: runtime.cancel([item.task_id for item in cancelled]),
         )
+
+    def _claim_blobs(self, owner: object, keys: List[bytes]) -> None:
+        """The blobs named by ``keys`` (a list ``owner`` may still append to) stay on
+        this pool's hosts while ``owner`` lives; once it is collected, the hosts forget
+        those no task needs (a map's function; a ``Parallel`` call's shared arrays)."""
+        loop, keeper = self._runtime.loop, self._pool.dispatch.keeper
+        CLAIMS.claim(owner, keys, functools.partial(_released, loop, keeper))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; pending tasks finish (or are cancelled when

@@ -111,6 +111,8 @@ class Backend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
         weakref.finalize(self, self._held.let_go)
         self._parallel: Callable[[], Any] = lambda: None
         self._sharing = shared.Sharing()
+        # the scope whose blobs are claimed, and on which executor's hosts
+        self._claimed: Optional[Tuple[shared.Sharing, weakref.ref[SSHPoolExecutor]]] = None
 
     # joblib sets and reads backend.parallel; a weak reference keeps Parallel -> backend
     # the only direction, so the backend (and its executor) goes when joblib lets go of it.
@@ -194,14 +196,25 @@ class Backend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
         effective = self.effective_n_jobs(n_jobs)
         self.parallel = parallel
-        self._sharing = shared.Sharing()  # what this Parallel call shares, and only it
+        self._sharing, self._claimed = shared.Sharing(), None  # this Parallel call's, only
         return effective
 
     def submit(self, func: Callable[[], Any], callback: Optional[Callable[..., Any]] = None) -> Any:
         """Run one batch on a worker; ``callback(future)`` runs on this backend's callback
         thread (never on the executor's loop thread) once it has ended."""
         executor = self._executor_now()
-        with calls.sharing(self._shared_by(func)):
+        entries = self._shared_by(func)
+        sharing = self._sharing
+        if entries and (
+            self._claimed is None
+            or self._claimed[0] is not sharing
+            or self._claimed[1]() is not executor
+        ):
+            # its arrays stay on the hosts while this Parallel call's scope lives, and go
+            # once it is let go (terminate): the client no longer holds them
+            executor._claim_blobs(sharing, sharing.keys)
+            self._claimed = (sharing, weakref.ref(executor))
+        with calls.sharing(entries):
             future = executor.submit(func)
         if callback is not None:
             callbacks = self._held.callbacks
@@ -250,7 +263,7 @@ class Backend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
         """End of one ``Parallel`` call: the executor stays for the next."""
         self.reset_batch_stats()
         self.parallel = None
-        self._sharing = shared.Sharing()  # let go of its shared arrays' copies
+        self._sharing, self._claimed = shared.Sharing(), None  # let go of its arrays' copies
 
     def shutdown(self, wait: bool = True) -> None:
         """Shut this backend's executor down now: its tasks finish, then its workers stop

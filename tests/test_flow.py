@@ -445,3 +445,35 @@ def test_a_blob_over_the_budget_goes_once_its_last_task_has_ended(
         with sharing(big):
             assert ex.submit(numpy.sum, big).result(timeout=60) == big.sum()
         wait_until(lambda: not stored_files(blob_base), "the blob stayed over the budget", 10)
+
+
+def test_a_parallel_calls_shared_arrays_leave_the_node_when_the_call_ends(
+    blob_base: Path,
+) -> None:
+    """The joblib backend's shared arrays are held on the hosts for one Parallel call:
+    once it ends, the client no longer holds them, and neither does the node."""
+    numpy = pytest.importorskip("numpy")
+    joblib = pytest.importorskip("joblib")
+    import sshexec.joblib  # noqa: F401  (registers the backend)
+
+    data = numpy.arange(1 << 18, dtype=numpy.float64)  # 2 MiB: shared, as joblib memmaps
+    key = shared.key_of(shared.pieces(data)).hex()
+    with joblib.parallel_config(backend="sshexec", n_jobs=2, max_workers=2):
+        with joblib.Parallel() as parallel:
+            sums = parallel(joblib.delayed(numpy.sum)(data) for _ in range(6))
+            assert sums == [data.sum()] * 6
+            assert key in stored_files(blob_base)  # it crossed as a blob
+            again = parallel(joblib.delayed(numpy.sum)(data) for _ in range(2))
+            assert again == [data.sum()] * 2
+            gc.collect()
+            assert key in stored_files(blob_base)  # kept while the call's scope lives
+        gc.collect()  # the call ended: its scope is let go, the executor stays
+        wait_until(
+            lambda: key not in stored_files(blob_base),
+            "the array stayed on the node after its Parallel call ended",
+            20,
+        )
+        assert (
+            joblib.Parallel()(joblib.delayed(numpy.sum)(data) for _ in range(2)) == [data.sum()] * 2
+        )  # a later call sends it again
+    gc.collect()  # the backend goes, and its executor with it

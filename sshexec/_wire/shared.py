@@ -82,6 +82,7 @@ class Sharing:
     def __init__(self) -> None:
         self._latest: Dict[int, Tuple[bytes, bytes]] = {}  # id(obj) -> (key, blob)
         self._lock = threading.Lock()
+        self.keys: List[bytes] = []  # every key it has named: its hosts hold them for it
 
     def check(self, obj: Any) -> Entry:
         """``obj`` as a call pickled now names it: keyed by its content now."""
@@ -93,4 +94,5 @@ class Sharing:
             latest = (key, b"".join(found))
             with self._lock:
                 self._latest[id(obj)] = latest
+                self.keys.append(key)
         return obj, latest[0], latest[1]
