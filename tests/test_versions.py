@@ -15,7 +15,7 @@ import sys
 import textwrap
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -73,6 +73,30 @@ def version_of(python: str) -> str:
         check=True,
     )
     return done.stdout.strip()
+
+
+def run_script(
+    tmp_path: Path, text: str, kwargs: Dict[str, Any], timeout: float = 120, **env: str
+) -> Any:
+    """Run ``text`` as a script (its ``__main__``) with the executor's arguments in
+    ``KW``; the JSON on its last line of output."""
+    script = tmp_path / "job.py"
+    script.write_text(text)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env={
+            **os.environ,
+            "KW": json.dumps(kwargs),
+            "PYTHONPATH": str(Path(__file__).parent.parent),
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture
@@ -155,23 +179,8 @@ def test_a_scripts_functions_classes_and_exceptions_travel(
 ) -> None:
     """``__main__``'s functions, a dataclass as argument and result, and an exception class
     defined in the script: the node runs the script as ``__mp_main__`` (spawn's way)."""
-    script = tmp_path / "job.py"
-    script.write_text(SCRIPT)
     kwargs = executor_kwargs(sshd_pair[:1], python=other, max_workers=2)
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        env={
-            **os.environ,
-            "KW": json.dumps(kwargs),
-            "PYTHONPATH": str(Path(__file__).parent.parent),
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got = run_script(tmp_path, SCRIPT, kwargs)
     assert got["points"] == [[i + 1, 2 * i] for i in range(4)]
     assert got["versions"] == [version_of(other)]
     assert got["raised"] == ["Refused", "no thanks", True]
@@ -226,23 +235,8 @@ def test_main_globals_have_one_meaning_in_a_mixed_pool(
     between calls), except names the initializer or an earlier task on that worker
     assigned: on workers of the client's Python and of another alike (those saw the
     script's top-level value, the client's Python the first value it was sent)."""
-    script = tmp_path / "job.py"
-    script.write_text(GLOBALS_SCRIPT)
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        env={
-            **os.environ,
-            "KW": json.dumps(executor_kwargs(sshd_pair)),
-            "PYTHONS": json.dumps([sys.executable, other]),
-            "PYTHONPATH": str(Path(__file__).parent.parent),
-        },
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    pythons = json.dumps([sys.executable, other])
+    got = run_script(tmp_path, GLOBALS_SCRIPT, executor_kwargs(sshd_pair), 300, PYTHONS=pythons)
     mine, theirs = version_of(sys.executable), version_of(other)
     both = sorted([mine, theirs])
     assert got["main"] == [[10, v] for v in both]
@@ -275,23 +269,8 @@ def test_without_forwarding_a_script_function_fails_naming_host_and_flag(
 ) -> None:
     """A node of another Python needs the script to run its functions; with
     ``forward_modules=False`` the client does not send it (it used to, whatever the flag)."""
-    script = tmp_path / "job.py"
-    script.write_text(NO_FORWARDING_SCRIPT)
     kwargs = executor_kwargs(sshd_pair[:1], python=other, max_workers=1)
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        env={
-            **os.environ,
-            "KW": json.dumps(kwargs),
-            "PYTHONPATH": str(Path(__file__).parent.parent),
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    outcome, message = json.loads(done.stdout.strip().splitlines()[-1])
+    outcome, message = run_script(tmp_path, NO_FORWARDING_SCRIPT, kwargs)
     assert outcome == "refused"
     assert f"host {sshd_pair[0].spec}" in message and "forward_modules=False" in message
     assert "__main__" in message
