@@ -14,146 +14,29 @@ own clock as often, every byte received counts as hearing from it, and so do our
 writes to it while they still drain (a big upload over a slow link); the session is lost
 when the agent has been silent for three intervals, as the agent quits when the client
 is); and its end, which ends every worker channel with the
-reason. ``WorkerChannel`` is what a ``WorkerLink`` reads and writes: one worker's
-stdin and stdout, its stderr lines and its exit status as the agent reported it.
+reason. Each worker's streams are a ``channel.WorkerChannel``.
 Must not import: asyncssh or subprocess (it sees the ``Transport`` protocol only).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import signal
-from typing import Deque, Dict, List, Optional, Protocol, Set
+from typing import Dict, List, Optional, Set
 
 from .._errors import WorkerStartupError
 from .._logs import logger
-from .._transports.base import Channel, StderrSink, StderrTail, Transport, describe_exit, handshake
+from .._transports.base import Channel, StderrSink, Transport, describe_exit, handshake
 from .._wire import protocol as proto
 from .blobs import HostBlobs
+from .channel import Pace, WorkerChannel
 
 log = logger("sshexec.pool")
 
-ACK_EVERY = proto.WINDOW // 4  # bytes of a worker taken before they are acknowledged
 SMALL = 1 << 16  # pieces under this size are joined into one write
 MISSED_BEATS = 3  # keepalive intervals of silence that end a session, on both ends
 _nonces = itertools.count(1)
-
-
-class Pace(Protocol):
-    """The consumer of workers' output (the output router, through the pool's gate)."""
-
-    @property
-    def is_backlogged(self) -> bool: ...
-
-    async def drained(self) -> None:
-        """Until it is no longer backlogged."""
-
-
-class WorkerChannel:
-    """One forked worker's byte streams, multiplexed over its host's session."""
-
-    def __init__(self, session: HostSession, slot: int, on_stderr: StderrSink) -> None:
-        self.session, self.slot = session, slot
-        self.pid: Optional[int] = None
-        self.stderr = StderrTail(on_stderr)
-        self._chunks: Deque[bytes] = collections.deque()
-        self._readable = asyncio.Event()
-        self._ended = asyncio.Event()  # Exited arrived, or the session was lost
-        self._how = ""  # how it ended, once it has
-        self._closed = False
-        self._taken = 0  # bytes of its stdout the reader took, not acknowledged yet
-        self._stderr = 0  # bytes of its stderr given to the output router, likewise
-        self._discarding = False  # killed: what it still sends is dropped and acknowledged
-
-    # ---- fed by the session -------------------------------------------------------------
-
-    def data(self, stream: int, data: bytes) -> None:
-        if self._discarding:  # so the agent reads on to its end and reports its exit
-            if stream == 2:
-                self.stderr.feed(data)
-            self._taken += len(data)
-            self.acknowledge()
-            return
-        if stream == 1:
-            self._chunks.append(data)
-            self._readable.set()
-        else:
-            self.stderr.feed(data)  # to the output router: acknowledged as it keeps up
-            self._stderr += len(data)
-            if self._stderr >= ACK_EVERY:
-                self.session.ack(self)
-
-    def acknowledge(self, stderr: bool = True) -> None:
-        """Tell the agent what was taken (of stdout; and of stderr, unless the output
-        router is behind): it may read that much more of this worker."""
-        count = self._taken + (self._stderr if stderr else 0)
-        self._taken = 0
-        if stderr:
-            self._stderr = 0
-        if count and not self._ended.is_set():
-            self.session.send(proto.Ack(self.slot, count))
-
-    def ended(self, how: str) -> None:
-        if not self._ended.is_set():
-            self._how = how
-            self.stderr.close()
-            self._ended.set()
-            self._readable.set()
-
-    # ---- the Channel protocol -----------------------------------------------------------
-
-    async def read(self) -> bytes:
-        while not self._chunks:
-            if self._ended.is_set():
-                return b""
-            self._readable.clear()
-            await self._readable.wait()
-        chunk = self._chunks.popleft()
-        self._taken += len(chunk)  # the reader paces itself (WorkerLink): no router wait
-        if self._taken >= ACK_EVERY:
-            self.acknowledge(stderr=False)
-        return chunk
-
-    def write(self, data: proto.Buffer) -> None:
-        if not self._ended.is_set():
-            self.session.send_data(self.slot, data)
-
-    async def drain(self) -> None:
-        await self.session.drain()
-
-    def backlog(self) -> int:
-        return 0  # its bytes wait in the session's pipe, judged there
-
-    async def exit_reason(self, timeout: float) -> str:
-        try:
-            await asyncio.wait_for(self._ended.wait(), timeout)
-        except asyncio.TimeoutError:
-            return "still running"
-        return self._how
-
-    def stderr_tail(self) -> str:
-        return self.stderr.text()
-
-    def kill(self) -> None:
-        if not self._ended.is_set():
-            self.session.send(proto.Signal(self.slot, int(signal.SIGKILL)))
-            self._discarding = True  # its output is nobody's any more: let it all through
-            self._taken += sum(map(len, self._chunks))
-            self._chunks.clear()
-            self.acknowledge()
-
-    async def aclose(self, grace: float) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._ended.is_set():
-            return
-        self.session.send(proto.CloseInput(self.slot))  # it exits after its EOF grace
-        if await self.exit_reason(grace) == "still running":
-            self.kill()
-            await self.exit_reason(2.0)
 
 
 class HostSession:
