@@ -99,46 +99,16 @@ def sweep(signum: int, ancestors: Iterable[int] = (), groups: Iterable[int] = ()
     return len(signalled)
 
 
-def _state(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return b""
-
-
 def end_family() -> None:
-    """End this process and everything descending from it, with no race against its own
-    threads: a helper is forked, this process stops itself (every thread at once: no task
-    can start another child meanwhile), and the helper, out of its group, kills what
-    descends from it (by ancestry, which a child that moved to a session of its own still
-    shows), its process group, and it. For a worker whose agent is gone. Returns only if
-    the helper could not do that (then the caller sweeps as well as it can)."""
+    """End everything descending from this process (a child a task moved into a session
+    of its own too, while it is still our child) and its process group, this process
+    last: for a worker whose agent may be gone. Swept twice a moment apart, so a child
+    a task was starting during the first sweep is caught by the second; the group goes
+    with this process, which never waits on anything here (no helper, no stop)."""
     import signal
     import time
-    import warnings
 
     me = os.getpid()
-    try:
-        with warnings.catch_warnings():  # 3.12+: fork in a threaded process; the helper
-            warnings.simplefilter("ignore")  # only reads /proc and sends signals
-            helper = os.fork()
-    except OSError:
-        helper = -1
-    if helper == 0:
-        try:
-            os.setsid()  # out of the group it kills
-            deadline = time.monotonic() + 1.0
-            while _state(me) not in (b"T", b"t", b"") and time.monotonic() < deadline:
-                time.sleep(0.002)
-            sweep(signal.SIGKILL, ancestors=[me], groups=[me])
-            for kill in (os.killpg, os.kill):
-                try:
-                    kill(me, signal.SIGKILL)
-                except OSError:
-                    pass
-        finally:
-            os._exit(0)
-    if helper > 0:
-        os.kill(me, signal.SIGSTOP)  # the helper ends us while we stand still
-    sweep(signal.SIGKILL, ancestors=[me], groups=[me])
+    for _ in range(2):
+        sweep(signal.SIGKILL, ancestors=[me], groups=[me])
+        time.sleep(0.01)
