@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import chaos_tasks
-from .procs import descendants
 
 REPO = str(Path(__file__).resolve().parent.parent)
 WORKER_SIGNATURE = b"os._exit(4)');exec(b)"  # the bootstrap loader on agents' and workers' cmdlines
@@ -116,25 +115,33 @@ def _rss_mb(pid: int) -> float:
 
 def job_processes(client: int, roots: List[int], tag: str) -> Dict[int, Tuple[str, int]]:
     """The job's live processes: sshexec's bootstrapped ones (agents, workers) below the
-    client or the sshd roots, and anything carrying the round's tag: pid -> (what, start)."""
-    found: Dict[int, Tuple[str, int]] = {}
-    below = set(descendants(client))
-    for root in roots:
-        below.update(descendants(root))
+    client or the sshd roots, and anything carrying the round's tag: pid -> (what, start).
+    One pass over /proc (the driver looks ten times a second, on the job's own cores)."""
+    table: Dict[int, Tuple[List[bytes], bytes]] = {}  # pid -> (stat fields, cmdline)
+    children: Dict[int, List[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        cmd = _cmdline(pid)
-        fields = _stat(pid)
-        if fields is None or fields[0] == b"Z":
+        if entry.isdigit():
+            pid = int(entry)
+            fields = _stat(pid)
+            if fields is not None:
+                table[pid] = (fields, _cmdline(pid))
+                children.setdefault(int(fields[1]), []).append(pid)
+    below: set[int] = set()
+    stack = [client, *roots]
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            if child not in below:
+                below.add(child)
+                stack.append(child)
+    found: Dict[int, Tuple[str, int]] = {}
+    for pid, (fields, cmd) in table.items():
+        if fields[0] == b"Z":
             continue
         if tag.encode() in cmd:
             found[pid] = ("task child", int(fields[19]))
         elif WORKER_SIGNATURE in cmd and pid in below:
-            parent = int(fields[1])
-            what = "worker" if WORKER_SIGNATURE in _cmdline(parent) else "agent"
-            found[pid] = (what, int(fields[19]))
+            parent = table.get(int(fields[1]), ([], b""))[1]
+            found[pid] = ("worker" if WORKER_SIGNATURE in parent else "agent", int(fields[19]))
     return found
 
 
