@@ -90,21 +90,28 @@ def _progress(path: Path) -> str:
         return ""
 
 
+def start_client(
+    template: str, child_kwargs: Dict[str, Any], **fields: Any
+) -> subprocess.Popen[bytes]:
+    """A client process running ``template`` (formatted with the repository's root,
+    ``LINES`` and ``fields``; the executor's arguments in ``KW``), its output piped."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return subprocess.Popen(
+        [sys.executable, "-c", template.format(root=root, lines=LINES, **fields)],
+        env={**os.environ, "KW": json.dumps(child_kwargs)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("stream", [1, 2], ids=["print", "fd2"])
 def test_a_task_outprinting_a_paused_client_waits_and_the_client_stays_small(
     child_kwargs: Dict[str, Any], stream: int, tmp_path: Path
 ) -> None:
     progress, report = tmp_path / "progress", tmp_path / "hwm"
-    root = str(Path(__file__).resolve().parent.parent)
-    code = FLOOD.format(
-        root=root, lines=LINES, progress=str(progress), stream=stream, report=str(report)
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code],
-        env={**os.environ, "KW": json.dumps(child_kwargs)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    proc = start_client(
+        FLOOD, child_kwargs, progress=str(progress), stream=stream, report=str(report)
     )
     try:
         out = proc.stdout if stream == 1 else proc.stderr
@@ -405,14 +412,7 @@ def test_workers_that_print_nothing_go_on_while_another_outprints_a_paused_clien
     child_kwargs: Dict[str, Any], tmp_path: Path
 ) -> None:
     progress, others = tmp_path / "progress", tmp_path / "others"
-    root = str(Path(__file__).resolve().parent.parent)
-    code = OTHERS.format(root=root, lines=LINES, progress=str(progress), others=str(others))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code],
-        env={**os.environ, "KW": json.dumps(child_kwargs)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_client(OTHERS, child_kwargs, progress=str(progress), others=str(others))
     try:
         assert proc.stdout is not None
         wait_until(lambda: _progress(progress).isdigit(), "the flood never started", 60)
