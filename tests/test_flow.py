@@ -272,6 +272,20 @@ def test_a_blob_bigger_than_a_chunk_crosses_in_pieces(
     assert all(isinstance(m, proto.Store) and m.size == len(data) for m in sent)
 
 
+def test_why_a_blob_was_not_kept_outlives_sending_it_again() -> None:
+    """A task's failed reply can be read after a later task sent the blob again (the
+    reply waits in its worker's channel while the dispatcher goes on): the reason the
+    agent gave must still be there to name."""
+    host = blobs.HostBlobs(lambda message: None, proto.CHUNK)
+    host.store(b"k" * 32, b"data")
+    host.store_failed(b"k" * 32, "/dev/shm: No space left on device")
+    assert host.store(b"k" * 32, b"data")  # the next task sends it again
+    assert host.failed[b"k" * 32] == "/dev/shm: No space left on device"
+    for n in range(blobs.FAILED_KEPT + 1):
+        host.store_failed(n.to_bytes(32, "big"), "full")
+    assert len(host.failed) == blobs.FAILED_KEPT and b"k" * 32 not in host.failed
+
+
 # ---- a store that cannot keep a blob ---------------------------------------------
 
 

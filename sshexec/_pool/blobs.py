@@ -27,6 +27,7 @@ from .._wire import protocol as proto
 # A constant, not an option: a blob a task needs is never evicted, so this only bounds
 # a cache, and 1 GiB is a small part of a compute node's memory (or its /dev/shm).
 BUDGET: Final = 1 << 30
+FAILED_KEPT: Final = 256  # reasons of blobs the agent could not keep, remembered
 SWEEP_EVERY: Final = 0.5  # seconds between sweeps retried while needed blobs block them
 
 
@@ -38,7 +39,9 @@ class HostBlobs:
         self.budget = BUDGET  # read at creation: tests lower the module constant
         self.held: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self.held_bytes = 0
-        self.failed: Dict[bytes, str] = {}  # key -> why the agent could not keep it
+        # key -> why the agent last could not keep it. Kept when the blob is sent again:
+        # a task's failed reply may be read after a later task re-sent the blob.
+        self.failed: collections.OrderedDict[bytes, str] = collections.OrderedDict()
         self.bytes_saved = 0  # bytes of blobs that did not cross again (stats)
         self.bytes_stored = 0  # bytes of blobs sent (stats: part of the host's bytes sent)
 
@@ -52,7 +55,6 @@ class HostBlobs:
         self.held[key] = len(data)
         self.held_bytes += len(data)
         self.bytes_stored += len(data)
-        self.failed.pop(key, None)
         view, size, piece = memoryview(data), len(data), self._piece
         for at in range(0, max(size, 1), piece):
             self._send(proto.Store(key, size, (view[at : at + piece],)))
@@ -70,6 +72,9 @@ class HostBlobs:
         if size is not None:
             self.held_bytes -= size
         self.failed[key] = reason
+        self.failed.move_to_end(key)
+        while len(self.failed) > FAILED_KEPT:
+            self.failed.popitem(last=False)
 
     @property
     def over_budget(self) -> bool:
