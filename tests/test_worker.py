@@ -54,9 +54,9 @@ class Host:
         self.decoder = proto.FrameDecoder()
         self.serve_error: Optional[BaseException] = None
         self.reader = threading.Thread(
-            target=self.worker.read_commands,
+            target=self.worker.watch,
             kwargs={"exit_on_eof": False},
-            name="test-worker-reader",
+            name="test-worker-watch",
             daemon=True,
         )
         self.server = threading.Thread(target=self._serve, name="test-worker-serve", daemon=True)
@@ -246,7 +246,7 @@ def test_a_call_over_the_default_limit_is_taken_when_init_allows_it(
     small_default: Host,
 ) -> None:
     run = big_run(1, 3 * MIB)
-    assert frame_size(run) > small_default.worker.initial_max_frame  # over the default
+    assert frame_size(run) > small_default.worker.decoder.max_frame  # over the default
     # Init and the big Run in one write: the limit changes between two frames of a chunk
     small_default.start("node1#0", b"", 4 * MIB, run)
     assert small_default.receive() == proto.Ready()

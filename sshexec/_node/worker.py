@@ -9,16 +9,18 @@ beyond the stdlib, cloudpickle and msgpack (this file is shipped to nodes).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
 import queue
+import select
 import signal
 import sys
 import threading
 import time
 import traceback
-from typing import Callable, Optional, Set, Tuple
+from typing import Callable, Deque, Optional, Tuple
 
 import cloudpickle
 import msgpack
@@ -34,6 +36,7 @@ from .remote_io import ClientFinder, FrameLogHandler, _write_all, frame_stream
 RESULT_OVERHEAD = 64  # msgpack envelope around a Done payload, generously
 EOF_GRACE_SECONDS = 2.0  # a task still running this long after the host vanished is abandoned
 FETCH_TIMEOUT = 60.0  # seconds to wait for the host to answer a Fetch
+WATCH_EVERY = 0.05  # seconds a task runs before the watcher reads commands for it
 
 
 def _claim_stdio() -> Tuple[int, int]:
@@ -62,7 +65,12 @@ def _type_name(exc: BaseException) -> str:
 class Worker:
     """Serves commands read from ``frames_in``, writing replies to ``frames_out``.
 
-    ``max_frame`` limits commands and results until ``Init`` brings the host's limit."""
+    The main thread reads its own commands whenever it has none queued, so a call reaches
+    its function with no hand-off between threads. While a task runs, the watcher thread
+    (``watch``) reads on its behalf once the task is ``WATCH_EVERY`` old, so ``Revoke``,
+    ``Ping`` and the stream's end are still heard during long tasks; whoever reads holds
+    ``read_lock``. ``max_frame`` limits commands and results until ``Init`` brings the
+    host's limit."""
 
     def __init__(
         self,
@@ -72,20 +80,23 @@ class Worker:
         max_frame: int = proto.DEFAULT_MAX_FRAME,
     ):
         self.frames_in, self.frames_out, self.eof_grace = frames_in, frames_out, eof_grace
-        self.inbox: queue.SimpleQueue[Optional[proto.Message]] = queue.SimpleQueue()
         self.worker_id = "?"
         self.hostname = os.uname().nodename  # socket.gethostname() without importing socket
-        # A Run is "queued" from the reader thread until the main thread claims it; Revoke
-        # moves it to "revoked" so the main thread skips it. Both under claim_lock.
-        self.queued: Set[int] = set()
-        self.revoked: Set[int] = set()
+        # Commands read and not served yet (None: the stream ended); a Revoke takes its Run
+        # out. Under claim_lock (taken after read_lock, never before it).
+        self.pending: Deque[Optional[proto.Message]] = collections.deque()
         self.claim_lock = threading.Lock()
+        self.read_lock = threading.Lock()
         self.write_lock = threading.Lock()
+        self.decoder = proto.FrameDecoder(max_frame)  # the commands' limit until Init
+        self.reader = Reader()
         self.max_frame = max_frame  # the results' limit; initialize() takes Init's
-        self.initial_max_frame = max_frame  # the commands' until the reader decodes Init
         self.sources: queue.SimpleQueue[Optional[proto.Source]] = queue.SimpleQueue()
         self.fetch_lock = threading.Lock()
-        self.is_reading = True
+        self.is_reading = True  # False once the command stream ended or broke
+        self.is_serving = True  # False once serve() returned
+        self.exit_on_eof = False  # watch(): the process ends a grace after the stream
+        self.task_since = 0.0  # when the main thread started its current task (0: idle)
         self.lookups = Lookups(None, self.fetch)  # main() names the agent's blob store
         self.on_lost: Optional[Callable[[], None]] = None  # main(): the process ends
         self.told_to_stop = False  # Shutdown came (not EOF alone, not a broken pipe)
@@ -94,7 +105,7 @@ class Worker:
     def send(self, message: proto.Message) -> None:
         pieces = proto.frame_pieces([message])  # a big result is written from where it lies
         try:
-            with self.write_lock:  # the reader thread answers Revoke while a task runs
+            with self.write_lock:  # the watcher answers Revoke and Ping while a task runs
                 for piece in pieces:
                     _write_all(self.frames_out, piece)
         except OSError:  # the frame channel is gone: nothing more can be reported
@@ -114,38 +125,38 @@ class Worker:
             executable=sys.executable,
         )
 
-    def read_commands(self, exit_on_eof: bool = True) -> None:
-        """Reader thread: decode frames into the inbox; at EOF give the main thread a
-        short grace, then end the process so a vanished host leaves no orphan."""
-        decoder = proto.FrameDecoder(self.initial_max_frame)
-        reader = Reader()
+    # ---- reading commands (whoever holds read_lock) -------------------------------------
+
+    def _read(self, timeout: Optional[float]) -> bool:
+        """Read what has arrived and take its commands: wait for it (``timeout`` None),
+        up to ``timeout`` seconds, or not at all (0). True when something was read or the
+        stream ended. Call with ``read_lock`` held."""
+        if not self.is_reading:
+            return False
         problem = ""
         try:
-            while True:
-                chunk = reader.read(self.frames_in)
-                if not chunk:
-                    decoder.end()
-                    break
-                decoder.feed(chunk)
-                for message in decoder.messages():
-                    self._take(decoder, message)
+            if timeout is not None and not _readable(self.frames_in, timeout):
+                return False
+            chunk = self.reader.read(self.frames_in)
+            if not chunk:
+                self.decoder.end()
+                self._stream_ended("")
+                return True
+            self.decoder.feed(chunk)
+            for message in self.decoder.messages():
+                self._take(message)
         except (OSError, proto.FrameError) as exc:
             problem = f"command stream broken: {exc}"
-        finally:  # on every way out, first of all: the main thread must not wait forever
-            self.is_reading = False
-            self.sources.put(None)
-            self.inbox.put(None)
-            if exit_on_eof:
-                self._end_soon()
         if problem:
-            say(f"sshexec worker {self.worker_id}: {problem}")
+            self._stream_ended(problem)
+        return True
 
-    def _take(self, decoder: proto.FrameDecoder, message: proto.Message) -> None:
+    def _take(self, message: proto.Message) -> None:
         if isinstance(message, proto.Init):
             # the host's limit, from the very next frame: it may send calls up to its
             # max_frame, over the default or under it
             try:
-                decoder.max_frame = message.max_frame
+                self.decoder.max_frame = message.max_frame
             except ValueError as exc:
                 raise proto.FrameError(f"Init: {exc}") from exc
         if isinstance(message, proto.Revoke):
@@ -155,10 +166,52 @@ class Worker:
         elif isinstance(message, proto.Source):
             self.sources.put(message)
         else:
-            if isinstance(message, proto.Run):
-                with self.claim_lock:
-                    self.queued.add(message.task_id)
-            self.inbox.put(message)
+            with self.claim_lock:
+                self.pending.append(message)
+
+    def _stream_ended(self, problem: str) -> None:
+        """On every way out, first of all: nobody may wait for a command any more."""
+        self.is_reading = False
+        self.sources.put(None)
+        with self.claim_lock:
+            self.pending.append(None)
+        if self.exit_on_eof:
+            self._end_soon()
+        if problem:
+            say(f"sshexec worker {self.worker_id}: {problem}")
+
+    def next_command(self) -> Optional[proto.Message]:
+        """Main thread: the next command, read here when none is queued (None: the end)."""
+        while True:
+            with self.claim_lock:
+                if self.pending:
+                    return self.pending.popleft()
+            with self.read_lock:
+                self._read(None if self.is_reading else 0)
+
+    def watch(self, exit_on_eof: bool = True) -> None:
+        """Watcher thread: read for the main thread while it runs a task longer than
+        ``WATCH_EVERY``, and notice the stream's end at once (``POLLHUP``) even then; at
+        that end, give the main thread a short grace (``exit_on_eof``), then end the
+        process, so a vanished host leaves no orphan."""
+        self.exit_on_eof = exit_on_eof
+        poller = select.poll()
+        poller.register(self.frames_in, 0)  # POLLHUP and POLLERR only: no wake per command
+        while self.is_reading and self.is_serving:
+            events = poller.poll(WATCH_EVERY * 1000)
+            if any(flags & select.POLLNVAL for _, flags in events):
+                return  # the descriptor is closed: this worker is being torn down
+            since = self.task_since
+            if not events and not (since and time.monotonic() - since > WATCH_EVERY):
+                continue
+            if self.read_lock.acquire(blocking=False):
+                try:
+                    while self._read(0):
+                        pass
+                finally:
+                    self.read_lock.release()
+            elif events:  # the main thread is reading: it sees the end itself
+                time.sleep(WATCH_EVERY)
 
     def _end_soon(self) -> None:
         """The command stream ended: the process ends after the grace, even mid-task
@@ -168,17 +221,27 @@ class Worker:
         timer.start()
 
     def fetch(self, name: str) -> Optional[proto.Source]:
-        """Any thread: ask the host for a module's source; None if it cannot answer."""
+        """Any thread: ask the host for a module's source; None if it cannot answer. The
+        caller reads the answer itself unless another thread is reading (it queues it)."""
         with self.fetch_lock:
             if not self.is_reading:
                 return None
             self.send(proto.Fetch(name))
             deadline = time.monotonic() + FETCH_TIMEOUT
             while True:
-                try:
-                    reply = self.sources.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     return None
+                try:
+                    reply = self.sources.get_nowait()
+                except queue.Empty:  # read on, or let whoever reads now queue it
+                    wait = min(remaining, WATCH_EVERY)
+                    if self.read_lock.acquire(timeout=wait):
+                        try:
+                            self._read(wait)
+                        finally:
+                            self.read_lock.release()
+                    continue
                 if reply is None:
                     self.sources.put(None)  # the stream ended: every later fetch fails too
                     return None
@@ -186,47 +249,44 @@ class Worker:
                     return reply
 
     def revoke(self, task_id: int) -> None:
-        """Reader thread: give a queued task back at once; one already started runs on."""
+        """Give a queued task back at once; one already started runs on."""
         with self.claim_lock:
-            if task_id not in self.queued:
+            for message in self.pending:
+                if isinstance(message, proto.Run) and message.task_id == task_id:
+                    self.pending.remove(message)
+                    break
+            else:
                 return
-            self.queued.discard(task_id)
-            self.revoked.add(task_id)
         self.send(proto.Revoked(task_id))
-
-    def claim(self, task_id: int) -> bool:
-        """Main thread: take a queued task to run, unless it was revoked meanwhile."""
-        with self.claim_lock:
-            if task_id in self.revoked:
-                self.revoked.discard(task_id)
-                return False
-            self.queued.discard(task_id)
-            return True
 
     def serve(self) -> None:
         """Main thread: answer Init and Run in order until Shutdown or EOF."""
-        self.send(self.hello())
-        while True:
-            message = self.inbox.get()
-            if message is None:
-                return
-            if isinstance(message, proto.Shutdown):
-                self.told_to_stop = True  # an orderly end: the agent ends what is left
-                return
-            if isinstance(message, proto.Run) and not self.claim(message.task_id):
-                continue  # revoked while queued: the reader thread has answered
-            reply: proto.Message
-            if isinstance(message, proto.Run):
-                reply = self.run(message.task_id, message.payload, message.buffers)
-            elif isinstance(message, proto.Init):
-                reply = self.initialize(message)
-            else:
-                say(f"sshexec worker: unexpected {type(message).__name__}")
-                continue
-            self._flush_output()
-            self.send(reply)
-            if isinstance(reply, proto.Failed) and reply.task_id == proto.INIT_TASK_ID:
-                return  # as ProcessPoolExecutor: a worker whose initializer failed serves nothing
+        try:
+            self.send(self.hello())
+            while True:
+                message = self.next_command()
+                if message is None:
+                    return
+                if isinstance(message, proto.Shutdown):
+                    self.told_to_stop = True  # an orderly end: the agent ends what is left
+                    return
+                reply: proto.Message
+                self.task_since = time.monotonic()
+                if isinstance(message, proto.Run):
+                    reply = self.run(message.task_id, message.payload, message.buffers)
+                elif isinstance(message, proto.Init):
+                    reply = self.initialize(message)
+                else:
+                    self.task_since = 0.0
+                    say(f"sshexec worker: unexpected {type(message).__name__}")
+                    continue
+                self._flush_output()
+                self.send(reply)
+                self.task_since = 0.0
+                if isinstance(reply, proto.Failed) and reply.task_id == proto.INIT_TASK_ID:
+                    return  # as ProcessPoolExecutor: a worker whose initializer failed serves nothing
+        finally:
+            self.is_serving = False
 
     def initialize(self, init: proto.Init) -> proto.Message:
         self.worker_id = init.worker_id
@@ -322,6 +382,12 @@ class Worker:
                 pass
 
 
+def _readable(fd: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
 def say(text: str) -> None:
     """A line on stderr, which may be gone (the agent killed): never raises."""
     try:
@@ -354,7 +420,7 @@ def main(blob_dir: Optional[str] = None) -> None:
     worker.lookups.blob_dir = blob_dir
     worker.on_lost = end_process  # a write to the frame channel that raises
     sys.stdout, sys.stderr = frame_stream(worker, 1), frame_stream(worker, 2)
-    threading.Thread(target=worker.read_commands, name="sshexec-reader", daemon=True).start()
+    threading.Thread(target=worker.watch, name="sshexec-watch", daemon=True).start()
     try:
         worker.serve()
         worker._flush_output()
