@@ -71,8 +71,13 @@ class Dispatcher:
         for worker_id, task_id in steals:
             log.debug("revoke task=%d worker=%s", task_id, worker_id)
             batches.setdefault(worker_id, []).append(proto.Revoke(task_id))
+        sessions = {id(self.links[w].session): self.links[w].session for w in batches}
+        for session in sessions.values():
+            session.hold()
         for worker_id, messages in batches.items():
             self.links[worker_id].send(*proto.frame_pieces(messages))  # few writes per worker
+        for session in sessions.values():
+            session.release()  # one write per host, now
         for host in stored:
             self.keeper.stored(host)
 

@@ -70,6 +70,7 @@ class HostSession:
         self._acking: Optional[asyncio.Task[None]] = None
         self._out: List[proto.Buffer] = []
         self._flush_due = False
+        self._held = False  # hold(): the dispatcher writes once it has placed everything
         self._heard = 0.0
         self._bytes_written = 0  # handed to the pipe; minus its backlog: taken by the host
         self._tasks: List[asyncio.Task[None]] = []
@@ -165,9 +166,19 @@ class HostSession:
             self.send(proto.Data(slot, 0, (view[at : at + piece],)))
 
     def _flush_soon(self) -> None:
-        if not self._flush_due:
+        if not self._flush_due and not self._held:
             self._flush_due = True
             asyncio.get_running_loop().call_soon(self._flush)
+
+    def hold(self) -> None:
+        """Until ``release``: what is sent waits, to go out in one write then."""
+        self._held = True
+
+    def release(self) -> None:
+        """Write what was sent while held now, in this loop pass (a round trip's call
+        leaves in the pass that placed it, not in the next)."""
+        self._held = False
+        self._flush()  # a flush already scheduled finds nothing left
 
     def _flush(self) -> None:
         """Everything queued in this loop pass, small pieces joined: one write for the
