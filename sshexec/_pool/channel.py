@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import signal
-from typing import TYPE_CHECKING, Deque, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Deque, Final, Optional, Protocol
 
 from .._transports.base import StderrSink, StderrTail
 from .._wire import protocol as proto
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .session import HostSession
 
 ACK_EVERY = proto.WINDOW // 4  # bytes of a worker taken before they are acknowledged
+NUDGE: Final = b"\0nudge"  # read() returns this very object when nudge() asked it to
 
 
 class Pace(Protocol):
@@ -50,6 +51,8 @@ class WorkerChannel:
         self._taken = 0  # bytes of its stdout the reader took, not acknowledged yet
         self._stderr = 0  # bytes of its stderr given to the output router, likewise
         self._discarding = False  # killed: what it still sends is dropped and acknowledged
+        self._sink: Optional[Callable[[bytes], bool]] = None  # push_to(): takes stdout now
+        self._nudged = False
 
     # ---- fed by the session -------------------------------------------------------------
 
@@ -61,6 +64,9 @@ class WorkerChannel:
             self.acknowledge()
             return
         if stream == 1:
+            if self._sink is not None and not self._chunks and self._sink(data):
+                self._took(len(data))  # handled in this pass, by the link itself
+                return
             self._chunks.append(data)
             self._readable.set()
         else:
@@ -88,17 +94,33 @@ class WorkerChannel:
 
     # ---- the Channel protocol -----------------------------------------------------------
 
+    def push_to(self, sink: Callable[[bytes], bool]) -> None:
+        """Hand each stdout chunk to ``sink`` as it arrives, while nothing is queued;
+        what ``sink`` refuses (False) is queued for ``read`` instead."""
+        self._sink = sink
+
+    def nudge(self) -> None:
+        """Make a waiting ``read`` return ``NUDGE`` (the sink left work for the reader)."""
+        self._nudged = True
+        self._readable.set()
+
     async def read(self) -> bytes:
         while not self._chunks:
+            if self._nudged:
+                self._nudged = False
+                return NUDGE
             if self._ended.is_set():
                 return b""
             self._readable.clear()
             await self._readable.wait()
         chunk = self._chunks.popleft()
-        self._taken += len(chunk)  # the reader paces itself (WorkerLink): no router wait
+        self._took(len(chunk))
+        return chunk
+
+    def _took(self, size: int) -> None:
+        self._taken += size  # the reader paces itself (WorkerLink): no router wait
         if self._taken >= ACK_EVERY:
             self.acknowledge(stderr=False)
-        return chunk
 
     def write(self, data: proto.Buffer) -> None:
         if not self._ended.is_set():

@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Protocol, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Protocol, Tuple
 
 from .._errors import ProtocolError, WorkerStartupError
 from .._forward import describe, find_source
@@ -27,6 +27,7 @@ from .._output import OutputRouter
 from .._stats import Counters, WorkerStats
 from .._transports.base import Channel
 from .._wire import protocol as proto
+from .channel import NUDGE, WorkerChannel
 from .session import read_hello
 from .versions import same_python
 
@@ -69,6 +70,10 @@ class WorkerLink:
     pings: Dict[int, float] = field(default_factory=dict)  # nonce -> loop time sent
     task_time: Optional[float] = None  # moving mean of Done.seconds (adaptive prefetch)
     pinged_at: float = 0.0  # loop time of the latest ping_if_due() ping
+    _parked: bool = False  # the reader task waits for data: _take_now may handle it
+    _held: Optional[proto.Message] = None  # a result _take_now left for the task
+    _failure: Optional[BaseException] = None  # what _take_now met, for the task to raise
+    _nudge: Callable[[], None] = lambda: None  # wakes the task waiting in channel.read()
 
     @property
     def pid(self) -> int:
@@ -89,23 +94,26 @@ class WorkerLink:
 
     async def _read_replies(self, replies: Replies) -> None:
         reason = ""
-        output = replies.output
+        output, channel = replies.output, self.channel
+        if isinstance(channel, WorkerChannel):  # replies handled where they arrive
+            self._nudge = channel.nudge
+            channel.push_to(lambda chunk: self._take_now(replies, chunk))
         try:
             while True:
-                for message in self.decoder.messages():
-                    if self._on_side_message(message, output):
-                        continue
-                    if isinstance(message, (proto.Done, proto.Failed)) and output.pending(
-                        self.worker_id
-                    ):
-                        await replies.gate.written(
-                            self.worker_id
-                        )  # its prints first, then its result
-                    replies.on_reply(self, message)
+                await self._handle(replies)
                 replies.after_replies(self)
                 if output.is_backlogged and output.pending(self.worker_id):
                     await replies.gate.written(None)  # a worker that prints nothing reads on
-                chunk = await self.channel.read()
+                self._parked = True
+                try:
+                    chunk = await channel.read()
+                finally:
+                    self._parked = False
+                if self._failure is not None:
+                    failure, self._failure = self._failure, None
+                    raise failure
+                if chunk is NUDGE:
+                    continue
                 if not chunk:
                     self.decoder.end()
                     break
@@ -127,6 +135,53 @@ class WorkerLink:
                 replies.on_lost(self, reason)
             except BaseException:  # nothing may stop the report of the others
                 log.exception("handling the loss of worker=%s failed", self.worker_id)
+
+    async def _handle(self, replies: Replies) -> None:
+        """Every message decoded so far; a result waits until its worker's output is
+        written (its prints first, then its result)."""
+        output = replies.output
+        held, self._held = self._held, None
+        if held is not None:
+            await replies.gate.written(self.worker_id)
+            replies.on_reply(self, held)
+        for message in self.decoder.messages():
+            if self._on_side_message(message, output):
+                continue
+            if isinstance(message, (proto.Done, proto.Failed)) and output.pending(self.worker_id):
+                await replies.gate.written(self.worker_id)
+            replies.on_reply(self, message)
+
+    def _take_now(self, replies: Replies, chunk: bytes) -> bool:
+        """The session's reader hands a chunk over in its own loop pass: handled here and
+        now (no hop to this link's task) while that task waits for data; False when it
+        cannot be (the task is busy or must wait for output to be written): queued then.
+        What needs waiting (a result behind output, a backlog) or failed goes to the
+        task, which the channel nudges."""
+        output = replies.output
+        if not self._parked or self._held is not None or self._failure is not None:
+            return False
+        if output.is_backlogged and output.pending(self.worker_id):
+            return False
+        try:
+            self.counters.bytes_received += len(chunk)
+            self.decoder.feed(chunk)
+            for message in self.decoder.messages():
+                if self._on_side_message(message, output):
+                    continue
+                if isinstance(message, (proto.Done, proto.Failed)) and output.pending(
+                    self.worker_id
+                ):
+                    self._held = message
+                    self._nudge()
+                    return True
+                replies.on_reply(self, message)
+            replies.after_replies(self)
+            if output.is_backlogged and output.pending(self.worker_id):
+                self._nudge()  # the task waits there
+        except BaseException as exc:  # a bad frame or a bug of ours: the task reports it
+            self._failure = exc
+            self._nudge()
+        return True
 
     def _on_side_message(self, message: proto.Message, output: OutputRouter) -> bool:
         """Handle what is not about a task's outcome (output, logs, module fetches,
