@@ -25,11 +25,14 @@ from .._wire.carried import Carried
 MAIN, SCRIPT = "__main__", "__mp_main__"  # the client's script, and its name on a node
 # One namespace a call reads: (the client's module name, the namespace, its values as
 # the call starts, whether it is this worker's copy of a by-value module's).
+_SCALARS = frozenset((int, float, str, bytes, bool, type(None)))
 Watched = List[Tuple[str, Dict[str, Any], Dict[str, Any], bool]]
 
 
 def _by_value_globals(obj: Any) -> Optional[Dict[str, Any]]:
     """The globals of a function that travelled by value (not those of an imported module)."""
+    if type(obj) in _SCALARS:
+        return None
     for _ in range(4):  # unwrap partials and bound methods
         if isinstance(obj, functools.partial):
             obj = obj.func

@@ -325,11 +325,8 @@ class Worker:
     def run(
         self, task_id: int, payload: proto.Tail, buffers: bytes = b""
     ) -> proto.Done | proto.Failed:
+        """One call: its reply, with the time spent on it (unpickle, call, pickle)."""
         started = time.perf_counter()
-        reply = self._run(task_id, payload, buffers)
-        return dataclasses.replace(reply, seconds=time.perf_counter() - started)
-
-    def _run(self, task_id: int, payload: proto.Tail, buffers: bytes) -> proto.Done | proto.Failed:
         stage = proto.STAGE_CALL
         try:
             lookups = self.lookups
@@ -343,10 +340,12 @@ class Worker:
             try:
                 result = fn(*args, **kwargs)
             finally:
-                self.namespaces.keep(watched)
+                if watched:
+                    self.namespaces.keep(watched)
             del fn, args, kwargs
             stage = proto.STAGE_RESULT
-            outcome = calls.dumps(result, copy=False)  # big buffers sent from where they lie
+            # big buffers sent from where they lie; a plain scalar by the standard pickler
+            outcome = calls.dumps(result, copy=False, plain=type(result) in calls.PLAIN_TYPES)
             del result
             pieces, sizes = outcome
             size = calls.size(outcome)
@@ -355,9 +354,10 @@ class Worker:
                     f"the pickled result is {size} bytes, over max_frame={self.max_frame}; "
                     "return less data per task or raise max_frame"
                 )
-            return proto.Done(task_id, pieces, buffers=sizes)
+            return proto.Done(task_id, pieces, time.perf_counter() - started, sizes)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt too, as ProcessPoolExecutor
-            return self.failure(task_id, exc, stage)
+            failed = self.failure(task_id, exc, stage)
+            return dataclasses.replace(failed, seconds=time.perf_counter() - started)
 
     def failure(self, task_id: int, exc: BaseException, stage: str) -> proto.Failed:
         stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

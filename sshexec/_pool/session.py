@@ -71,6 +71,8 @@ class HostSession:
         self._out: List[proto.Buffer] = []
         self._flush_due = False
         self._held = False  # hold(): the dispatcher writes once it has placed everything
+        self._failure: Optional[BaseException] = None  # what handling the agent's bytes met
+        self._pushed: Optional[asyncio.Future[None]] = None  # _read waits on it when pushed
         self._heard = 0.0
         self._bytes_written = 0  # handed to the pipe; minus its backlog: taken by the host
         self._tasks: List[asyncio.Task[None]] = []
@@ -212,15 +214,24 @@ class HostSession:
     async def _read(self) -> None:
         assert self._pipe is not None
         pipe, reason = self._pipe, ""
+        push_to = getattr(pipe, "push_to", None)
         try:
-            while True:
-                for message in self._decoder.messages():
-                    self._on_message(message)
-                chunk = await pipe.read()
-                if not chunk:
-                    break
-                self._heard = asyncio.get_running_loop().time()
-                self._decoder.feed(chunk)
+            for message in self._decoder.messages():  # what came with the Hello
+                self._on_message(message)
+            if push_to is not None:  # each chunk handled in the pipe's own callback
+                done = self._pushed = asyncio.get_running_loop().create_future()
+                push_to(self._take).add_done_callback(lambda _: _settle(done))
+                await done
+                if self._failure is not None:
+                    raise self._failure
+            else:
+                while True:
+                    chunk = await pipe.read()
+                    if not chunk:
+                        break
+                    self._take(chunk)
+                    if self._failure is not None:
+                        raise self._failure
         except proto.FrameError as exc:
             reason = f"the agent on {self.host} sent an invalid frame: {exc}"
             log.error("%s", reason)
@@ -231,10 +242,28 @@ class HostSession:
             log.exception("reading from the agent on host=%s failed", self.host)
             reason = f"sshexec could not read from the agent ({type(exc).__name__}: {exc})"
         finally:
+            stop = getattr(pipe, "stop_pushing", None)
+            if stop is not None:
+                stop()
             if not reason:
                 how = await pipe.exit_reason(1.0)
                 reason = f"the connection to {self.host} was lost (agent: {how})"
             self._lost(reason)
+
+    def _take(self, chunk: bytes) -> None:
+        """What the agent sent, handled at once (the pipe's callback, or the read loop);
+        what fails here is raised by ``_read``."""
+        if self._failure is not None:
+            return
+        try:
+            self._heard = asyncio.get_running_loop().time()
+            self._decoder.feed(chunk)
+            for message in self._decoder.messages():
+                self._on_message(message)
+        except BaseException as exc:
+            self._failure = exc
+            if self._pushed is not None:
+                _settle(self._pushed)
 
     def _on_message(self, message: proto.Message) -> None:
         if isinstance(message, proto.Data):
@@ -360,3 +389,8 @@ async def read_hello(
             "Clear ~/.cache/sshexec on the node.",
         )
     return message
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

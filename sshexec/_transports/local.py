@@ -1,6 +1,7 @@
 """``LocalTransport``: workers as subprocesses of this machine.
 
-Owns: ``PipeChannel`` (a worker subprocess's pipes, reaped by polling), ``launch`` (a
+Owns: ``PipeChannel`` (a worker subprocess's pipes, reaped by polling; its stdout a
+``PipeReader``, read or pushed), ``launch`` (a
 command with pipes, its channel started: here and for ``ssh`` and ``srun``) and
 ``LocalTransport`` (``hosts=None`` or ``":"``): the same bootstrap and the same frames
 as over SSH, with no shell. Translates ``OSError`` at this edge. Must not import:
@@ -10,10 +11,11 @@ asyncssh, or know about tasks and Futures.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import subprocess
 import time
-from typing import Any, Callable, List, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Callable, Deque, List, Mapping, Optional, Sequence, TypeVar
 
 from .. import _bootstrap
 from .._errors import WorkerStartupError
@@ -26,13 +28,99 @@ log = logger("sshexec.pool")
 C = TypeVar("C", bound="PipeChannel")
 
 
+class PipeReader(asyncio.Protocol):
+    """A pipe's bytes, read (``read``) or handed on as they arrive (``push_to``): what the
+    command's stdout gives the session. Reading pauses while ``2 * READ_SIZE`` wait."""
+
+    def __init__(self) -> None:
+        self._chunks: Deque[bytes] = collections.deque()
+        self._size = 0
+        self._eof = False
+        self._waiter: Optional[asyncio.Future[None]] = None
+        self._sink: Optional[Callable[[bytes], None]] = None
+        self._ended: Optional[asyncio.Future[None]] = None
+        self._transport: Optional[asyncio.ReadTransport] = None
+        self._paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.ReadTransport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink(data)
+            return
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > 2 * READ_SIZE and self._transport is not None and not self._paused:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> None:
+        self._end()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        self._eof = True
+        self._wake()
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self) -> bytes:
+        while not self._chunks:
+            if self._eof:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunk = self._chunks.popleft()
+        self._size -= len(chunk)
+        if self._paused and self._size <= READ_SIZE and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        return chunk
+
+    def push_to(self, sink: Callable[[bytes], None]) -> asyncio.Future[None]:
+        """From now on ``sink`` takes each chunk in the pipe's own callback (no task
+        between the pipe and its reader); what was read already goes first. The future
+        ends at the pipe's end."""
+        self._ended = asyncio.get_running_loop().create_future()
+        while self._chunks:
+            sink(self._chunks.popleft())
+        self._size = 0
+        self._sink = sink
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        if self._eof:
+            self._ended.set_result(None)
+        return self._ended
+
+    def stop_pushing(self) -> None:
+        """What arrives from now on is dropped (the session gave the pipe up)."""
+        self._sink = _drop
+
+
+def _drop(data: bytes) -> None:
+    pass
+
+
 class PipeChannel:
     """A local worker subprocess; reaped by polling, so no child-watcher thread is needed."""
 
     def __init__(self, proc: subprocess.Popen[bytes], on_stderr: StderrSink) -> None:
         self.proc = proc
         self.stderr = StderrTail(on_stderr)
-        self._reader: Optional[asyncio.StreamReader] = None
+        self._reader: Optional[PipeReader] = None
         self._writer: Optional[asyncio.StreamWriter] = None
         self._stderr_task: Optional[asyncio.Task[None]] = None
         self._pipes: List[asyncio.BaseTransport] = []
@@ -42,11 +130,8 @@ class PipeChannel:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         assert self.proc.stdin and self.proc.stdout and self.proc.stderr
-        self._reader = asyncio.StreamReader(limit=READ_SIZE)
-        reader = self._reader
-        out_transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), self.proc.stdout
-        )
+        self._reader = reader = PipeReader()
+        out_transport, _ = await loop.connect_read_pipe(lambda: reader, self.proc.stdout)
         self._pipes.append(out_transport)
         transport, protocol = await loop.connect_write_pipe(
             asyncio.streams.FlowControlMixin,
@@ -67,10 +152,16 @@ class PipeChannel:
 
     async def read(self) -> bytes:
         assert self._reader is not None
-        try:
-            return await self._reader.read(READ_SIZE)
-        except OSError:
-            return b""
+        return await self._reader.read()
+
+    def push_to(self, sink: Callable[[bytes], None]) -> asyncio.Future[None]:
+        """See ``PipeReader.push_to``: for the session, once the handshake is read."""
+        assert self._reader is not None
+        return self._reader.push_to(sink)
+
+    def stop_pushing(self) -> None:
+        if self._reader is not None:
+            self._reader.stop_pushing()
 
     def write(self, data: Buffer) -> None:
         assert self._writer is not None

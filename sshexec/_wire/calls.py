@@ -49,7 +49,7 @@ KEY_SIZE = 32  # a stored blob's key: SHA-256
 STORE_MIN = 1 << 14  # pickled functions this big or bigger are stored once per host
 SHARED_CALL = b"P"  # a payload that names shared objects (sharing()); a layout byte follows
 SHARED_ID = "sshexec-shared"  # the persistent id of a shared object: (SHARED_ID, key)
-_PLAIN_TYPES = frozenset((int, float, str, bytes, bool, type(None)))
+PLAIN_TYPES: Final = frozenset((int, float, str, bytes, bool, type(None)))  # standard pickler's
 
 Payload = Tuple[proto.Pieces, bytes]  # (pickle stream + buffers, their packed sizes)
 Call = Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]
@@ -295,7 +295,7 @@ def split_call(pickled_fn: bytes, args: Tuple[Any, ...], portable: bool = False)
     """Client: a ``map`` item's payload from its function pickled once: ``b"S"`` +
     4-byte length of ``pickled_fn`` + it + the pickle of ``(args, {})``."""
     prefix = SPLIT_CALL + len(pickled_fn).to_bytes(4, "big") + pickled_fn
-    plain = all(type(arg) in _PLAIN_TYPES for arg in args)
+    plain = all(type(arg) in PLAIN_TYPES for arg in args)
     return dumps((args, {}), copy=True, plain=plain, prefix=prefix, portable=portable)
 
 
@@ -303,7 +303,7 @@ def stored_call(key: bytes, args: Tuple[Any, ...], portable: bool = False) -> Pa
     """Client: a ``map`` item's payload whose function the host's agent holds as the
     blob ``key`` (``STORE_MIN`` bytes or more, stored once per host): ``b"R"`` + the
     32-byte key + the pickle of ``(args, {})``."""
-    plain = all(type(arg) in _PLAIN_TYPES for arg in args)
+    plain = all(type(arg) in PLAIN_TYPES for arg in args)
     return dumps((args, {}), copy=True, plain=plain, prefix=STORED_CALL + key, portable=portable)
 
 
