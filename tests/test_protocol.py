@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sshexec._wire import messages as msgs
 from sshexec._wire import protocol as proto
 from sshexec._wire.protocol import (
     DEFAULT_MAX_FRAME,
@@ -114,6 +115,20 @@ SAMPLES: List[Message] = [
     SpawnFailed(5, "OSError: [Errno 11] Resource temporarily unavailable"),
     StoreFailed(b"k" * 32, "/dev/shm: No space left on device; /tmp: No space left on device"),
     Beat(),
+    # staged files
+    msgs.StageDir("out/*.npz\0logs/**"),
+    msgs.StageDir(""),
+    msgs.StageOffer(1, msgpack.packb([["data/a.h5", "f", 0o644, 3, b"k" * 34, ""]]), False),
+    msgs.StageOffer(2**31, b"", True),
+    msgs.StageWant(1, b"k" * 34 * 3),
+    msgs.StageWant(2, b""),
+    msgs.StagePut(b"k" * 34, 5 << 20, b"\x00piece" * 100),
+    msgs.StagePut(b"k" * 34, 0, b""),
+    msgs.StageCommit(7),
+    msgs.Staged(7, ""),
+    msgs.Staged(8, "data/a.h5: No space left on device"),
+    msgs.FileBack(3, "out/fit_17.npz", 0o644, 12, b"npz bytes..."),
+    msgs.FileBack(2**40, "out/\u00e9.txt", 0o600, 0, b""),
 ]
 
 
@@ -677,6 +692,13 @@ WIRE_7 = {
     42: ("SpawnFailed", ("slot", "reason")),
     43: ("Beat", ()),
     44: ("StoreFailed", ("key", "reason")),
+    50: ("StageDir", ("returns",)),
+    51: ("StageOffer", ("batch", "entries", "last")),
+    52: ("StageWant", ("batch", "keys")),
+    53: ("StagePut", ("key", "size", "data")),
+    54: ("StageCommit", ("batch",)),
+    55: ("Staged", ("batch", "error")),
+    56: ("FileBack", ("task_id", "path", "mode", "size", "data")),
 }
 
 
