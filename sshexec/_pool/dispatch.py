@@ -96,6 +96,8 @@ class Dispatcher:
 
     def on_reply(self, link: WorkerLink, message: proto.Message) -> None:
         if isinstance(message, (proto.Done, proto.Failed)):
+            if link.returned is not None:  # return_files: the files it sent may fail it
+                message = link.returned.verdict(link.worker_id, message)
             if message.task_id == proto.INIT_TASK_ID:
                 assert isinstance(message, proto.Failed)
                 link.init_failed = True

@@ -26,8 +26,10 @@ from .._logs import logger
 from .._output import OutputRouter
 from .._stats import Counters, WorkerStats
 from .._transports.base import Channel
+from .._wire import messages as msgs
 from .._wire import protocol as proto
 from .channel import NUDGE, WorkerChannel
+from .returned import Returned
 from .session import read_hello
 from .versions import same_python
 
@@ -74,6 +76,7 @@ class WorkerLink:
     _held: Optional[proto.Message] = None  # a result _take_now left for the task
     _failure: Optional[BaseException] = None  # what _take_now met, for the task to raise
     _nudge: Callable[[], None] = lambda: None  # wakes the task waiting in channel.read()
+    returned: Optional[Returned] = None  # return_files: where the files it sends back go
 
     @property
     def pid(self) -> int:
@@ -197,6 +200,9 @@ class WorkerLink:
             sent = self.pings.pop(message.nonce, None)
             if sent is not None:
                 self.counters.rtt_seconds = asyncio.get_running_loop().time() - sent
+        elif isinstance(message, msgs.FileBack):
+            if self.returned is not None:
+                self.returned.take(self.worker_id, self.host.name, message)
         else:
             return False
         return True
