@@ -85,6 +85,11 @@ class Staging:
                 self._open(message.returns)
         except Exception as exc:  # a bug of ours must not end the agent: the client hears
             self.error = self.error or f"{type(exc).__name__}: {exc}"
+            if isinstance(message, msgs.StageOffer) and message.last:
+                self.offered = []
+                self.send(msgs.StageWant(message.batch, b""))
+            elif isinstance(message, msgs.StageCommit):
+                self.send(msgs.Staged(message.batch, self.error))
 
     # ---- the client's directory and the workers' ---------------------------------------
 
@@ -138,6 +143,9 @@ class Staging:
         if not message.last:
             return
         wanted: List[bytes] = []
+        if self.error:  # nowhere to keep them: the commit says why
+            self.send(msgs.StageWant(message.batch, b""))
+            return
         seen: Set[bytes] = set()
         for _, kind, _, size, key, _ in self.offered:
             if kind == "f" and key not in seen:
@@ -173,7 +181,7 @@ class Staging:
 
     def _commit(self, batch: int) -> None:
         entries, self.offered = self.offered, []
-        error = self.error or self._check(entries)
+        error = self._check(entries)
         if not error:
             for folder in self.dirs.values():
                 try:
@@ -189,6 +197,9 @@ class Staging:
 
     def _check(self, entries: List[Entry]) -> str:
         """Why the batch cannot be laid out ("" when it can)."""
+        if self.error:
+            files = [path for path, kind, *_ in entries if kind == "f"]
+            return f"{files[0]}: {self.error}" if files else self.error
         for path, kind, _, size, key, target in entries:
             if not _inside(path) or (kind == "l" and not _inside(os.path.join(path, "..", target))):
                 return f"{path}: refused, it would lead outside the working directory"
@@ -201,6 +212,8 @@ class Staging:
         return ""
 
     def _cached(self, key: bytes, size: int) -> bool:
+        if self.store is None or not self.store.dirs:
+            return False
         try:
             found = os.lstat(self._path(key))
         except OSError:

@@ -228,7 +228,13 @@ class Staging:
         assert isinstance(staged, msgs.Staged)
         error = problem or staged.error
         if error:
-            raise WorkerStartupError(host, STAGE, f"sending files= to {host} failed: {error}")
+            raise WorkerStartupError(
+                host,
+                STAGE,
+                f"the host could not take the staged files: {error}",
+                "Free space or fix permissions there (the cache is ~/.cache/sshexec, or "
+                "$XDG_CACHE_HOME/sshexec; `sshexec clean --hosts ...` empties it)",
+            )
         log.info(
             "files staged host=%s entries=%d sent=%d saved=%d",
             host,

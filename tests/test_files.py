@@ -1,0 +1,305 @@
+"""Staged files (``files=``, ``send_files``) and files brought back (``return_files=``), on
+local workers and real sshd hosts: every worker finds the tree at the same relative paths,
+a host's cache keeps contents by hash (a rerun sends almost nothing, a changed file alone
+travels), outputs come back before their Futures end, and per-executor directories are
+gone after shutdown. Each test gives its hosts a cache of its own (``XDG_CACHE_HOME``)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Tuple
+
+import cloudpickle
+import pytest
+
+from benchmarks.proxy import DelayProxy
+from sshexec import Host, SSHExecError, SSHPoolExecutor, parse_host
+from sshexec._node import staging as node_staging
+
+from .sshd import SSHServer, executor_kwargs
+from .waits import shut_down
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # nodes have no copy of the tests
+
+Make = Callable[..., SSHPoolExecutor]
+MiB = 1 << 20
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fit(index: int) -> Tuple[str, str, bool, str]:
+    """A lab script's task: reads its inputs where it runs, writes an output file."""
+    with open("params.json") as f:
+        params = f.read()
+    with open("data/run42/latest.h5", "rb") as f:  # a symlink inside the tree
+        data = f.read()
+    runnable = os.access("scripts/run.sh", os.X_OK)
+    os.makedirs("out", exist_ok=True)
+    result = sha(data).encode() + os.urandom(1000 + index)
+    with open(f"out/fit_{index}.npz", "wb") as f:
+        f.write(result)
+    return params, sha(data), runnable, sha(result)
+
+
+def make_tree(root: Path) -> None:
+    (root / "params.json").write_text('{"alpha": 0.5}')
+    run = root / "data" / "run42"
+    run.mkdir(parents=True)
+    (run / "a.h5").write_bytes(os.urandom(300_000))
+    (run / "latest.h5").symlink_to("a.h5")
+    (root / "data" / "empty").mkdir()
+    scripts = root / "scripts"
+    scripts.mkdir()
+    (scripts / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (scripts / "run.sh").chmod(0o755)
+
+
+def cache_hosts(make: Make, cache: Path, total: int = 2) -> List[Host]:
+    return make.hosts_with(total, env={"XDG_CACHE_HOME": str(cache)})  # type: ignore[attr-defined,no-any-return]
+
+
+def work_dirs(cache: Path) -> List[str]:
+    work = cache / "sshexec" / "work"
+    return sorted(os.listdir(work)) if work.exists() else []
+
+
+def test_a_tree_reaches_every_worker_and_outputs_come_back(
+    make_executor: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    make_tree(tmp_path)
+    cache = tmp_path / "cache"
+    executor = make_executor(
+        hosts=cache_hosts(make_executor, cache, 4),
+        files=["params.json", "data/", Path("scripts")],
+        return_files=["out/*.npz"],
+    )
+    futures = [executor.submit(fit, i) for i in range(100)]
+    expected = sha((tmp_path / "data" / "run42" / "a.h5").read_bytes())
+    for index, future in enumerate(futures):
+        params, data, runnable, written = future.result(timeout=60)
+        assert (params, data, runnable) == ('{"alpha": 0.5}', expected, True)
+        # written here before its Future resolved, with the same content
+        assert sha((tmp_path / "out" / f"fit_{index}.npz").read_bytes()) == written
+    assert len(os.listdir(tmp_path / "out")) == 100
+    assert work_dirs(cache)  # the per-executor directories, while it runs
+    stats = executor.stats(0)
+    assert all(h.bytes_saved >= 0 for h in stats.hosts.values())
+    shut_down(executor)
+    assert work_dirs(cache) == []  # removed at shutdown
+
+
+def write_same(_: int) -> str:
+    os.makedirs("out", exist_ok=True)
+    with open("out/same.npz", "wb") as f:
+        f.write(os.urandom(100))
+    return "written"
+
+
+def leak() -> str:
+    os.makedirs("out", exist_ok=True)
+    os.symlink("/etc/hostname", "out/evil.npz")
+    return "linked"
+
+
+def test_outputs_that_collide_or_escape_fail_their_future(
+    make_executor: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    executor = make_executor(
+        hosts=cache_hosts(make_executor, tmp_path / "cache"), return_files=["out/*.npz"]
+    )
+    first = executor.submit(write_same, 1)
+    assert first.result(timeout=60) == "written"
+    kept = (tmp_path / "out" / "same.npz").read_bytes()
+    second = executor.submit(write_same, 2)
+    cf.wait([second], timeout=60)
+    with pytest.raises(FileExistsError, match=r"out/same.npz .*already brought back by task"):
+        second.result()
+    assert (tmp_path / "out" / "same.npz").read_bytes() == kept  # not overwritten
+    escaping = executor.submit(leak)
+    cf.wait([escaping], timeout=60)
+    with pytest.raises(PermissionError, match=r"out/evil.npz .*outside the working directory"):
+        escaping.result()
+    assert not (tmp_path / "out" / "evil.npz").exists()
+
+
+def test_bad_paths_are_refused_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "secret").write_text("x")
+    (tmp_path / "data" / "out").symlink_to(tmp_path / "secret")
+    with pytest.raises(ValueError, match=r"data/out is a symlink to .*outside the tree"):
+        SSHPoolExecutor(1, files=["data"])
+    with pytest.raises(ValueError, match="leads outside the working directory"):
+        SSHPoolExecutor(1, return_files=["../elsewhere/*.npz"])
+    with pytest.raises(FileNotFoundError, match=r"missing\.json does not exist"):
+        SSHPoolExecutor(1, files=["missing.json"])
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_send_files_replaces_a_changed_file_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, made: List[SSHPoolExecutor]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    for index in range(5):
+        (data / f"{index}.bin").write_bytes(os.urandom(200_000))
+    cache = tmp_path / "cache"
+    executor = SSHPoolExecutor(2, hosts=[Host(":", env={"XDG_CACHE_HOME": str(cache)})], files=[])
+    made.append(executor)
+    with pytest.raises(FileNotFoundError):
+        executor.submit(read, "data/0.bin").result(timeout=60)
+    executor.send_files(["data"])
+    assert executor.submit(read, "data/3.bin").result(timeout=60) == (data / "3.bin").read_bytes()
+    before = executor.stats(0).hosts["local"]
+    (data / "3.bin").write_bytes(b"changed")
+    executor.send_files(["data"])
+    after = executor.stats(0).hosts["local"]
+    assert after.bytes_saved - before.bytes_saved == 4 * 200_000  # the others stayed
+    assert after.bytes_sent - before.bytes_sent < 200_000  # the changed one, and a manifest
+    results = [executor.submit(read, "data/3.bin") for _ in range(4)]
+    assert {f.result(timeout=60) for f in results} == {b"changed"}
+
+
+def test_the_cache_evicts_least_recently_used(tmp_path: Path) -> None:
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for index in range(4):
+        path = folder / f"{index:02x}"
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, ns=(index * 10**9, node_staging.STAMP))
+    freed = node_staging.evict(str(folder), 2500, keep={"00"})
+    assert freed == 2000
+    assert sorted(os.listdir(folder)) == ["00", "03"]
+
+
+# ---- a big tree over real links ----------------------------------------------------------
+
+
+@pytest.fixture
+def counted_links(sshd_pair: List[SSHServer]) -> Iterator[List[Tuple[Dict[str, Any], DelayProxy]]]:
+    """Both hosts, each behind a proxy that counts the bytes over its link."""
+    proxies = []
+    try:
+        links = []
+        for server in sshd_pair:
+            proxy = DelayProxy(server.port, 0.0)
+            port = proxy.start()
+            proxies.append(proxy)
+            with server.client.known_hosts.open("a") as f:
+                f.write(f"[{server.address}]:{port} {server.host_key}\n")
+            kwargs = executor_kwargs([server])
+            kwargs["hosts"] = [f"{server.client.user}@{server.address}:{port}"]
+            links.append((kwargs, proxy))
+        yield links
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+
+
+def make_big_tree(root: Path) -> int:
+    """1 GiB: 2048 small files (32 KiB) in 32 directories, and three big ones."""
+    total = 0
+    for folder in range(32):
+        where = root / "tree" / f"d{folder:02d}"
+        where.mkdir(parents=True)
+        for index in range(64):
+            (where / f"f{index:02d}.dat").write_bytes(os.urandom(32 * 1024))
+            total += 32 * 1024
+    block = os.urandom(MiB)
+    for index in range(3):
+        with open(root / "tree" / f"big{index}.bin", "wb") as f:
+            for at in range(320):  # distinct blocks: nothing repeats within a file
+                f.write(block[:-8] + (index * 1000 + at).to_bytes(8, "big"))
+        total += 320 * MiB
+    return total
+
+
+def digest_of(path: str) -> str:
+    with open(path, "rb") as f:
+        return sha(f.read())
+
+
+@pytest.mark.ssh
+@pytest.mark.timeout(300)
+def test_a_gib_tree_crosses_each_link_once(
+    counted_links: List[Tuple[Dict[str, Any], DelayProxy]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    made: List[SSHPoolExecutor],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    size = make_big_tree(tmp_path)
+    assert size == 1 << 30
+    hosts = []
+    for index, (kwargs, _) in enumerate(counted_links):
+        env = {"XDG_CACHE_HOME": str(tmp_path / f"cache{index}")}
+        hosts.append(dataclasses.replace(parse_host(kwargs["hosts"][0]), workers=1, env=env))
+    options = {k: v for k, v in counted_links[0][0].items() if k != "hosts"}
+
+    def run() -> List[int]:
+        moved = [proxy.moved["up"] for _, proxy in counted_links]
+        executor = SSHPoolExecutor(hosts=hosts, files=["tree"], **options)
+        made.append(executor)
+        found = {
+            host: future.result(timeout=60)
+            for host, future in executor.run_on_hosts(digest_of, "tree/d07/f03.dat").items()
+        }
+        shut_down(executor)
+        assert set(found.values()) == {digest_of(str(tmp_path / "tree/d07/f03.dat"))}
+        return [proxy.moved["up"] - m for (_, proxy), m in zip(counted_links, moved)]
+
+    first = run()
+    assert all(size <= sent <= 1.05 * size for sent in first), first
+    again = run()  # a new executor: the hosts' caches have it all
+    assert all(sent <= MiB for sent in again), again
+    (tmp_path / "tree/d07/f03.dat").write_bytes(os.urandom(32 * 1024))
+    touched = run()  # that file alone travels
+    assert all(32 * 1024 <= sent <= MiB + 32 * 1024 for sent in touched), touched
+    for index in range(2):
+        assert work_dirs(tmp_path / f"cache{index}") == []
+        cached = os.listdir(tmp_path / f"cache{index}" / "sshexec" / "files")
+        assert len(cached) == 2048 + 3 + 1  # and the old content of the touched file
+        mode = os.stat(tmp_path / f"cache{index}" / "sshexec" / "files" / cached[0]).st_mode
+        assert not mode & stat.S_IWUSR  # read-only: shared by every worker's tree
+
+
+def test_clean_empties_the_cache(tmp_path: Path, made: List[SSHPoolExecutor]) -> None:
+    cache = tmp_path / "cache"
+    (tmp_path / "f").write_bytes(b"abc")
+    executor = SSHPoolExecutor(
+        1, hosts=[Host(":", env={"XDG_CACHE_HOME": str(cache)})], files=[str(tmp_path / "f")]
+    )
+    made.append(executor)
+    assert len(os.listdir(cache / "sshexec" / "files")) == 1
+    freed = executor.run_on_hosts(node_staging.clean_cache)["local"].result(timeout=60)
+    assert freed == 3
+    assert os.listdir(cache / "sshexec" / "files") == []
+
+
+def test_an_error_names_the_host_and_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "big.bin").write_bytes(b"y" * 10_000)
+    cache = tmp_path / "cache"
+    (cache / "sshexec").mkdir(parents=True)
+    (cache / "sshexec" / "files").write_text("not a directory")  # nowhere to keep contents
+    with pytest.raises(SSHExecError, match=r"^local: files failed: .*big.bin: .*sshexec/files"):
+        SSHPoolExecutor(1, hosts=[Host(":", env={"XDG_CACHE_HOME": str(cache)})], files=["big.bin"])
