@@ -23,6 +23,7 @@ from sshexec import Host, SSHExecError, SSHPoolExecutor, parse_host
 from sshexec._node import staging as node_staging
 
 from .sshd import SSHServer, executor_kwargs
+from .test_cli import run_cli
 from .waits import shut_down
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # nodes have no copy of the tests
@@ -280,16 +281,41 @@ def test_a_gib_tree_crosses_each_link_once(
         assert not mode & stat.S_IWUSR  # read-only: shared by every worker's tree
 
 
-def test_clean_empties_the_cache(tmp_path: Path, made: List[SSHPoolExecutor]) -> None:
+FIT_MODULE = """
+import hashlib, os
+
+def run(name):
+    with open(os.path.join("data", name), "rb") as f:
+        data = f.read()
+    os.makedirs("out", exist_ok=True)
+    with open(os.path.join("out", name + ".npz"), "wb") as f:
+        f.write(data[::-1])
+    return hashlib.sha256(data).hexdigest()
+"""
+
+
+def test_the_command_line_sends_returns_and_cleans(tmp_path: Path) -> None:
+    """``sshexec map --files --return`` moves a script's inputs and outputs;
+    ``sshexec clean`` empties the hosts' caches."""
+    (tmp_path / "fitmod.py").write_text(FIT_MODULE)
+    (tmp_path / "data").mkdir()
+    names = [f"run{i}" for i in range(6)]
+    for name in names:
+        (tmp_path / "data" / name).write_bytes(os.urandom(5000))
     cache = tmp_path / "cache"
-    (tmp_path / "f").write_bytes(b"abc")
-    executor = SSHPoolExecutor(
-        1, hosts=[Host(":", env={"XDG_CACHE_HOME": str(cache)})], files=[str(tmp_path / "f")]
-    )
-    made.append(executor)
-    assert len(os.listdir(cache / "sshexec" / "files")) == 1
-    freed = executor.run_on_hosts(node_staging.clean_cache)["local"].result(timeout=60)
-    assert freed == 3
+    env = {"XDG_CACHE_HOME": str(cache)}
+    stdin = "".join(f"{name}\n" for name in names)
+    args = ["--files", "data", "--return", "out/*.npz", "--workers", "2"]
+    result = run_cli("map", "fitmod:run", *args, cwd=tmp_path, stdin=stdin, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [sha((tmp_path / "data" / n).read_bytes()) for n in names]
+    for name in names:
+        back = (tmp_path / "out" / f"{name}.npz").read_bytes()
+        assert back == (tmp_path / "data" / name).read_bytes()[::-1]
+    assert len(os.listdir(cache / "sshexec" / "files")) == len(names)
+    result = run_cli("clean", "--hosts", ":", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"local: freed {6 * 5000} bytes" in result.stdout
     assert os.listdir(cache / "sshexec" / "files") == []
 
 
