@@ -329,3 +329,36 @@ def test_an_error_names_the_host_and_the_file(
     (cache / "sshexec" / "files").write_text("not a directory")  # nowhere to keep contents
     with pytest.raises(SSHExecError, match=r"^local: files failed: .*big.bin: .*sshexec/files"):
         SSHPoolExecutor(1, hosts=[Host(":", env={"XDG_CACHE_HOME": str(cache)})], files=["big.bin"])
+
+
+def copy_out(name: str) -> int:
+    data = read(os.path.join("data", name))
+    os.makedirs("out", exist_ok=True)
+    with open(os.path.join("out", name), "wb") as f:
+        f.write(data)
+    return len(data)
+
+
+def test_pool_and_joblib_take_the_same_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    joblib = pytest.importorskip("joblib")
+    import sshexec.joblib
+    from sshexec import Pool
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for index in range(4):
+        (tmp_path / "data" / f"{index}.bin").write_bytes(os.urandom(1000 + index))
+    hosts = [Host(":", env={"XDG_CACHE_HOME": str(tmp_path / "cache")})]
+    options: Dict[str, Any] = {"hosts": hosts, "files": ["data"], "return_files": ["out/*"]}
+    with Pool(2, **options) as pool:
+        assert pool.map(copy_out, ["0.bin", "1.bin"]) == [1000, 1001]
+    backend = sshexec.joblib.Backend(max_workers=2, **options)
+    with backend, joblib.parallel_config(backend=backend, n_jobs=2):
+        sizes = joblib.Parallel()(joblib.delayed(copy_out)(f"{i}.bin") for i in (2, 3))
+    assert sizes == [1002, 1003]
+    for index in range(4):
+        name = f"{index}.bin"
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "data" / name).read_bytes()
+    assert work_dirs(tmp_path / "cache") == []
