@@ -44,6 +44,7 @@ from ._pool.link import STARTUP_TIMEOUT
 from ._pool.pool import Pool
 from ._pool.staging import Staging, check_patterns, scan
 from ._pool.supervisor import snapshot
+from ._progress import follow
 from ._stats import Stats
 from ._tasks import Task
 from ._wire import calls
@@ -226,8 +227,11 @@ class SSHPoolExecutor(Executor):
         if staging is not None:  # the files go first: at 100 kB/s at least
             timeout += sum(e.size for e in staging.entries.values()) / STAGING_RATE
         try:
-            self._pool: Pool = self._runtime.call(
-                self._start_pool(self._runtime, transports, pool_args), timeout=timeout
+            starting = self._runtime.begin(self._start_pool(self._runtime, transports, pool_args))
+            self._pool: Pool = (
+                follow(starting, timeout, lambda: (staging.done, staging.total), "files to hosts")
+                if staging is not None
+                else starting.result(timeout)
             )
         except BaseException:
             self._runtime.abandon()

@@ -9,9 +9,11 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import hashlib
+import io
 import os
 import stat
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
@@ -21,6 +23,7 @@ import pytest
 from benchmarks.proxy import DelayProxy
 from sshexec import Host, SSHExecError, SSHPoolExecutor, parse_host
 from sshexec._node import staging as node_staging
+from sshexec._progress import follow
 
 from .sshd import SSHServer, executor_kwargs
 from .test_cli import run_cli
@@ -362,3 +365,27 @@ def test_pool_and_joblib_take_the_same_options(
         name = f"{index}.bin"
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "data" / name).read_bytes()
     assert work_dirs(tmp_path / "cache") == []
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_transfer_draws_a_bar_on_a_terminal() -> None:
+    future: cf.Future[str] = cf.Future()
+    timer = threading.Timer(1.5, future.set_result, ("started",))
+    timer.start()
+    sent = [0]
+
+    def counts() -> Tuple[int, int]:
+        sent[0] = min(sent[0] + (8 << 20), 100 << 20)
+        return sent[0], 100 << 20
+
+    out = Terminal()
+    assert follow(future, 30, counts, "files to hosts", out) == "started"
+    timer.join()
+    assert "files to hosts (MiB):" in out.getvalue()
+    quiet = io.StringIO()  # not a terminal (a batch job's log): nothing drawn
+    assert follow(future, 1, counts, "files to hosts", quiet) == "started"
+    assert quiet.getvalue() == ""

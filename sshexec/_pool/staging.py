@@ -186,6 +186,7 @@ class Staging:
         self.entries: Dict[str, Local] = {e.path: e for e in entries}
         self.patterns, self.root = patterns, root
         self.returned = Returned(root)
+        self.done = self.total = 0  # bytes staged (sent or found cached), and to stage
 
     async def prepare(self, session: HostSession) -> None:
         """A new session, before its first worker: the directories, and every file so
@@ -199,6 +200,7 @@ class Staging:
 
     async def send(self, session: HostSession, entries: List[Local]) -> None:
         host, replies = session.host, session.files
+        self.total += sum(e.size for e in entries)
         batch = next(_batches)
         wanted_at = replies.expect(batch)
         for part, last in _offers(entries):
@@ -215,10 +217,11 @@ class Staging:
                 else:
                     saved += entry.size
         session.blobs.bytes_saved += saved
+        self.done += saved
         problem = ""
         for entry in sources.values():
             try:
-                await _stream(session, entry)
+                await _stream(session, entry, self)
             except OSError as exc:
                 problem = f"{entry.path}: could not be read here: {exc.strerror or exc}"
                 break
@@ -257,7 +260,7 @@ def _offers(entries: List[Local]) -> Iterable[Tuple[bytes, bool]]:
     yield msgpack.packb(part, use_bin_type=True), True
 
 
-async def _stream(session: HostSession, entry: Local) -> None:
+async def _stream(session: HostSession, entry: Local, staging: Staging) -> None:
     """One file's content in pieces, each written before the next is read."""
     piece, left = session.piece, entry.size
     with open(entry.source, "rb") as source:
@@ -267,6 +270,7 @@ async def _stream(session: HostSession, entry: Local) -> None:
                 raise OSError(f"it shrank while being sent ({entry.size - left} bytes read)")
             session.send(msgs.StagePut(entry.key, entry.size, (data,)))
             session.blobs.bytes_stored += len(data)
+            staging.done += len(data)
             left -= len(data)
             await asyncio.sleep(0)  # the session's flush runs first
             await session.drain()
