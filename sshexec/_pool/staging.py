@@ -205,6 +205,7 @@ class Staging:
         wanted_at = replies.expect(batch)
         for part, last in _offers(entries):
             session.send(msgs.StageOffer(batch, part, last))
+            session.blobs.bytes_stored += len(part)  # the manifest travels too
         want = await wanted_at
         assert isinstance(want, msgs.StageWant)
         keys = {want.keys[i : i + msgs.STAGE_KEY] for i in range(0, len(want.keys), msgs.STAGE_KEY)}
