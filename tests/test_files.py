@@ -12,8 +12,10 @@ import hashlib
 import io
 import os
 import stat
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
@@ -389,3 +391,33 @@ def test_the_transfer_draws_a_bar_on_a_terminal() -> None:
     quiet = io.StringIO()  # not a terminal (a batch job's log): nothing drawn
     assert follow(future, 1, counts, "files to hosts", quiet) == "started"
     assert quiet.getvalue() == ""
+
+
+VANISHING_CLIENT = """
+import os, sys
+from sshexec import SSHPoolExecutor
+executor = SSHPoolExecutor(2, files=["params.json"], return_files=["out/*"])
+assert executor.submit(os.getcwd).result(timeout=60)
+print("ready", flush=True)
+os._exit(0)  # no shutdown: the agent is left to notice
+"""
+
+
+def test_the_agent_removes_the_directories_when_the_client_vanishes(tmp_path: Path) -> None:
+    (tmp_path / "params.json").write_text("{}")
+    cache = tmp_path / "cache"
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent)])
+    done = subprocess.run(
+        [sys.executable, "-c", VANISHING_CLIENT],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.stdout.strip() == "ready", done.stderr
+    deadline = time.monotonic() + 30
+    while work_dirs(cache) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert work_dirs(cache) == []

@@ -199,8 +199,11 @@ class Agent:
             self._send(proto.Pong(message.nonce))
         elif isinstance(message, proto.Spawn):
             if not self.ending:
-                self.staging.before_spawn(message.slot)  # its working directory, if any
-                self.children.spawn(message.slot)
+                failed = self.staging.before_spawn(message.slot)  # its directory, if any
+                if failed:
+                    self._send(proto.SpawnFailed(message.slot, failed))
+                else:
+                    self.children.spawn(message.slot)
                 self.staging.after_spawn()
         elif isinstance(message, proto.CloseInput):
             self.children.close_input(message.slot)

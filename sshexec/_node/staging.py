@@ -108,18 +108,21 @@ class Staging:
         except OSError as exc:
             self.error = f"{self.root}: {exc.strerror or exc}"
 
-    def before_spawn(self, slot: int) -> None:
-        """The agent is about to fork the worker in ``slot``: into its directory."""
+    def before_spawn(self, slot: int) -> str:
+        """The agent is about to fork the worker in ``slot``: into its directory, with
+        every staged file; why it cannot be (then no worker starts), else ""."""
         if not self.workdir:
-            return
+            return ""
         folder = os.path.join(self.workdir, f"w{slot}")
         try:
             os.makedirs(folder, 0o700, exist_ok=True)
             self.dirs[slot] = folder
             self._lay_out(list(self.staged.values()), folder)
             os.chdir(folder)
-        except OSError:  # the worker starts elsewhere; its tasks will not find the files
-            pass
+        except OSError as exc:
+            where = _relative(exc.filename, folder)
+            return f"laying out the staged files on {self.host} failed: {where}: {exc.strerror}"
+        return ""
 
     def after_spawn(self) -> None:
         if self.workdir:

@@ -22,6 +22,7 @@ from .._wire import messages as msgs
 from .._wire import protocol as proto
 
 log = logger("sshexec.pool")
+_UP = os.pardir + os.sep
 
 
 class _Incoming:
@@ -94,7 +95,7 @@ class Returned:
         norm = os.path.normpath(path) if path else ""
         dest = os.path.join(self.root, norm)
         arriving = _Incoming(task_id, path, dest, message.mode)
-        if not norm or os.path.isabs(norm) or norm == os.pardir or norm.startswith(os.pardir):
+        if not norm or os.path.isabs(norm) or norm == os.pardir or norm.startswith(_UP):
             self._fail(
                 task_id,
                 PermissionError(
