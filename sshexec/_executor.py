@@ -12,7 +12,6 @@ import concurrent.futures as cf
 import functools
 import itertools
 import logging
-import os
 import pickle
 import time
 import weakref
@@ -42,7 +41,7 @@ from ._output import OutputRouter
 from ._pool.blobs import CLAIMS
 from ._pool.link import STARTUP_TIMEOUT
 from ._pool.pool import Pool
-from ._pool.staging import Staging, check_patterns, scan
+from ._pool.staging import STAGING_RATE, from_options, paths_of, scan
 from ._pool.supervisor import snapshot
 from ._progress import follow
 from ._stats import Stats
@@ -185,7 +184,7 @@ class SSHPoolExecutor(Executor):
             bool(forward_modules),
         )
         output = OutputRouter(remote_output)  # validates remote_output
-        staging = _staging(files, return_files)
+        staging = from_options(files, return_files)
         specs = resolve_hosts(hosts)
         transports = build_transports(
             specs,
@@ -323,7 +322,7 @@ class SSHPoolExecutor(Executor):
             )
         if self._runtime.is_shut_down:
             raise RuntimeError("cannot send files after shutdown")
-        entries = scan(_paths(paths), staging.root)
+        entries = scan(paths_of(paths), staging.root)
         size = sum(e.size for e in entries)
         self._runtime.call(
             self._pool.send_files(entries), timeout=STARTUP_TIMEOUT + size / STAGING_RATE
@@ -508,27 +507,6 @@ class SSHPoolExecutor(Executor):
         else:
             self._runtime.shutdown(wait=True, cancel_futures=True, bounded=True)
         return False
-
-
-STAGING_RATE = 100_000  # bytes per second: the slowest link a transfer is waited for
-
-
-def _paths(paths: Any) -> List[Any]:
-    if isinstance(paths, (str, os.PathLike)):
-        return [paths]
-    return list(paths)
-
-
-def _staging(files: Any, return_files: Any) -> Optional[Staging]:
-    """``files=`` and ``return_files=`` checked and scanned (hashing each file here),
-    or None when neither is given."""
-    if isinstance(return_files, str):
-        return_files = [return_files]
-    patterns = check_patterns(return_files)
-    if files is None and not patterns:
-        return None
-    root = os.getcwd()
-    return Staging(scan(_paths(files or ()), root), patterns, root)
 
 
 def _released(loop: Any, keeper: Any, keys: Any) -> None:

@@ -22,7 +22,7 @@ import itertools
 import os
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Iterable, List, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import msgpack
 
@@ -283,3 +283,25 @@ def staging_failed(errors: Dict[str, BaseException]) -> SSHExecError:
     return SSHExecError(
         "send_files: " + "; ".join(f"{host}: {error}" for host, error in errors.items())
     )
+
+
+STAGING_RATE = 100_000  # bytes per second: the slowest link a transfer is waited for
+
+
+def paths_of(paths: Any) -> List[Any]:
+    """``files=`` or ``send_files``' argument: one path, or several."""
+    if isinstance(paths, (str, os.PathLike)):
+        return [paths]
+    return list(paths)
+
+
+def from_options(files: Any, return_files: Any) -> Optional[Staging]:
+    """``files=`` and ``return_files=`` checked and scanned (hashing each file here),
+    or None when neither is given."""
+    if isinstance(return_files, str):
+        return_files = [return_files]
+    patterns = check_patterns(return_files)
+    if files is None and not patterns:
+        return None
+    root = os.getcwd()
+    return Staging(scan(paths_of(files or ()), root), patterns, root)
