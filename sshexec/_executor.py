@@ -127,8 +127,9 @@ class SSHPoolExecutor(Executor):
             has is not sent again, in this executor or the next. Staged files are read-only
             on the nodes (one copy shared by the host's workers); symlinks inside a tree
             are kept, one leading outside it is a ``ValueError``. Given (even as ``[]``),
-            or with ``return_files``, each worker runs in a directory of its own, under a
-            per-executor directory that is removed at shutdown; see ``send_files``.
+            or with ``return_files``, each worker runs in a directory of its own (instead
+            of the host's ``cwd``), under a per-executor directory that is removed at
+            shutdown; see ``send_files``.
         return_files: Glob patterns relative to the workers' working directory
             (``["out/*.npz"]``): files a task creates or changes that match are written
             to the same relative path here when the task ends, before its Future

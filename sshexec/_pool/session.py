@@ -14,7 +14,8 @@ own clock as often, every byte received counts as hearing from it, and so do our
 writes to it while they still drain (a big upload over a slow link); the session is lost
 when the agent has been silent for three intervals, as the agent quits when the client
 is); and its end, which ends every worker channel with the
-reason. Each worker's streams are a ``channel.WorkerChannel``.
+reason. Each worker's streams are a ``channel.WorkerChannel``; the agent's answers about
+staged files go to ``files`` (``staging.StageReplies``), which hears of the loss too.
 Must not import: asyncssh or subprocess (it sees the ``Transport`` protocol only).
 """
 
