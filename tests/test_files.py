@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -420,4 +421,32 @@ def test_the_agent_removes_the_directories_when_the_client_vanishes(tmp_path: Pa
     deadline = time.monotonic() + 30
     while work_dirs(cache) and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert work_dirs(cache) == []
+
+
+def test_a_killed_agent_is_replaced_and_its_directory_swept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, made: List[SSHPoolExecutor]
+) -> None:
+    """kill -9 of a host's agent: the next agent stages the files again for its workers
+    (from its cache) and removes the directory the killed one left."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.json").write_text('{"x": 1}')
+    cache = tmp_path / "cache"
+    hosts = [Host(":", env={"XDG_CACHE_HOME": str(cache)})]
+    executor = SSHPoolExecutor(2, hosts=hosts, files=["params.json"], reconnect_grace=30)
+    made.append(executor)
+    assert executor.submit(read, "params.json").result(timeout=60) == b'{"x": 1}'
+    (left,) = work_dirs(cache)
+    agent = int(left.split("-")[-2])
+    os.kill(agent, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        future = executor.submit(read, "params.json")
+        cf.wait([future], timeout=60)
+        if future.exception() is None and left not in work_dirs(cache):
+            break
+        time.sleep(0.2)
+    assert future.result() == b'{"x": 1}'
+    assert left not in work_dirs(cache) and len(work_dirs(cache)) == 1
+    shut_down(executor)
     assert work_dirs(cache) == []
