@@ -4,7 +4,7 @@ Owns: ``open_worker`` (have the host's agent fork a worker, read its ``Hello``, 
 ``Init``; bounded, leaving no process behind when it fails) and
 ``WorkerLink``: the channel, the worker's counters and round-trip pings, what is not
 about a task (output, logs, module fetches, pongs; files sent back, handed to
-``returned.Returned``, whose verdict a task's reply passes), and the reader loop. The reader
+``returned.Returned``), and the reader loop. The reader
 owns its end: whatever stops it (EOF, a bad frame, cancellation, a bug), it reports the
 link lost exactly once, synchronously, so the pool can forget the worker in one step.
 A worker's results wait behind its output (``OutputRouter.pending``), and reading
