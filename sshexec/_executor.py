@@ -41,7 +41,9 @@ from ._output import OutputRouter
 from ._pool.blobs import CLAIMS
 from ._pool.link import STARTUP_TIMEOUT
 from ._pool.pool import Pool
+from ._pool.staging import STAGING_RATE, from_options, paths_of, scan
 from ._pool.supervisor import snapshot
+from ._progress import follow
 from ._stats import Stats
 from ._tasks import Task
 from ._wire import calls
@@ -116,6 +118,24 @@ class SSHPoolExecutor(Executor):
             ``"plain"`` (the same without the prefix) or ``"logging"`` (only to the
             ``sshexec.remote`` logger). Tasks' ``logging`` records are always re-emitted
             in this process's ``logging`` with ``host`` and ``worker`` attributes.
+        files: Files and directory trees (paths relative to this process's working
+            directory) to put on every host before its first worker starts, at the same
+            relative paths in the workers' working directory, so code that opens
+            ``data/run42/a.h5`` runs unchanged. Each host keeps their contents in its
+            cache (``~/.cache/sshexec``, or ``$XDG_CACHE_HOME/sshexec``; LRU, 10 GiB
+            unless ``SSHEXEC_CACHE_SIZE`` says otherwise) by SHA-256: what a host already
+            has is not sent again, in this executor or the next. Staged files are read-only
+            on the nodes (one copy shared by the host's workers); symlinks inside a tree
+            are kept, one leading outside it is a ``ValueError``. Given (even as ``[]``),
+            or with ``return_files``, each worker runs in a directory of its own (instead
+            of the host's ``cwd``), under a per-executor directory that is removed at
+            shutdown; see ``send_files``.
+        return_files: Glob patterns relative to the workers' working directory
+            (``["out/*.npz"]``): files a task creates or changes that match are written
+            to the same relative path here when the task ends, before its Future
+            resolves. A second task bringing back the same path fails its Future with
+            ``FileExistsError``; a match leading outside the working directory fails it
+            with ``PermissionError``.
 
     Raises:
         ValueError, TypeError: Invalid arguments, including malformed host specs.
@@ -146,6 +166,8 @@ class SSHPoolExecutor(Executor):
         transport: str = "asyncssh",
         forward_modules: bool = True,
         remote_output: str = "prefix",
+        files: Optional[Iterable[Any]] = None,
+        return_files: Iterable[str] = (),
     ) -> None:
         del mp_context  # processes are started by SSH or subprocess, not multiprocessing
         Settings(  # raises TypeError or ValueError for a bad argument
@@ -163,6 +185,7 @@ class SSHPoolExecutor(Executor):
             bool(forward_modules),
         )
         output = OutputRouter(remote_output)  # validates remote_output
+        staging = from_options(files, return_files)
         specs = resolve_hosts(hosts)
         transports = build_transports(
             specs,
@@ -198,11 +221,17 @@ class SSHPoolExecutor(Executor):
             keepalive_interval=keepalive_interval,
             forward_modules=bool(forward_modules),
             log_level=logging.getLogger().getEffectiveLevel(),
+            staging=staging,
         )
+        timeout = connect_timeout * 2 + STARTUP_TIMEOUT + 10
+        if staging is not None:  # the files go first: at 100 kB/s at least
+            timeout += sum(e.size for e in staging.entries.values()) / STAGING_RATE
         try:
-            self._pool: Pool = self._runtime.call(
-                self._start_pool(self._runtime, transports, pool_args),
-                timeout=connect_timeout * 2 + STARTUP_TIMEOUT + 10,
+            starting = self._runtime.begin(self._start_pool(self._runtime, transports, pool_args))
+            self._pool: Pool = (
+                follow(starting, timeout, lambda: (staging.done, staging.total), "files to hosts")
+                if staging is not None
+                else starting.result(timeout)
             )
         except BaseException:
             self._runtime.abandon()
@@ -272,6 +301,33 @@ class SSHPoolExecutor(Executor):
             for host in self._pool.hosts
             if host.is_usable
         }
+
+    def send_files(self, paths: Iterable[Any]) -> None:
+        """Put more files and trees on every host, as ``files=`` does (changed files
+        replace the old ones; unchanged contents are not sent again), and on every host
+        that connects later. Returns when every host has them, so tasks submitted after
+        it see them. Thread-safe; blocks the caller.
+
+        Raises:
+            RuntimeError: After ``shutdown()``, or when the executor was made without
+                ``files=`` or ``return_files=`` (its workers have no directories of
+                their own to put files in).
+            FileNotFoundError, ValueError: As ``files=``.
+            SSHExecError: Hosts that could not take them, each with the file and why.
+        """
+        staging = self._pool.staging
+        if staging is None:
+            raise RuntimeError(
+                "send_files needs an executor made with files= (an empty list will do) "
+                "or return_files="
+            )
+        if self._runtime.is_shut_down:
+            raise RuntimeError("cannot send files after shutdown")
+        entries = scan(paths_of(paths), staging.root)
+        size = sum(e.size for e in entries)
+        self._runtime.call(
+            self._pool.send_files(entries), timeout=STARTUP_TIMEOUT + size / STAGING_RATE
+        )
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         """Schedule ``fn(*args, **kwargs)`` on a worker and return its Future.

@@ -118,6 +118,10 @@ class Runtime:
     def call(self, coro: Any, timeout: float) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def begin(self, coro: Any) -> Any:
+        """Run ``coro`` on the loop: its ``concurrent.futures.Future``."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
     def shutdown(
         self, wait: bool = True, cancel_futures: bool = False, bounded: bool = False
     ) -> None:

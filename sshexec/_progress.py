@@ -1,7 +1,7 @@
 """``progress()``: an optional progress bar for ``map`` and ``as_completed`` loops.
 
 Owns: choosing tqdm when it is installed (the ``progress`` extra), else a small bar of
-our own on stderr. Must not import: the executor, asyncio, or asyncssh.
+our own on stderr; ``follow``, the bar of the files sent before the first task. Must not import: the executor, asyncio, or asyncssh.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import importlib
 import shutil
 import sys
 import time
-from typing import IO, Any, Callable, Iterable, Iterator, Optional, TypeVar
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import IO, Any, Callable, Iterable, Iterator, Optional, Tuple, TypeVar
 
 T = TypeVar("T")
 
@@ -67,6 +69,40 @@ def progress(
     if tqdm is not None:
         return iter(tqdm(iterable, total=total, desc=desc, disable=False, file=file))
     return _plain(iterable, total, desc, file if file is not None else sys.stderr)
+
+
+def follow(
+    future: Future[T],
+    timeout: float,
+    counts: Callable[[], Tuple[int, int]],
+    desc: str,
+    out: Optional[IO[str]] = None,
+) -> T:
+    """``future.result(timeout)``, with a bar of ``counts()`` (done, total; bytes) drawn
+    on a terminal once it has waited a second: the files going to the hosts before the
+    first task. Nothing is drawn where ``out`` (stderr) is not a terminal."""
+    out = out if out is not None else sys.stderr
+    if not _is_tty(out):
+        return future.result(timeout)
+    deadline = time.monotonic() + timeout
+    bar: Optional[PlainBar] = None
+    shown = 0
+    try:
+        while True:
+            try:
+                return future.result(min(REDRAW_INTERVAL, max(deadline - time.monotonic(), 0)))
+            except FutureTimeout:
+                if time.monotonic() >= deadline:
+                    raise
+            done, total = counts()
+            if bar is None and time.monotonic() - deadline + timeout > 1.0 and total:
+                bar = PlainBar(total >> 20, desc + " (MiB)", out)
+            if bar is not None:
+                bar.update((done >> 20) - shown)
+                shown = done >> 20
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _load_tqdm() -> Optional[Callable[..., Iterable[Any]]]:

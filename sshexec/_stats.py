@@ -88,7 +88,8 @@ class HostStats:
         tasks_failed: Tasks that raised, or were lost past ``max_retries``.
         tasks_retried: Tasks this host lost with a worker and that were run again.
         busy_seconds: Sum of its workers' busy time.
-        bytes_sent: Frame bytes sent to its workers.
+        bytes_sent: Frame bytes sent to its workers, with the blobs and the contents of
+            staged files (``files=``) sent to its agent.
         bytes_received: Frame bytes received from them.
         rtt_seconds: Median of its live workers' latest pings; None when unknown.
         error: Why the host was given up, or None.
@@ -98,7 +99,8 @@ class HostStats:
             closure) goes to hosts of the client's version.
         bytes_saved: Bytes that did not cross the network because the host's agent
             already held them (a ``map``'s function or the initializer, sent once per
-            host instead of with every task or worker). ``bytes_sent`` counts them once.
+            host instead of with every task or worker; staged files its cache already
+            had). ``bytes_sent`` counts them once.
     """
 
     host: str

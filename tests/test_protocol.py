@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sshexec._wire import messages as msgs
 from sshexec._wire import protocol as proto
 from sshexec._wire.protocol import (
     DEFAULT_MAX_FRAME,
@@ -114,6 +115,20 @@ SAMPLES: List[Message] = [
     SpawnFailed(5, "OSError: [Errno 11] Resource temporarily unavailable"),
     StoreFailed(b"k" * 32, "/dev/shm: No space left on device; /tmp: No space left on device"),
     Beat(),
+    # staged files
+    msgs.StageDir("out/*.npz\0logs/**"),
+    msgs.StageDir(""),
+    msgs.StageOffer(1, msgpack.packb([["data/a.h5", "f", 0o644, 3, b"k" * 34, ""]]), False),
+    msgs.StageOffer(2**31, b"", True),
+    msgs.StageWant(1, b"k" * 34 * 3),
+    msgs.StageWant(2, b""),
+    msgs.StagePut(b"k" * 34, 5 << 20, b"\x00piece" * 100),
+    msgs.StagePut(b"k" * 34, 0, b""),
+    msgs.StageCommit(7),
+    msgs.Staged(7, ""),
+    msgs.Staged(8, "data/a.h5: No space left on device"),
+    msgs.FileBack(3, "out/fit_17.npz", 0o644, 12, b"npz bytes..."),
+    msgs.FileBack(2**40, "out/\u00e9.txt", 0o600, 0, b""),
 ]
 
 
@@ -624,9 +639,9 @@ def test_an_int_is_accepted_where_a_float_belongs() -> None:
     assert type(message.seconds) is float
 
 
-# The wire as both ends of PROTOCOL_VERSION 7 agree on it: any change to this table is a
+# The wire as both ends of PROTOCOL_VERSION 8 agree on it: any change to this table is a
 # wire change, which must bump PROTOCOL_VERSION (nodes keep cached bundles of the old one).
-WIRE_7 = {
+WIRE_8 = {
     1: (
         "Init",
         ("worker_id", "initializer", "max_frame", "forward_modules", "log_level", "python"),
@@ -677,15 +692,22 @@ WIRE_7 = {
     42: ("SpawnFailed", ("slot", "reason")),
     43: ("Beat", ()),
     44: ("StoreFailed", ("key", "reason")),
+    50: ("StageDir", ("returns",)),
+    51: ("StageOffer", ("batch", "entries", "last")),
+    52: ("StageWant", ("batch", "keys")),
+    53: ("StagePut", ("key", "size", "data")),
+    54: ("StageCommit", ("batch",)),
+    55: ("Staged", ("batch", "error")),
+    56: ("FileBack", ("task_id", "path", "mode", "size", "data")),
 }
 
 
 def test_the_wire_is_protocol_7() -> None:
     """Version 7: flow control (Ack), blobs in pieces with a lifecycle (Store.size, Forget,
     StoreFailed) and the agent's own heartbeat (Beat, Configure.beat_interval)."""
-    assert proto.PROTOCOL_VERSION == 7
+    assert proto.PROTOCOL_VERSION == 8
     found = {
         cls.TAG: (cls.__name__, tuple(f.name for f in dataclasses.fields(cls)))
         for cls in proto._CLASSES
     }
-    assert found == WIRE_7
+    assert found == WIRE_8

@@ -1,8 +1,8 @@
-"""The ``sshexec`` command (also ``python -m sshexec``): ``check``, ``demo`` and ``map``.
+"""The ``sshexec`` command (also ``python -m sshexec``): ``check``, ``demo``, ``map``, ``clean``.
 
 Owns: argument parsing, turning the common host options into ``SSHPoolExecutor``
 arguments (``check`` probes with the very same ones), and ``sshexec map``. The probe
-is in ``check``, the demo in ``demo``.
+is in ``check``, the demo in ``demo``, emptying the hosts' caches in ``clean``.
 Must not import asyncssh at module level (only ``check`` needs it).
 """
 
@@ -25,6 +25,8 @@ examples:
   sshexec check me@node1 node2:2222        can these hosts run workers? what to fix
   sshexec demo --hosts me@node1,node2      count primes on them, with per-host stats
   seq 100 | sshexec map mymod:square --hosts @hosts.txt
+  ls runs | sshexec map fit:run --files data/ --return 'out/*.npz' --hosts node1,node2
+  sshexec clean --hosts me@node1,node2     empty their caches of staged files
   sshexec demo --allocation                in a Slurm, PBS, LSF or SGE job: its nodes
 """
 
@@ -110,7 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="after a failure print an empty line and go on (exit status is still 1)",
     )
+    run.add_argument(
+        "--files",
+        action="append",
+        metavar="PATH",
+        help="a file or directory to put on every host first, at the same relative path "
+        "in the workers' directory (repeatable)",
+    )
+    run.add_argument(
+        "--return",
+        dest="return_files",
+        action="append",
+        metavar="GLOB",
+        help="files the tasks write that match (relative to their directory) come back "
+        "here, same path (repeatable)",
+    )
     _host_options(run)
+
+    clean = sub.add_parser("clean", help="empty the hosts' caches of staged files (--files)")
+    _host_options(clean, workers=False)
     return parser
 
 
@@ -174,6 +194,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             kwargs = executor_kwargs(args)
             place = where(args, kwargs["hosts"])
             return run_demo(kwargs, place, args.limit, args.block, args.serial)
+        if args.command == "clean":
+            from .clean import run_clean
+
+            kwargs = executor_kwargs(args)
+            return run_clean(kwargs, where(args, kwargs["hosts"]))
         return run_map(args)
     except KeyboardInterrupt:
         print("sshexec: interrupted", file=sys.stderr)
@@ -255,7 +280,12 @@ def run_map(args: argparse.Namespace, stdin: Optional[IO[str]] = None) -> int:
     source = stdin if stdin is not None else sys.stdin
     lines = (line[:-1] if line.endswith("\n") else line for line in source)
     out, failures, number = sys.stdout, 0, 0
-    with SSHPoolExecutor(**executor_kwargs(args)) as executor:
+    kwargs = executor_kwargs(args)
+    if args.files:
+        kwargs["files"] = list(args.files)
+    if args.return_files:
+        kwargs["return_files"] = list(args.return_files)
+    with SSHPoolExecutor(**kwargs) as executor:
         results = executor.map(
             mapcall.call_line,
             itertools.repeat(fn),

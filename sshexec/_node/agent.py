@@ -8,7 +8,8 @@ pristine parent, which has imported the worker code once; fresh interpreters whe
 is missing or ``SSHEXEC_AGENT_START=spawn``; a worker is read only while the client has
 acknowledged all but ``WINDOW`` of its bytes, ``Ack``), handing ``Store`` pieces and
 ``Forget`` to the blob store (``store.BlobStore``; a blob it cannot keep is reported,
-``StoreFailed``), and the end: when the
+``StoreFailed``), staged files to ``staging.Staging`` (the workers' directories, entered
+to fork each one), and the end: when the
 channel closes, the client has said nothing for ``silence_deadline`` seconds (a silent
 partition), it sends ``Shutdown``, or the agent gets SIGTERM or SIGHUP, every worker and
 everything a worker started (the agent is their child subreaper on Linux) gets SIGTERM,
@@ -31,6 +32,7 @@ from .._wire import protocol as proto
 from . import reaper
 from .children import Children
 from .fdio import Reader
+from .staging import STAGE_COMMANDS, Staging
 from .store import BlobStore
 
 DEFAULT_SILENCE = 30.0  # seconds, until Configure says otherwise
@@ -73,6 +75,7 @@ class Agent:
         self.killed = False  # ending: SIGKILL has followed SIGTERM
         self.stop_signal = 0  # a signal that asks the agent to end (SIGTERM, SIGHUP)
         self.blobs = BlobStore()
+        self.staging = Staging(self._send)  # files=: the workers' directories, the cache
         spawn_only = not hasattr(os, "fork") or os.environ.get("SSHEXEC_AGENT_START") == "spawn"
         self.children = Children(
             self._send,
@@ -107,6 +110,7 @@ class Agent:
             self.finish()
             self._flush(block=True)
             self.blobs.close()
+            self.staging.close()
 
     def _stop(self, signum: int, frame: object) -> None:
         self.stop_signal = signum  # acted on by the loop, never inside a handler
@@ -195,7 +199,12 @@ class Agent:
             self._send(proto.Pong(message.nonce))
         elif isinstance(message, proto.Spawn):
             if not self.ending:
-                self.children.spawn(message.slot)
+                failed = self.staging.before_spawn(message.slot)  # its directory, if any
+                if failed:
+                    self._send(proto.SpawnFailed(message.slot, failed))
+                else:
+                    self.children.spawn(message.slot)
+                self.staging.after_spawn()
         elif isinstance(message, proto.CloseInput):
             self.children.close_input(message.slot)
         elif isinstance(message, proto.Signal):
@@ -214,6 +223,8 @@ class Agent:
             self.beat_every = message.beat_interval
         elif isinstance(message, proto.Shutdown):
             self._end(CLIENT_DONE)
+        elif isinstance(message, STAGE_COMMANDS):
+            self.staging.command(message)
 
     def _send(self, message: proto.Message) -> None:
         frame = proto.encode(message)

@@ -8,6 +8,8 @@ complete), a blob that does not fit where it started moved on to the next direct
 ``forget`` deleting one, and removing what agents that died without cleaning up left.
 A blob that fits nowhere is reported (``put`` returns why) and never ends the agent.
 Workers are told every directory (``path``: an ``os.pathsep`` list) and look in each.
+The same store, not private (``private=False``), is the content cache of staged files
+(``staging``): one directory that outlives the agent.
 Must not import: any client module, asyncio; never start a thread.
 """
 
@@ -40,12 +42,17 @@ class _Partial:
 
 
 class BlobStore:
-    def __init__(self, bases: Optional[List[str]] = None) -> None:
+    def __init__(self, bases: Optional[List[str]] = None, private: bool = True) -> None:
         self.dirs: List[str] = []
         self.errors: List[str] = []  # bases that could not take a directory, and why
+        self.private = private  # a directory of this agent's own (else the bases: a cache)
         for base in _bases() if bases is None else bases:
             try:
-                self.dirs.append(_private_dir(base))
+                if private:
+                    self.dirs.append(_private_dir(base))
+                else:
+                    os.makedirs(base, 0o700, exist_ok=True)
+                    self.dirs.append(base)
             except OSError as exc:
                 self.errors.append(f"{base}: {exc.strerror or exc}")
         self._partial: Dict[bytes, _Partial] = {}
@@ -84,13 +91,23 @@ class BlobStore:
         for folder in self.dirs:
             _remove(os.path.join(folder, key.hex()))
 
+    def is_partial(self, key: bytes) -> bool:
+        """Pieces of ``key`` have come and more are due."""
+        return key in self._partial
+
+    def drop_partial(self, key: bytes) -> None:
+        """The rest of ``key`` will not come (its sender gave up): its pieces go."""
+        partial = self._partial.pop(key, None)
+        if partial is not None and partial.fd >= 0:
+            os.close(partial.fd)
+            _remove(partial.path)
+
     def close(self) -> None:
-        for partial in self._partial.values():
-            if partial.fd >= 0:
-                os.close(partial.fd)
-        self._partial.clear()
-        for folder in self.dirs:
-            shutil.rmtree(folder, ignore_errors=True)
+        for key in list(self._partial):
+            self.drop_partial(key)
+        if self.private:
+            for folder in self.dirs:
+                shutil.rmtree(folder, ignore_errors=True)
 
     # ---- writing, and moving on when a directory is full --------------------------------
 

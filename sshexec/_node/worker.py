@@ -32,6 +32,7 @@ from .fdio import Reader
 from .lookups import Lookups
 from .namespaces import Namespaces
 from .remote_io import ClientFinder, FrameLogHandler, _write_all, frame_stream
+from .returns import Returns, Seen
 
 RESULT_OVERHEAD = 64  # msgpack envelope around a Done payload, generously
 EOF_GRACE_SECONDS = 2.0  # a task still running this long after the host vanished is abandoned
@@ -101,6 +102,7 @@ class Worker:
         self.on_lost: Optional[Callable[[], None]] = None  # main(): the process ends
         self.told_to_stop = False  # Shutdown came (not EOF alone, not a broken pipe)
         self.namespaces = Namespaces(self.lookups.script)
+        self.returns: Optional[Returns] = None  # return_files: sent back after each task
 
     def send(self, message: proto.Message) -> None:
         pieces = proto.frame_pieces([message])  # a big result is written from where it lies
@@ -327,6 +329,27 @@ class Worker:
     ) -> proto.Done | proto.Failed:
         """One call: its reply, with the time spent on it (unpickle, call, pickle)."""
         started = time.perf_counter()
+        before = self.returns.look() if self.returns is not None else None
+        reply = self._run(task_id, payload, buffers, started)
+        if before is not None:
+            reply = self._send_back(task_id, before, reply, started)
+        return reply
+
+    def _send_back(
+        self, task_id: int, before: Seen, reply: proto.Done | proto.Failed, started: float
+    ) -> proto.Done | proto.Failed:
+        """The files the task wrote go back before its reply; one that cannot fails it."""
+        assert self.returns is not None
+        piece = max(1024, min(proto.CHUNK, self.max_frame - 4096))
+        error = self.returns.send_back(task_id, before, self.send, piece)
+        if error is None or isinstance(reply, proto.Failed):
+            return reply
+        failed = self.failure(task_id, error, proto.STAGE_RESULT)
+        return dataclasses.replace(failed, seconds=time.perf_counter() - started)
+
+    def _run(
+        self, task_id: int, payload: proto.Tail, buffers: bytes, started: float
+    ) -> proto.Done | proto.Failed:
         stage = proto.STAGE_CALL
         try:
             lookups = self.lookups
@@ -418,6 +441,7 @@ def main(blob_dir: Optional[str] = None) -> None:
     frames_in, frames_out = _claim_stdio()
     worker = Worker(frames_in, frames_out)
     worker.lookups.blob_dir = blob_dir
+    worker.returns = Returns.from_environ()
     worker.on_lost = end_process  # a write to the frame channel that raises
     sys.stdout, sys.stderr = frame_stream(worker, 1), frame_stream(worker, 2)
     threading.Thread(target=worker.watch, name="sshexec-watch", daemon=True).start()

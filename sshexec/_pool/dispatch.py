@@ -2,8 +2,8 @@
 
 Owns: ``Dispatcher``: turning the table's placements into ``Run`` and ``Revoke``
 frames coalesced per worker, the replies of each link (``Done``/``Failed`` end their
-task through the table; ``Revoked`` puts it back; a failed initializer gives the host
-up), retiring a worker that has used its ``max_tasks_per_child``, adaptive
+task through the table, after ``returned.Returned``'s verdict on the files it sent
+back; ``Revoked`` puts it back; a failed initializer gives the host up), retiring a worker that has used its ``max_tasks_per_child``, adaptive
 prefetch (a worker's depth from its round trip and mean task time), and when to sweep
 the hosts' blobs (``blobs.Keeper``: it sees which blobs the tasks sent still need). Loop thread only.
 Must not import: subprocess or asyncssh, or touch hosts, links' channels or shutdown.
@@ -96,6 +96,8 @@ class Dispatcher:
 
     def on_reply(self, link: WorkerLink, message: proto.Message) -> None:
         if isinstance(message, (proto.Done, proto.Failed)):
+            if link.returned is not None:  # return_files: the files it sent may fail it
+                message = link.returned.verdict(link.worker_id, message)
             if message.task_id == proto.INIT_TASK_ID:
                 assert isinstance(message, proto.Failed)
                 link.init_failed = True

@@ -3,7 +3,8 @@
 Owns: ``open_worker`` (have the host's agent fork a worker, read its ``Hello``, send
 ``Init``; bounded, leaving no process behind when it fails) and
 ``WorkerLink``: the channel, the worker's counters and round-trip pings, what is not
-about a task (output, logs, module fetches, pongs), and the reader loop. The reader
+about a task (output, logs, module fetches, pongs; files sent back, handed to
+``returned.Returned``), and the reader loop. The reader
 owns its end: whatever stops it (EOF, a bad frame, cancellation, a bug), it reports the
 link lost exactly once, synchronously, so the pool can forget the worker in one step.
 A worker's results wait behind its output (``OutputRouter.pending``), and reading
@@ -26,8 +27,10 @@ from .._logs import logger
 from .._output import OutputRouter
 from .._stats import Counters, WorkerStats
 from .._transports.base import Channel
+from .._wire import messages as msgs
 from .._wire import protocol as proto
 from .channel import NUDGE, WorkerChannel
+from .returned import Returned
 from .session import read_hello
 from .versions import same_python
 
@@ -74,6 +77,7 @@ class WorkerLink:
     _held: Optional[proto.Message] = None  # a result _take_now left for the task
     _failure: Optional[BaseException] = None  # what _take_now met, for the task to raise
     _nudge: Callable[[], None] = lambda: None  # wakes the task waiting in channel.read()
+    returned: Optional[Returned] = None  # return_files: where the files it sends back go
 
     @property
     def pid(self) -> int:
@@ -197,6 +201,9 @@ class WorkerLink:
             sent = self.pings.pop(message.nonce, None)
             if sent is not None:
                 self.counters.rtt_seconds = asyncio.get_running_loop().time() - sent
+        elif isinstance(message, msgs.FileBack):
+            if self.returned is not None:
+                self.returned.take(self.worker_id, self.host.name, message)
         else:
             return False
         return True

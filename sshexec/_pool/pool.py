@@ -42,6 +42,7 @@ from .._transports.base import Channel, Transport
 from .._wire import protocol as proto
 from .dispatch import Dispatcher
 from .link import OutputGate, WorkerLink, ping_all
+from .staging import Local, Staging, staging_failed
 from .supervisor import Supervisor, snapshot
 from .versions import Starts, bound_error, same_python
 
@@ -70,6 +71,7 @@ class Pool:
         forward_modules: bool = True,
         log_level: int = logging.WARNING,
         ender: Optional[Ender] = None,
+        staging: Optional[Staging] = None,
     ) -> None:
         self.hosts = [Supervisor(t, n, python, self, reconnect_grace) for t, n, python in hosts]
         self.table = TaskTable(
@@ -84,6 +86,7 @@ class Pool:
         self.max_tasks_per_child = max_tasks_per_child
         self.shutdown_grace, self.output = shutdown_grace, output
         self.keepalive_interval = keepalive_interval
+        self.staging = staging  # files= / return_files=, when given
         self.gate = OutputGate(output)
         self.links: Dict[str, WorkerLink] = {}  # every worker the table knows, and only those
         self.dispatch = Dispatcher(self.table, self.links, self._retire_spent)
@@ -139,6 +142,8 @@ class Pool:
             return
         link.host.links.add(link)
         self.links[link.worker_id] = link
+        if self.staging is not None:
+            link.returned = self.staging.returned
         self.table.add_worker(
             link.worker_id, self.max_tasks_per_child, link.host.name, link.same_python
         )
@@ -304,6 +309,27 @@ class Pool:
         log.error("%s", self.broken)
         self.table.fail_all(self.broken)
 
+    async def send_files(self, entries: List[Local]) -> None:
+        """``send_files``: on every host now (and on every host that connects later);
+        raises SSHExecError naming each host that could not take them, and why."""
+        assert self.staging is not None
+        self.staging.add(entries)
+        errors: Dict[str, BaseException] = {}
+
+        async def one(host: Supervisor) -> None:
+            if host.opening is not None:  # it may have offered the files before add()
+                await asyncio.wait([host.opening])
+            session = host.session
+            if host.is_usable and session is not None and session.is_alive:
+                try:
+                    await self.staging.send(session, entries)  # type: ignore[union-attr]
+                except WorkerStartupError as exc:
+                    errors[host.name] = exc
+
+        await asyncio.gather(*(one(host) for host in self.hosts))
+        if errors:
+            raise staging_failed(errors)
+
     # ---- stats and shutdown -------------------------------------------------------------
 
     async def stats(self, refresh: float) -> Stats:
@@ -370,6 +396,8 @@ class Pool:
         await asyncio.gather(*(c.aclose(0.0) for c in channels), return_exceptions=True)
         await asyncio.gather(*(h.transport.aclose() for h in self.hosts), return_exceptions=True)
         await self._stop_output()
+        if self.staging is not None:
+            self.staging.returned.close()
         self.final_stats = snapshot(self.hosts)
 
     async def _stop_output(self) -> None:

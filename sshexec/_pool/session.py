@@ -14,7 +14,8 @@ own clock as often, every byte received counts as hearing from it, and so do our
 writes to it while they still drain (a big upload over a slow link); the session is lost
 when the agent has been silent for three intervals, as the agent quits when the client
 is); and its end, which ends every worker channel with the
-reason. Each worker's streams are a ``channel.WorkerChannel``.
+reason. Each worker's streams are a ``channel.WorkerChannel``; the agent's answers about
+staged files go to ``files`` (``staging.StageReplies``), which hears of the loss too.
 Must not import: asyncssh or subprocess (it sees the ``Transport`` protocol only).
 """
 
@@ -31,6 +32,7 @@ from .._transports.base import Channel, StderrSink, Transport, describe_exit, ha
 from .._wire import protocol as proto
 from .blobs import HostBlobs
 from .channel import Pace, WorkerChannel
+from .staging import STAGE_REPLIES, StageReplies
 
 log = logger("sshexec.pool")
 
@@ -61,6 +63,7 @@ class HostSession:
         self.pace = pace
         self.piece = min(proto.CHUNK, max_frame)  # data per Data or Store frame, at most
         self.blobs = HostBlobs(self.send, self.piece)
+        self.files = StageReplies(self.host)  # the agent's answers about staged files
         self._pipe: Optional[Channel] = None
         self._decoder = proto.FrameDecoder(max_frame + 4096)
         self._channels: Dict[int, WorkerChannel] = {}
@@ -291,6 +294,8 @@ class HostSession:
             self.blobs.store_failed(message.key, message.reason)
         elif isinstance(message, (proto.Beat, proto.Pong)):
             pass  # its arrival is the point (self._heard)
+        elif isinstance(message, STAGE_REPLIES):
+            self.files.on_message(message)
         else:
             log.warning(
                 "unexpected %s from the agent on host=%s", type(message).__name__, self.host
@@ -324,6 +329,7 @@ class HostSession:
         if not self.is_alive and not self._channels and not self._spawning:
             return
         self.is_alive, self.lost_reason = False, self.lost_reason or reason
+        self.files.lost(self.lost_reason)
         for started in self._spawning.values():
             if not started.done():
                 started.set_exception(WorkerStartupError(self.host, "connect", reason))

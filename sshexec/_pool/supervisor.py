@@ -6,7 +6,8 @@ reason retrying can fix (no answer, a refused session, a bootstrap cut short) is
 retried with exponential backoff, one probe at a time while the host has no live
 worker; such a host is *down* from its first failed start and counts toward a broken
 pool only once it has been down for ``reconnect_grace``. A failure retrying cannot fix
-(host key, authentication, interpreter, version, working directory, initializer)
+(host key, authentication, interpreter, version, working directory, initializer,
+files=)
 gives the host up at once; so do ``MAX_START_FAILURES`` failed starts in a row of a
 host with no live worker. A host with live workers is never marked down and never
 given up for a failed start: it keeps retrying (backoff) to reach its planned count.
@@ -29,6 +30,7 @@ from .._stats import Counters, HostStats, Stats, WorkerStats, median_rtt
 from .._transports.base import Transport
 from .link import STARTUP_TIMEOUT, OutputGate, WorkerLink, open_worker
 from .session import HostSession
+from .staging import Staging
 from .versions import CLIENT, Starts, minor
 
 if TYPE_CHECKING:
@@ -41,7 +43,15 @@ MAX_BACKOFF = 10.0  # seconds between start attempts, at most
 KEEP_GONE_WORKERS = 32  # per host: stats of this many ended workers are kept
 # Startup failures that retrying cannot fix: the host is given up at once.
 FATAL_STAGES = frozenset(
-    {"host key", "authentication", "interpreter", "version", "initializer", "working directory"}
+    {
+        "host key",
+        "authentication",
+        "interpreter",
+        "version",
+        "initializer",
+        "working directory",
+        "files",
+    }
 )
 TRANSIENT_STAGES = frozenset({"connect", "session"})  # retried for as long as the pool lives
 
@@ -53,6 +63,7 @@ class PoolHooks(Protocol):
     output: OutputRouter
     gate: OutputGate
     keepalive_interval: float
+    staging: Optional[Staging]
 
     def python_seen(self, version: str) -> None: ...
 
@@ -252,6 +263,13 @@ class Supervisor:
             raise WorkerStartupError(
                 self.name, "bootstrap", f"no Hello from the agent within {STARTUP_TIMEOUT:g} s"
             ) from exc
+        staging = self.pool.staging
+        if staging is not None:  # files=: on the host before its first worker
+            try:
+                await staging.prepare(session)
+            except BaseException:
+                self.pool.spawn(session.aclose(0.5))
+                raise
         self.session = session
         assert session.hello is not None
         self.python_version = session.hello.python

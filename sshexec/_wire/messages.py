@@ -5,7 +5,9 @@ Owns: the worker protocol (host -> worker commands ``Init``, ``Run``, ``Shutdown
 ``Failed``, ``Revoked``, ``Pong``, ``Output``, ``Log``, ``Fetch``) and the agent protocol
 spoken on a host's one channel (``Configure``, ``Spawn``, ``Data``, ``CloseInput``,
 ``Signal``, ``Ack``, ``Store``, ``Forget`` / ``Spawned``, ``Exited``, ``SpawnFailed``,
-``StoreFailed``; ``Hello``, ``Ping``, ``Pong`` and ``Shutdown`` serve there too). A field named by a class's ``TAIL`` travels
+``StoreFailed``; ``Hello``, ``Ping``, ``Pong`` and ``Shutdown`` serve there too), and
+staged files (``StageDir``, ``StageOffer``, ``StagePut``, ``StageCommit`` / ``StageWant``,
+``Staged``; the worker's ``FileBack``). A field named by a class's ``TAIL`` travels
 raw after the msgpack head (see ``protocol``). Must not import: anything beyond the
 stdlib.
 """
@@ -316,6 +318,91 @@ class Beat:
     TAG: ClassVar[int] = 43
 
 
+# ---- staged files (``files=``, ``return_files=``) -------------------------------------
+# A key names one file's content as the node's cache keeps it: the SHA-256 of its bytes,
+# then its mode's read and execute bits (2 bytes, big-endian): ``STAGE_KEY`` bytes.
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """Client -> agent, before its first ``Spawn``: every worker gets a working directory
+    of its own inside one per-client directory (removed when the agent ends), staged
+    files are laid out in each, and files tasks write that match ``returns`` (glob
+    patterns, NUL-separated) travel back."""
+
+    TAG: ClassVar[int] = 50
+    returns: str
+
+
+@dataclass(frozen=True)
+class StageOffer:
+    """Client -> agent: part of a batch's manifest, ``entries`` a msgpack array of
+    ``[path, kind ("f", "d" or "l"), mode, size, key or b"", symlink target or ""]``;
+    ``last`` ends it. The agent answers ``StageWant``."""
+
+    TAG: ClassVar[int] = 51
+    batch: int
+    entries: bytes
+    last: bool
+
+
+@dataclass(frozen=True)
+class StageWant:
+    """Agent -> client: the keys (back to back) of the batch's contents its cache lacks."""
+
+    TAG: ClassVar[int] = 52
+    batch: int
+    keys: bytes
+
+
+@dataclass(frozen=True)
+class StagePut:
+    """Client -> agent: a piece of one wanted content, as ``Store`` pieces are (at most
+    ``CHUNK`` bytes a frame, back to back; ``size`` the whole file's)."""
+
+    TAG: ClassVar[int] = 53
+    TAIL: ClassVar[str] = "data"
+    key: bytes
+    size: int
+    data: Tail
+
+
+@dataclass(frozen=True)
+class StageCommit:
+    """Client -> agent: every wanted content of the batch was sent: lay it out."""
+
+    TAG: ClassVar[int] = 54
+    batch: int
+
+
+@dataclass(frozen=True)
+class Staged:
+    """Agent -> client: the batch is laid out for every worker (``error`` empty), or
+    why not (the file and the reason: "data/a.h5: No space left on device")."""
+
+    TAG: ClassVar[int] = 55
+    batch: int
+    error: str
+
+
+@dataclass(frozen=True)
+class FileBack:
+    """Worker -> host, before the task's reply: a piece of a file the task wrote that
+    matches a return pattern (``path`` relative to the working directory). Pieces of a
+    file come back to back, at most ``CHUNK`` bytes each; complete at ``size`` bytes."""
+
+    TAG: ClassVar[int] = 56
+    TAIL: ClassVar[str] = "data"
+    task_id: int
+    path: str
+    mode: int
+    size: int
+    data: Tail
+
+
+STAGE_KEY: Final = 34  # bytes of a staged content's key: SHA-256, then 2 bytes of mode
+
+
 Message = Union[
     Init,
     Run,
@@ -345,4 +432,11 @@ Message = Union[
     SpawnFailed,
     StoreFailed,
     Beat,
+    StageDir,
+    StageOffer,
+    StageWant,
+    StagePut,
+    StageCommit,
+    Staged,
+    FileBack,
 ]
