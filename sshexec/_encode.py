@@ -13,6 +13,9 @@ beyond ``_pool.versions``, or do I/O.
 
 from __future__ import annotations
 
+import pickle
+import types
+import weakref
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from ._pool.versions import describe
@@ -79,7 +82,11 @@ def encode(
 ) -> Encoded:
     """Pickle one call (``function``: ``fn`` pickled once, by ``map``). Raises what
     pickling raises."""
-    if function is None or function.data is None:
+    reference = by_reference(fn) if function is None else None
+    if reference is not None:  # its pickle is a name: pickled once, the arguments alone
+        payload = calls.split_call(reference, args, kwargs=kwargs)
+        code, blobs = calls.carried_code(), calls.shared_blobs()
+    elif function is None or function.data is None:
         payload = calls.call_payload(fn, args, kwargs)
         code, blobs = calls.carried_code(), calls.shared_blobs()
     else:
@@ -102,6 +109,34 @@ def encode(
                 if not calls.carried_code():
                     other = (portable, _with_stored(stored, calls.shared_blobs()))
     return Encoded(payload, size, blobs, None if other else describe(fn), other)
+
+
+def by_reference(fn: Callable[..., Any]) -> Optional[bytes]:
+    """``fn``'s pickle when it is a reference (a function of a module every node imports,
+    not one pickled by value): the same bytes each time, so made once per function."""
+    if type(fn) is not types.FunctionType:
+        return None
+    registry = calls.by_value_registry()
+    if registry is None:
+        return None
+    known = _REFERENCES.get(fn)
+    if known is not None and known[0] == registry:
+        return known[1]
+    reference: Optional[bytes] = None
+    try:
+        data = calls.serialize(fn)
+        if not calls.carried_code() and not calls.shared_blobs():
+            if data == pickle.dumps(fn, protocol=5):  # by name, as the standard pickler does
+                reference = data
+    except Exception:  # the whole call's pickling says why, if it fails too
+        reference = None
+    _REFERENCES[fn] = (registry, reference)
+    return reference
+
+
+_REFERENCES: weakref.WeakKeyDictionary[Callable[..., Any], Tuple[int, Optional[bytes]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def on_wire(encoded: Encoded) -> int:

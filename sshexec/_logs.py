@@ -32,6 +32,12 @@ class SafeLogger(logging.LoggerAdapter):  # type: ignore[type-arg]  # generic on
                 except BaseException:  # stderr is gone too: nothing left to tell
                     pass
 
+    def debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        """As ``log(DEBUG, ...)``, checked first: the hot path's lines cost one call when off."""
+        if self.logger.isEnabledFor(logging.DEBUG):
+            kwargs.setdefault("stacklevel", 3)
+            self.log(logging.DEBUG, msg, *args, **kwargs)
+
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> Tuple[Any, Any]:
         return msg, kwargs
 

@@ -291,12 +291,28 @@ def call_payload(
     return dumps((fn, args, kwargs), copy=True, portable=portable)
 
 
-def split_call(pickled_fn: bytes, args: Tuple[Any, ...], portable: bool = False) -> Payload:
-    """Client: a ``map`` item's payload from its function pickled once: ``b"S"`` +
-    4-byte length of ``pickled_fn`` + it + the pickle of ``(args, {})``."""
+def split_call(
+    pickled_fn: bytes,
+    args: Tuple[Any, ...],
+    portable: bool = False,
+    kwargs: Optional[Dict[str, Any]] = None,
+) -> Payload:
+    """Client: a call's payload from its function pickled once (a ``map``'s, or a
+    function pickled by reference): ``b"S"`` + 4-byte length of ``pickled_fn`` + it + the
+    pickle of ``(args, kwargs)``."""
     prefix = SPLIT_CALL + len(pickled_fn).to_bytes(4, "big") + pickled_fn
-    plain = all(type(arg) in PLAIN_TYPES for arg in args)
-    return dumps((args, {}), copy=True, plain=plain, prefix=prefix, portable=portable)
+    kwargs = kwargs or {}
+    plain = all(type(arg) in PLAIN_TYPES for arg in args) and all(
+        type(value) in PLAIN_TYPES for value in kwargs.values()
+    )
+    return dumps((args, kwargs), copy=True, plain=plain, prefix=prefix, portable=portable)
+
+
+def by_value_registry() -> Optional[int]:
+    """How many modules are registered to be pickled by value (None: unknown): a
+    function's pickle by reference holds while this stays the same."""
+    registry = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", None)
+    return len(registry) if registry is not None else None
 
 
 def stored_call(key: bytes, args: Tuple[Any, ...], portable: bool = False) -> Payload:

@@ -244,6 +244,18 @@ def _build(item: Any, tail: Union[bytes, bytearray]) -> Message:
         raise FrameError(f"unknown message tag {item[0]!r}")
     cls, types, tail_at = entry
     values = item[1:]
+    if tuple(map(type, values)) != types:  # checked field by field only when it differs
+        _check(cls, types, values)
+    if tail_at >= 0:
+        values.insert(tail_at, tail)
+    elif tail:
+        raise FrameError(f"{cls.__name__} has no tail, got {len(tail)} bytes")
+    message: Message = cls(*values)
+    return message
+
+
+def _check(cls: Any, types: Tuple[type, ...], values: List[Any]) -> None:
+    """Each field has its type (an int where a float belongs becomes that float)."""
     if len(values) != len(types):
         raise FrameError(f"{cls.__name__} needs {len(types)} fields, got {len(values)}")
     for index, (value, expected) in enumerate(zip(values, types)):
@@ -252,12 +264,6 @@ def _build(item: Any, tail: Union[bytes, bytearray]) -> Message:
                 values[index] = float(value)
                 continue
             raise FrameError(f"{cls.__name__} field has type {type(value).__name__}")
-    if tail_at >= 0:
-        values.insert(tail_at, tail)
-    elif tail:
-        raise FrameError(f"{cls.__name__} has no tail, got {len(tail)} bytes")
-    message: Message = cls(*values)
-    return message
 
 
 class FrameDecoder:
@@ -337,7 +343,7 @@ class FrameDecoder:
         if len(buf) < (end if tail_size < BIG_TAIL else start + head_size):
             self._compact()
             return None
-        item = self._unpack(bytes(memoryview(buf)[start : start + head_size]))
+        item = self._unpack(memoryview(buf)[start : start + head_size])
         if tail_size < BIG_TAIL:
             self._pos = end
             return self._build(item, bytes(memoryview(buf)[start + head_size : end]))
@@ -350,7 +356,7 @@ class FrameDecoder:
         self._compact()
         return self._next()
 
-    def _unpack(self, head: bytes) -> Any:
+    def _unpack(self, head: memoryview) -> Any:
         try:
             return msgpack.unpackb(head, raw=False, use_list=True, strict_map_key=True)
         except Exception as exc:  # msgpack raises several unrelated types on garbage
