@@ -434,10 +434,13 @@ def test_workers_that_print_nothing_go_on_while_another_outprints_a_paused_clien
         held = _progress(progress)
         assert held.isdigit() and int(held) < LINES // 2
         done = _progress(others)
+
+        def others_went_on() -> bool:  # one read: the client rewrites the file as we look
+            text = _progress(others)
+            return text.isdigit() and int(text) > int(done or 0) + 50
+
         wait_until(
-            lambda: _progress(others).isdigit() and int(_progress(others)) > int(done or 0) + 50,
-            f"the other worker's results stopped too (at {_progress(others)})",
-            20,
+            others_went_on, f"the other worker's results stopped too (at {_progress(others)})", 20
         )
         assert _progress(progress) == held or int(_progress(progress)) < LINES // 2
         lines = sum(1 for line in proc.stdout if b" xxxx" in line)
