@@ -419,7 +419,8 @@ def test_process_chunk_as_a_task(ready: Host) -> None:
 def test_shutdown_ends_serve(ready: Host) -> None:
     ready.send(proto.Shutdown())
     assert ready.served()
-    assert ready.reader.is_alive()  # still reading; only EOF ends it
+    ready.reader.join(TIMEOUT)  # the watcher ends with serve(): the process ends next
+    assert not ready.reader.is_alive()
     ready.send(proto.Run(1, call(tasks.square, 2)))
     assert ready.nothing_more()
 

@@ -37,7 +37,8 @@ from .returns import Returns, Seen
 RESULT_OVERHEAD = 64  # msgpack envelope around a Done payload, generously
 EOF_GRACE_SECONDS = 2.0  # a task still running this long after the host vanished is abandoned
 FETCH_TIMEOUT = 60.0  # seconds to wait for the host to answer a Fetch
-WATCH_EVERY = 0.05  # seconds a task runs before the watcher reads commands for it
+WATCH_AFTER = 0.005  # seconds a task runs before the watcher reads commands for it
+WATCH_EVERY = 0.05  # seconds between the watcher's looks at a long task's state
 
 
 def _claim_stdio() -> Tuple[int, int]:
@@ -68,7 +69,7 @@ class Worker:
 
     The main thread reads its own commands whenever it has none queued, so a call reaches
     its function with no hand-off between threads. While a task runs, the watcher thread
-    (``watch``) reads on its behalf once the task is ``WATCH_EVERY`` old, so ``Revoke``,
+    (``watch``) reads on its behalf once the task is ``WATCH_AFTER`` old, so ``Revoke``,
     ``Ping`` and the stream's end are still heard during long tasks; whoever reads holds
     ``read_lock``. ``max_frame`` limits commands and results until ``Init`` brings the
     host's limit."""
@@ -98,6 +99,7 @@ class Worker:
         self.is_serving = True  # False once serve() returned
         self.exit_on_eof = False  # watch(): the process ends a grace after the stream
         self.task_since = 0.0  # when the main thread started its current task (0: idle)
+        self.busy = threading.Event()  # set when a task starts: the watcher sleeps until it
         self.lookups = Lookups(None, self.fetch)  # main() names the agent's blob store
         self.on_lost: Optional[Callable[[], None]] = None  # main(): the process ends
         self.told_to_stop = False  # Shutdown came (not EOF alone, not a broken pipe)
@@ -174,6 +176,7 @@ class Worker:
     def _stream_ended(self, problem: str) -> None:
         """On every way out, first of all: nobody may wait for a command any more."""
         self.is_reading = False
+        self.busy.set()
         self.sources.put(None)
         with self.claim_lock:
             self.pending.append(None)
@@ -192,28 +195,39 @@ class Worker:
                 self._read(None if self.is_reading else 0)
 
     def watch(self, exit_on_eof: bool = True) -> None:
-        """Watcher thread: read for the main thread while it runs a task longer than
-        ``WATCH_EVERY``, and notice the stream's end at once (``POLLHUP``) even then; at
-        that end, give the main thread a short grace (``exit_on_eof``), then end the
-        process, so a vanished host leaves no orphan."""
+        """Watcher thread: once a task has run ``WATCH_AFTER``, read for the main thread
+        as commands arrive (``Revoke`` and ``Ping`` answered at once, ``Run`` queued), and
+        notice the stream's end at once (``POLLHUP``) while any task runs; at that end,
+        give the main thread a short grace (``exit_on_eof``), then end the process, so a
+        vanished host leaves no orphan. Asleep while the worker is idle (its main thread
+        reads then) and during a task's first ``WATCH_AFTER``: a stream of short tasks
+        wakes it at most once per ``WATCH_AFTER``, never once per task."""
         self.exit_on_eof = exit_on_eof
-        poller = select.poll()
-        poller.register(self.frames_in, 0)  # POLLHUP and POLLERR only: no wake per command
+        ends, commands = select.poll(), select.poll()
+        ends.register(self.frames_in, 0)  # POLLHUP and POLLERR only
+        commands.register(self.frames_in, select.POLLIN)
         while self.is_reading and self.is_serving:
-            events = poller.poll(WATCH_EVERY * 1000)
+            since = self.task_since
+            if not since:  # idle: the main thread reads, and sees the end itself
+                self.busy.clear()  # then look again: a task may have started meanwhile
+                if not self.task_since and self.is_reading and self.is_serving:
+                    self.busy.wait()  # an idle worker never wakes (many idle pools, one node)
+                continue
+            young = since + WATCH_AFTER - time.monotonic()
+            if young > 0:  # its first WATCH_AFTER: only the stream's end wakes us
+                events = ends.poll(young * 1000)
+            else:
+                events = commands.poll(WATCH_EVERY * 1000)
             if any(flags & select.POLLNVAL for _, flags in events):
                 return  # the descriptor is closed: this worker is being torn down
-            since = self.task_since
-            if not events and not (since and time.monotonic() - since > WATCH_EVERY):
+            if not events:
                 continue
-            if self.read_lock.acquire(blocking=False):
+            if self.read_lock.acquire(timeout=WATCH_EVERY):
                 try:
                     while self._read(0):
                         pass
                 finally:
                     self.read_lock.release()
-            elif events:  # the main thread is reading: it sees the end itself
-                time.sleep(WATCH_EVERY)
 
     def _end_soon(self) -> None:
         """The command stream ended: the process ends after the grace, even mid-task
@@ -274,6 +288,8 @@ class Worker:
                     return
                 reply: proto.Message
                 self.task_since = time.monotonic()
+                if not self.busy.is_set():
+                    self.busy.set()  # wakes the watcher (once per idle spell, not per task)
                 if isinstance(message, proto.Run):
                     reply = self.run(message.task_id, message.payload, message.buffers)
                 elif isinstance(message, proto.Init):
@@ -289,6 +305,7 @@ class Worker:
                     return  # as ProcessPoolExecutor: a worker whose initializer failed serves nothing
         finally:
             self.is_serving = False
+            self.busy.set()  # the watcher ends too
 
     def initialize(self, init: proto.Init) -> proto.Message:
         self.worker_id = init.worker_id
