@@ -62,7 +62,8 @@ class Revoke:
 
 @dataclass(frozen=True)
 class Ping:
-    """Answered at once by the worker's reader thread, even while a task runs."""
+    """Answered by the worker whoever reads next: its main thread between tasks, its watcher
+    once a task is 5 ms old."""
 
     TAG: ClassVar[int] = 5
     nonce: int
