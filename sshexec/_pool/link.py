@@ -4,7 +4,9 @@ Owns: ``open_worker`` (have the host's agent fork a worker, read its ``Hello``, 
 ``Init``; bounded, leaving no process behind when it fails) and
 ``WorkerLink``: the channel, the worker's counters and round-trip pings, what is not
 about a task (output, logs, module fetches, pongs; files sent back, handed to
-``returned.Returned``), and the reader loop. The reader
+``returned.Returned``), and the reader loop; while that loop waits for data, the
+channel hands each chunk to ``_take_now``, which handles it in the same loop pass and
+leaves the loop only what must wait (a result behind output, a backlog). The reader
 owns its end: whatever stops it (EOF, a bad frame, cancellation, a bug), it reports the
 link lost exactly once, synchronously, so the pool can forget the worker in one step.
 A worker's results wait behind its output (``OutputRouter.pending``), and reading

@@ -2,8 +2,10 @@
 
 Owns: ``HostSession``: opening the pipe (the transport runs the bootstrap command), the
 handshake (shell chatter, the bundle), the agent's ``Hello`` and ``Configure``; the
-reader that hands each worker's bytes to its ``WorkerChannel``; every worker's writes
-coalesced into one pipe write per loop pass; spawning and signalling workers; blobs
+reader that hands each worker's bytes to its ``WorkerChannel`` (in the pipe's own
+callback where the pipe can push, ``push_to``: no hop to a task); every worker's writes
+coalesced into one pipe write per loop pass (the dispatcher's in the pass that placed
+them: ``hold``/``release``); spawning and signalling workers; blobs
 stored once per host (``store``, kept in ``blobs``: see ``blobs.HostBlobs``); the
 acknowledgements (``Ack``) that let the agent read a worker on: sent as the link reader
 takes its stdout and the output router its stderr (held while the router is backlogged,
