@@ -266,3 +266,29 @@ def test_the_worker_notes_each_task_and_its_limits_on_its_board(host: Host) -> N
     assert isinstance(six, proto.Done) and isinstance(seven, proto.Done)
     assert cloudpickle.loads(six.payload)[::2] == [6, 2.5]  # the limits hold until changed
     assert cloudpickle.loads(seven.payload)[::2] == [7, 0.0]
+
+
+# ---- sshexec map --timeout / --memory -------------------------------------------------
+
+NAPS = """
+import time
+
+def nap(line):
+    time.sleep(float(line))
+    return "slept " + line
+"""
+
+
+def test_map_with_a_time_limit_fails_the_line_past_it(tmp_path: Path) -> None:
+    from .test_cli import run_cli
+
+    (tmp_path / "naps.py").write_text(NAPS)
+    stdin = "0.1\n30\n0.2\n"
+    args = ("map", "naps:nap", "--workers", "2", "--timeout", "1", "--memory", "1G")
+    result = run_cli(*args, "--keep-going", cwd=tmp_path, stdin=stdin)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == ["slept 0.1", "", "slept 0.2"]
+    assert "line 2 failed" in result.stderr and "TaskTimeout" in result.stderr
+    assert "1 of 3 lines failed" in result.stderr
+    stopped = run_cli(*args, cwd=tmp_path, stdin=stdin)
+    assert stopped.returncode == 1 and stopped.stdout.splitlines() == ["slept 0.1"]
