@@ -13,6 +13,7 @@ subprocess, or placement policy.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, Optional
 
 from .._errors import TaskKilled, TaskMemoryError, TaskTimeout
@@ -36,7 +37,8 @@ def stopped(table: TaskTable, link: WorkerLink, message: proto.Stopped) -> None:
         counters.memory_kills += 1
     else:
         counters.kills += 1
-    log.warning(
+    log.log(  # a kill is the user's own doing; a limit passed is worth a warning
+        logging.INFO if why == msgs.STOP_KILLED else logging.WARNING,
         "task stopped task=%d worker=%s: %s (%s)",
         message.task_id,
         link.worker_id,
