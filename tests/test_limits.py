@@ -292,3 +292,23 @@ def test_map_with_a_time_limit_fails_the_line_past_it(tmp_path: Path) -> None:
     assert "1 of 3 lines failed" in result.stderr
     stopped = run_cli(*args, cwd=tmp_path, stdin=stdin)
     assert stopped.returncode == 1 and stopped.stdout.splitlines() == ["slept 0.1"]
+
+
+# ---- through the layers ---------------------------------------------------------------
+
+
+def test_joblib_and_pool_take_the_limits() -> None:
+    import gc
+
+    joblib = pytest.importorskip("joblib")
+    import sshexec.joblib  # noqa: F401  (registers the backend)
+    from sshexec import Pool
+
+    with joblib.parallel_config(backend="sshexec", max_workers=2, task_timeout=1.0):
+        with pytest.raises(TaskTimeout):
+            joblib.Parallel(batch_size=1)(joblib.delayed(tasks.sleep_then)(s, s) for s in (0.1, 30))
+    gc.collect()  # a block whose calls raised leaves a reference cycle (see the README)
+    with Pool(1, task_memory="300M") as pool:
+        with pytest.raises(TaskMemoryError):
+            pool.apply(tasks.hog, (1 << 30,))
+        assert pool.apply(tasks.square, (4,)) == 16  # the pool goes on
