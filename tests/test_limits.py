@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, List
@@ -312,3 +313,18 @@ def test_joblib_and_pool_take_the_limits() -> None:
         with pytest.raises(TaskMemoryError):
             pool.apply(tasks.hog, (1 << 30,))
         assert pool.apply(tasks.square, (4,)) == 16  # the pool goes on
+
+
+def test_limits_hold_for_spawned_workers_too(make_executor: Make, tmp_path: Path) -> None:
+    hosts = make_executor.hosts_with(2, env={"SSHEXEC_AGENT_START": "spawn"})  # type: ignore[attr-defined]
+    ex = make_executor(None, hosts=hosts)
+    started = time.monotonic()
+    future = ex.options(timeout=1.5).submit(tasks.sleep_then, 30)
+    assert 1.5 <= failure_time(future, started) <= 2.5
+    assert isinstance(future.exception(), TaskTimeout), future.exception()
+    running = ex.submit(tasks.sleep_then, 30)
+    time.sleep(0.5)
+    assert ex.kill(running) and isinstance(running.exception(timeout=5), TaskKilled)
+    assert ex.submit(tasks.square, 5).result(timeout=30) == 25
+    ex.shutdown()
+    assert not list(Path(tempfile.gettempdir()).glob("sshexec-board-*")), "a board file is left"

@@ -152,9 +152,15 @@ class Children:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
             pipes = [in_r, in_w, out_r, out_w, err_r, err_w]
-            board = None if self.boot else limits.new_board()  # a fork shares it
+            board, board_file = limits.file_board() if self.boot else (limits.new_board(), "")
             pid = start_worker(
-                in_r, out_w, err_w, self.blob_dir, self.boot[0] if self.boot else None, board
+                in_r,
+                out_w,
+                err_w,
+                self.blob_dir,
+                self.boot[0] if self.boot else None,
+                board,
+                board_file,
             )
         except OSError as exc:
             for fd in pipes:
@@ -168,7 +174,7 @@ class Children:
         _widen(out_r)
         _widen(in_w)
         limits.rank_for_oom(pid)
-        self.limits.add(slot, pid, board)
+        self.limits.add(slot, pid, board, board_file)
         child = Child(slot, pid, in_w, out_r, err_r)
         self.by_slot[slot] = self.running[pid] = child
         self.streams.update({in_w: (child, 0), out_r: (child, 1), err_r: (child, 2)})

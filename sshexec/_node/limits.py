@@ -1,7 +1,7 @@
 """Task limits on the node: time, memory of the worker's whole process tree, and kills.
 
 Owns: each worker's *board* (a page of memory shared by the agent and the worker it
-forked: the worker writes the id, start and limits of the task it runs, a few stores and
+forked, or a small file a spawned worker maps and unlinks: the worker writes the id, start and limits of the task it runs, a few stores and
 no system call per task; the agent reads it), ``Limits``, which the agent's loop asks to
 ``check`` at ``due()``: a task past its time, a tree past its memory (resident set of the
 worker and every process descending from it, from ``/proc``), or a task the client asked
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import tempfile
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .._wire.messages import STOP_KILLED, STOP_MEMORY, STOP_TIMEOUT
@@ -24,6 +25,7 @@ from .._wire.messages import STOP_KILLED, STOP_MEMORY, STOP_TIMEOUT
 # a board: task id (0: idle), its start (time.monotonic()), seconds, memory; as doubles
 TASK, STARTED, SECONDS, MEMORY = 0, 1, 2, 3
 BOARD_SIZE = 32
+BOARD_ENV = "SSHEXEC_BOARD"  # a spawned worker's board, by file name
 IDLE_EVERY = 0.1  # seconds between looks at the boards (a task's start is seen this late)
 FAST_EVERY = 0.02  # seconds between measurements of a tree whose task has a memory limit
 DOOMED_FOR = 10.0  # seconds a kill waits for its task to start (else it was revoked or done)
@@ -36,6 +38,45 @@ Stop = Callable[[int, int, str, str], None]  # slot, task id, why (STOP_*), deta
 def new_board() -> mmap.mmap:
     """A zeroed shared page: a forked worker writes it, the agent reads it."""
     return mmap.mmap(-1, BOARD_SIZE)
+
+
+def file_board() -> Tuple[Optional[mmap.mmap], str]:
+    """A board for a spawned worker, which inherits no memory: a small file it maps by
+    name (``BOARD_ENV``) and unlinks; (None, "") where none can be made."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="sshexec-board-")
+    except OSError:
+        return None, ""
+    try:
+        os.ftruncate(fd, BOARD_SIZE)
+        return mmap.mmap(fd, BOARD_SIZE), path
+    except OSError:
+        forget_file(path)
+        return None, ""
+    finally:
+        os.close(fd)
+
+
+def open_board(path: str) -> Optional[mmap.mmap]:
+    """The worker's side of ``file_board``: mapped, then unlinked (nothing is left)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        return mmap.mmap(fd, BOARD_SIZE)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+        forget_file(path)
+
+
+def forget_file(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def view(board: mmap.mmap) -> memoryview[float]:
@@ -101,12 +142,15 @@ class Limits:
         self.stop, self.clock = stop, clock
         self.boards: Dict[int, Tuple[int, memoryview[float]]] = {}  # slot -> (worker pid, board)
         self.doomed: Dict[int, Dict[int, float]] = {}  # slot -> task id -> when asked
+        self.files: Dict[int, str] = {}  # slot -> a spawned worker's board file
         self.next_check = float("inf")
         self.adopted: Callable[[], List[int]] = lambda: []  # the agent's orphans (set by Children)
 
-    def add(self, slot: int, pid: int, board: Optional[mmap.mmap]) -> None:
+    def add(self, slot: int, pid: int, board: Optional[mmap.mmap], path: str = "") -> None:
         if board is not None:
             self.boards[slot] = (pid, view(board))
+        if path:
+            self.files[slot] = path  # unlinked by the worker once mapped, else at its end
         self.next_check = min(self.next_check, self.clock() + IDLE_EVERY)
 
     def remove(self, slot: int) -> None:
@@ -114,6 +158,9 @@ class Limits:
         if entry is not None:
             entry[1].release()
         self.doomed.pop(slot, None)
+        path = self.files.pop(slot, None)
+        if path:
+            forget_file(path)
         if not self.boards and not self.doomed:
             self.next_check = float("inf")
 
@@ -122,7 +169,7 @@ class Limits:
 
     def kill(self, slot: int, task_id: int) -> None:
         """Stop ``task_id`` on that worker now if it runs it, or once it starts it."""
-        if slot not in self.boards:  # no board (a spawned worker): the client knows best
+        if slot not in self.boards:  # stopped already, or no board could be made
             self.stop(slot, task_id, STOP_KILLED, "killed by kill()")
             return
         self.doomed.setdefault(slot, {})[task_id] = self.clock()

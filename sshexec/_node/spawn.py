@@ -27,14 +27,16 @@ def start_worker(
     blob_dir: str,
     stage1: Optional[bytes],
     board: Optional[mmap.mmap] = None,
+    board_file: str = "",
 ) -> int:
     """A new worker on these pipe ends, in a session of its own; its pid. ``stage1``: spawn
-        a fresh interpreter running it (the caller then writes stage 1 and the bundle to its
-        stdin first). ``board``: the page a forked worker notes its task on (``limits``).
-    Either way the caller is its only reaper (no ``subprocess.Popen`` whose
-        clean-up could reap it first, its exit then unreported)."""
+            a fresh interpreter running it (the caller then writes stage 1 and the bundle to its
+            stdin first). ``board``: the page a forked worker notes its task on (``limits``); a
+    spawned one maps ``board_file`` instead.
+        Either way the caller is its only reaper (no ``subprocess.Popen`` whose
+            clean-up could reap it first, its exit then unreported)."""
     if stage1 is not None:
-        return _spawn(stdin, stdout, stderr, blob_dir, len(stage1))
+        return _spawn(stdin, stdout, stderr, blob_dir, len(stage1), board_file)
     pid = os.fork()
     if pid == 0:  # the child: becomes a worker, never returns
         try:
@@ -44,12 +46,14 @@ def start_worker(
     return pid
 
 
-def _spawn(stdin: int, stdout: int, stderr: int, blob_dir: str, n: int) -> int:
+def _spawn(stdin: int, stdout: int, stderr: int, blob_dir: str, n: int, board: str) -> int:
     loader = (
         f"import os;b=b'';exec('while len(b)<{n}:b+=os.read(0,{n}-len(b)) or os._exit(4)');exec(b)"
     )
     argv = [sys.executable, "-c", loader]
     env = {**os.environ, "SSHEXEC_ROLE": "worker", "SSHEXEC_BLOBS": blob_dir}
+    if board:
+        env["SSHEXEC_BOARD"] = board  # limits.BOARD_ENV: the page it shares with the agent
     moves = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate((stdin, stdout, stderr))]
     restored = [getattr(signal, n) for n in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, n)]
     try:

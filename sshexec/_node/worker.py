@@ -28,7 +28,7 @@ import msgpack
 
 from .._wire import calls, carried
 from .._wire import protocol as proto
-from . import reaper
+from . import limits, reaper
 from .fdio import Reader
 from .lookups import Lookups
 from .namespaces import Namespaces
@@ -458,9 +458,11 @@ def end_process(orderly: bool = False) -> None:
 def main(blob_dir: Optional[str] = None, board: Optional[mmap.mmap] = None) -> None:
     """A worker's life, in the process the agent forked (or spawned) for it: fds 0 and 1
     are its frame pipes, ``blob_dir`` is where the agent keeps this host's blobs,
-    ``board`` the page it shares with the agent (forked only)."""
+    ``board`` the page it shares with the agent (forked; a spawned worker maps a file)."""
     frames_in, frames_out = _claim_stdio()
     worker = Worker(frames_in, frames_out)
+    if board is None and os.environ.get(limits.BOARD_ENV):  # spawned: by file name
+        board = limits.open_board(os.environ.pop(limits.BOARD_ENV))
     if board is not None:
         worker.board = memoryview(board).cast("d")
     worker.lookups.blob_dir = blob_dir
