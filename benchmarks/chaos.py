@@ -4,13 +4,14 @@
 workers, sshd hosts, a host behind the slow-link proxy, a host running another Python),
 and while it works applies one ``kill``: nothing, ``kill -9`` of one or two workers, of a
 host's agent, or of the client itself. Its tasks compute, sleep, flood output, leave
-children behind (in the worker's group or in a session of their own) and raise; some
+children behind (in the worker's group or in a session of their own), raise, pass
+their time or memory limit (``TaskTimeout``, ``TaskMemoryError``) or are ``kill()``ed; some
 done-callbacks block for longer than three keepalive intervals; some Futures are
 cancelled. Afterwards ``check`` lists every broken invariant:
 
 - every Future ended, as ``as_completed`` and ``wait`` see it, and its callback ran once;
 - results are right; the only errors are the tasks' own, cancellations the client made,
-  and (only where something was killed) lost workers;
+  the limits and kills it set, and (only where something was killed) lost workers;
 - no process of the job is left: no agent, worker, or child a task started, on any node,
   whatever was killed (processes seen during the run are tracked by pid and start time);
 - the client's peak memory and the node's (agents and workers together) stay bounded.
@@ -305,6 +306,9 @@ def check(result: Round, plan: Dict[str, Any]) -> List[str]:
         elif kind == "raise":
             if how != "ValueError" or value != str(i):
                 problems.append(f"task {i} (raise) ended as {how}: {value}")
+        elif kind in chaos_tasks.STOPPED:
+            if how != chaos_tasks.STOPPED[kind]:
+                problems.append(f"task {i} ({kind}) ended as {how}: {value}")
         elif how != "result" or value != chaos_tasks.expected(kind, i):
             problems.append(f"task {i} ({kind}) ended as {how}: {value!r}")
     if ended["peak_rss_mb"] > CLIENT_RSS_LIMIT_MB:

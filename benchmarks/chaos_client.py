@@ -1,7 +1,8 @@
 """One chaos run's client: ``python -m benchmarks.chaos_client``, driven by ``chaos.py``.
 
 Reads its plan from ``CHAOS_PLAN`` (JSON), uses the executor as users do (``submit``
-with done-callbacks, some of which block; random ``cancel()``; ``as_completed`` and
+with done-callbacks, some of which block, some through an ``options()`` view with time
+and memory limits; random ``cancel()``; ``kill()`` of the tasks meant for it; ``as_completed`` and
 ``wait``; a chunked ``map``; the ``with`` block to end it) and writes what it saw to
 ``CHAOS_OUT``, one JSON object per line, flushed at once: ``started`` (the executor is
 up; the driver may start killing), ``seen`` (every outcome), ``ended`` (the executor
@@ -55,6 +56,7 @@ def main() -> None:
         "compute": lambda: rng.randrange(1000, 50_000),
         "sleep": lambda: rng.uniform(0.05, plan["max_sleep"]),
         "flood": lambda: float(plan["flood_bytes"]),
+        "hog": lambda: float(plan.get("hog_bytes", 300 << 20)),
     }
     delivered: Dict[int, int] = {}
     lock = threading.Lock()
@@ -74,9 +76,14 @@ def main() -> None:
         kwargs["hosts"] = [Host(**h) if isinstance(h, dict) else h for h in kwargs["hosts"]]
     with SSHPoolExecutor(plan.get("max_workers"), **kwargs) as ex:
         say("started", pid=os.getpid())
+        limited = ex.options(timeout=plan.get("hang_timeout", 0.5), memory="100M")
+        doomed: List[cf.Future[Any]] = []
         for i, kind in enumerate(kinds):
             arg = plan["long_sleep"] if i < long else args.get(kind, lambda: 0.0)()
-            future = ex.submit(chaos_tasks.run, kind, i, tag, arg)
+            view = limited if kind in ("hang", "hog") else ex
+            future = view.submit(chaos_tasks.run, kind, i, tag, arg)
+            if kind == "doomed":
+                doomed.append(future)
             block = plan["callback_block"] if rng.random() < plan["block_fraction"] else 0.0
             future.add_done_callback(functools.partial(on_done, i, block))
             futures[future] = i
@@ -84,6 +91,9 @@ def main() -> None:
         for future, i in list(futures.items()):
             if rng.random() < plan["cancel_fraction"] and future.cancel():
                 cancelled.append(i)
+        for future in doomed:  # kill(): cancelled while queued, else TaskKilled
+            if ex.kill(future) and future.cancelled():
+                cancelled.append(futures[future])
         completed = 0
         try:
             for _ in cf.as_completed(futures, timeout=plan["deadline"]):

@@ -1,5 +1,7 @@
 """What the chaos run's tasks do on the workers: compute, sleep, flood output, leave a
-child behind (in the worker's group, or in a session of its own), or raise.
+child behind (in the worker's group, or in a session of its own), raise, or outlive
+their limits: hang past a time limit with a child (``hang``), eat memory past a memory
+limit (``hog``), or wait to be ended by ``kill()`` (``doomed``).
 
 Travels by value to workers of the client's Python and by source (forwarded) to the
 others, so it uses the standard library only. Every child a task starts carries the
@@ -13,7 +15,8 @@ import subprocess
 import sys
 import time
 
-KINDS = ("compute", "sleep", "flood", "child", "orphan", "raise")
+KINDS = ("compute", "sleep", "flood", "child", "orphan", "raise", "hang", "hog", "doomed")
+STOPPED = {"hang": "TaskTimeout", "hog": "TaskMemoryError", "doomed": "TaskKilled"}
 
 
 def expected(kind: str, i: int) -> int:
@@ -42,6 +45,20 @@ def run(kind: str, i: int, tag: str, arg: float) -> int:
         )
     elif kind == "raise":
         raise ValueError(i)
+    elif kind == "hang":  # with a child of its own, which must go with it
+        subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(300)", tag],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(600)
+    elif kind == "hog":  # arg: bytes, every page touched
+        block = b"x" * int(arg)
+        time.sleep(600)
+        return len(block)
+    elif kind == "doomed":
+        time.sleep(600)
     else:
         total = 0
         for k in range(int(arg)):

@@ -27,6 +27,9 @@ __all__ = [
     "RemoteError",
     "ResultDecodeError",
     "SSHExecError",
+    "TaskKilled",
+    "TaskMemoryError",
+    "TaskTimeout",
     "WorkerLostError",
     "WorkerStartupError",
     "rebuild",
@@ -85,6 +88,60 @@ class WorkerLostError(SSHExecError, BrokenProcessPool):
 
     def __reduce__(self) -> Any:
         return (WorkerLostError, (self.task_id, self.attempts))
+
+
+class _TaskStopped(SSHExecError):
+    """A task the pool ended on purpose: its worker killed, on the node, for it."""
+
+    def __init__(
+        self, task_id: int, host: str, worker_id: str, limit: Optional[float], detail: str
+    ) -> None:
+        self.task_id, self.host, self.worker_id = task_id, host, worker_id
+        self.limit = limit  # seconds (TaskTimeout), bytes (TaskMemoryError), None (TaskKilled)
+        self.detail = detail
+        super().__init__(f"task {task_id} on host {host} (worker {worker_id}) {self._what()}")
+
+    def _what(self) -> str:
+        return self.detail
+
+    def __reduce__(self) -> Any:
+        args = (self.task_id, self.host, self.worker_id, self.limit, self.detail)
+        return (type(self), args)
+
+
+class TaskTimeout(_TaskStopped, TimeoutError):
+    """A task ran past its time limit (``task_timeout``, ``options(timeout=)``): its
+    worker was killed on the node with everything it started, and replaced; never
+    retried. ``limit`` is the limit in seconds, ``host`` and ``task_id`` say which."""
+
+    __module__ = "sshexec"
+
+    def _what(self) -> str:
+        return f"passed its time limit of {self.limit:g} s ({self.detail}); its worker was killed"
+
+
+class TaskMemoryError(_TaskStopped, MemoryError):
+    """A task's process tree (the worker and every process it started) used more resident
+    memory than its limit (``task_memory``, ``options(memory=)``): killed on the node and
+    replaced; never retried. ``limit`` is the limit in bytes."""
+
+    __module__ = "sshexec"
+
+    def _what(self) -> str:
+        return (
+            f"passed its memory limit of {self.limit:.0f} bytes ({self.detail}); "
+            "its worker was killed"
+        )
+
+
+class TaskKilled(_TaskStopped):
+    """The task was ended by ``SSHPoolExecutor.kill()`` while it ran (its worker killed
+    with everything it started, and replaced)."""
+
+    __module__ = "sshexec"
+
+    def _what(self) -> str:
+        return f"was killed by kill() ({self.detail})"
 
 
 class WorkerStartupError(SSHExecError):

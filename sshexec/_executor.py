@@ -34,6 +34,7 @@ from typing import (
 from ._config import Settings
 from ._encode import FRAME_OVERHEAD, Encoded, MapFunction, encode, on_wire
 from ._hosts import build_transports, resolve_hosts
+from ._layers.options import KEEP, Limits, Memory, Options, derive, task_limits
 from ._logs import logger
 from ._loop import Runtime, is_exiting
 from ._mapresults import MapItem, MapResults, flatten, in_chunks, ordered_results
@@ -136,6 +137,14 @@ class SSHPoolExecutor(Executor):
             resolves. A second task bringing back the same path fails its Future with
             ``FileExistsError``; a match leading outside the working directory fails it
             with ``PermissionError``.
+        task_timeout: Seconds each task may run on its worker (None: no limit). A task
+            past it fails with ``TaskTimeout``: the host's agent kills its worker with
+            every process it started, and starts a fresh one; never retried. The node
+            keeps the time, so it holds across a slow link.
+        task_memory: Resident memory each task's worker may use, with every process the
+            task started: bytes, or ``"500M"``, ``"2G"`` (powers of 1024). Past it the
+            task fails with ``TaskMemoryError`` (measured by the node's agent every 20
+            ms; Linux). See ``options()`` for limits on some calls only.
 
     Raises:
         ValueError, TypeError: Invalid arguments, including malformed host specs.
@@ -168,6 +177,8 @@ class SSHPoolExecutor(Executor):
         remote_output: str = "prefix",
         files: Optional[Iterable[Any]] = None,
         return_files: Iterable[str] = (),
+        task_timeout: Optional[float] = None,
+        task_memory: Memory = None,
     ) -> None:
         del mp_context  # processes are started by SSH or subprocess, not multiprocessing
         Settings(  # raises TypeError or ValueError for a bad argument
@@ -184,6 +195,7 @@ class SSHPoolExecutor(Executor):
             transport,
             bool(forward_modules),
         )
+        self._limits: Limits = task_limits(task_timeout, task_memory)  # raises if invalid
         output = OutputRouter(remote_output)  # validates remote_output
         staging = from_options(files, return_files)
         specs = resolve_hosts(hosts)
@@ -351,9 +363,10 @@ class SSHPoolExecutor(Executor):
         group: Optional[str],
         function: Optional[MapFunction] = None,
         item: Optional[MapItem] = None,
+        limits: Any = KEEP,
     ) -> Any:
         """A Future, or for ``map`` ``item``, its slot; ``function``: ``fn`` already
-        pickled (by ``map``, once for all its items)."""
+        pickled (by ``map``, once for all its items); ``limits``: not the executor's."""
         future: Any = Future() if item is None else item
         failure: Optional[BaseException] = None
         encoded: Optional[Encoded] = None
@@ -390,7 +403,10 @@ class SSHPoolExecutor(Executor):
                 raise self._pool.broken
             if failure is None and encoded is not None:
                 payload, size, blobs, bound, other = encoded
-                runtime.post(Task(task_id, payload, size, future, group, blobs, bound, other))
+                if limits is KEEP:
+                    limits = self._limits
+                task = Task(task_id, payload, size, future, group, blobs, bound, other, limits)
+                runtime.post(task)
         if failure is not None:
             future.set_exception(failure)
         return future
@@ -414,6 +430,17 @@ class SSHPoolExecutor(Executor):
         Raises:
             TimeoutError: When a result is not ready ``timeout`` seconds after the call.
         """
+        return self._map(fn, iterables, timeout, chunksize, buffersize, self._limits)
+
+    def _map(
+        self,
+        fn: Callable[..., T],
+        iterables: Tuple[Iterable[Any], ...],
+        timeout: Optional[float],
+        chunksize: int,
+        buffersize: Optional[int],
+        limits: Limits,
+    ) -> Iterator[T]:
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if buffersize is not None:
@@ -424,9 +451,11 @@ class SSHPoolExecutor(Executor):
         deadline = None if timeout is None else time.monotonic() + timeout
         items: Iterator[Tuple[Any, ...]] = zip(*iterables)
         if chunksize == 1:
-            return self._map_futures(fn, items, deadline, buffersize)
+            return self._map_futures(fn, items, deadline, buffersize, limits)
         chunks = ((fn, chunk) for chunk in in_chunks(items, chunksize))
-        return flatten(self._map_futures(calls.process_chunk, chunks, deadline, buffersize))
+        return flatten(
+            self._map_futures(calls.process_chunk, chunks, deadline, buffersize, limits, True)
+        )
 
     def _map_futures(
         self,
@@ -434,6 +463,8 @@ class SSHPoolExecutor(Executor):
         items: Iterator[Tuple[Any, ...]],
         deadline: Optional[float],
         buffersize: Optional[int],
+        limits: Limits,
+        chunked: bool = False,
     ) -> Iterator[T]:
         try:  # once for every item; a function that cannot be pickled fails each item
             function: Optional[MapFunction] = MapFunction(fn, self._max_frame)
@@ -450,7 +481,10 @@ class SSHPoolExecutor(Executor):
             owner = executor()
             if owner is None:
                 return None
-            item: MapItem = owner._submit(fn, args, {}, None, function, MapItem(shared))
+            limited = limits  # per item: a chunk of n items gets n times the time
+            if chunked and limits is not None and limits[0]:
+                limited = (limits[0] * len(args[1]), limits[1])
+            item: MapItem = owner._submit(fn, args, {}, None, function, MapItem(shared), limited)
             return item
 
         runtime = self._runtime
@@ -470,6 +504,46 @@ class SSHPoolExecutor(Executor):
         those no task needs (a map's function; a ``Parallel`` call's shared arrays)."""
         loop, keeper = self._runtime.loop, self._pool.dispatch.keeper
         CLAIMS.claim(owner, keys, functools.partial(_released, loop, keeper))
+
+    def options(self, *, timeout: Any = KEEP, memory: Any = KEEP) -> Options:
+        """A view of this executor whose ``submit`` and ``map`` give their tasks these
+        limits instead of ``task_timeout`` / ``task_memory`` (a limit not given stays the
+        executor's; None lifts it). The same pool: nothing is started, and the
+        executor's own calls keep their limits. ``map``'s limits hold for each item.
+
+        Raises:
+            TypeError, ValueError: An invalid limit.
+        """
+        return Options(self, derive(self._limits, timeout, memory))
+
+    def kill(self, future: Future[Any]) -> bool:
+        """End one task now. A task still waiting for a worker is cancelled (as
+        ``future.cancel()``); one sent to a worker fails with ``TaskKilled`` at once,
+        and the host's agent kills its worker with every process it started as soon as
+        it runs it (a fresh worker takes its place; other tasks run on). ``map``'s items
+        are not Futures and cannot be killed: give the map a time limit
+        (``options(timeout=)``). Thread-safe; waits for the pool's loop briefly.
+
+        Returns:
+            Whether it stopped anything (False for a Future that had ended, or that is
+            not this executor's).
+        """
+        runtime = self._runtime
+        for _ in range(3):  # a queued task may be sent meanwhile: then it is killed
+            if future.done():
+                return False
+            if runtime.on_loop_thread():
+                killed = self._pool.kill(future)
+            else:
+                try:
+                    killed = runtime.call(_on_loop(self._pool.kill, future), timeout=10.0)
+                except (cf.TimeoutError, RuntimeError):  # the loop is closing or closed
+                    return False
+            if killed is not None:
+                return killed
+            if future.cancel():  # still queued: cancelled as Future.cancel() does
+                return True
+        return False
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; pending tasks finish (or are cancelled when
@@ -508,6 +582,10 @@ class SSHPoolExecutor(Executor):
         else:
             self._runtime.shutdown(wait=True, cancel_futures=True, bounded=True)
         return False
+
+
+async def _on_loop(fn: Callable[..., T], *args: Any) -> T:
+    return fn(*args)
 
 
 def _released(loop: Any, keeper: Any, keys: Any) -> None:

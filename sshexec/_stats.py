@@ -23,8 +23,14 @@ class Counters:
     bytes_sent: int = 0
     bytes_received: int = 0
     rtt_seconds: Optional[float] = None
+    timeouts: int = 0  # tasks stopped on the node past their time limit
+    memory_kills: int = 0  # ... past their memory limit
+    kills: int = 0  # ... by kill()
 
     def add(self, other: Counters) -> None:
+        self.timeouts += other.timeouts
+        self.memory_kills += other.memory_kills
+        self.kills += other.kills
         self.tasks_done += other.tasks_done
         self.tasks_failed += other.tasks_failed
         self.tasks_retried += other.tasks_retried
@@ -101,6 +107,9 @@ class HostStats:
             already held them (a ``map``'s function or the initializer, sent once per
             host instead of with every task or worker; staged files its cache already
             had). ``bytes_sent`` counts them once.
+        timeouts: Tasks whose worker was killed on the host for passing their time limit.
+        memory_kills: ... for passing their memory limit.
+        kills: ... by ``SSHPoolExecutor.kill()`` while they ran.
     """
 
     host: str
@@ -115,6 +124,9 @@ class HostStats:
     error: Optional[str] = None  # why the host was given up, if it was
     bytes_saved: int = 0
     python: Optional[str] = None
+    timeouts: int = 0
+    memory_kills: int = 0
+    kills: int = 0
 
     __module__ = "sshexec"
 

@@ -47,6 +47,7 @@ class Task:
         "group",
         "is_abandoned",
         "is_started",
+        "limits",
         "losses",
         "other",
         "payload",
@@ -66,6 +67,7 @@ class Task:
         blobs: Tuple[Tuple[bytes, bytes], ...] = (),
         bound: Optional[str] = None,
         other: Optional[Encoding] = None,
+        limits: Optional[Tuple[float, int]] = None,
     ) -> None:
         self.task_id, self.future = task_id, future
         self.payload, self.buffers = payload  # pickle stream + out-of-band buffers, sizes
@@ -75,6 +77,7 @@ class Task:
         # what only a worker of the client's Python can run: its function, named (else None)
         self.bound = bound
         self.other = other  # (payload, blobs) for a worker of another Python, when different
+        self.limits = limits  # (seconds, bytes; 0: none) the node enforces, or None
         self.is_started = False  # its Future is running (it has been sent at least once)
         self.is_abandoned = False  # nobody waits for it any more (a timed-out map)
         self.state = QUEUED

@@ -5,7 +5,8 @@ speaking the real protocols over ``Channel`` objects, driven step by step by the
 with the start marker and its ``Hello``, and speaks the agent protocol (``Spawn`` ->
 ``Spawned`` and a new ``SimWorker``; ``Data`` relayed both ways; ``CloseInput``,
 ``Signal`` and ``Shutdown`` end workers with an ``Exited`` that tells how; ``Ping`` ->
-``Pong``). A ``SimWorker`` sends its ``Hello``, answers ``Init`` with ``Ready``, ``Ping``
+``Pong``; ``Kill`` stops the task now or when it starts, ``Stopped`` before the
+``Exited``, as a task past its time limit is when the test says ``time_out``). A ``SimWorker`` sends its ``Hello``, answers ``Init`` with ``Ready``, ``Ping``
 with ``Pong``; it holds ``Run`` commands until the test says ``finish`` (a result computed
 by really running the call, or the exception it raised), answers ``Revoke`` at once or
 late, and can die idle or busy, or hang. The transport can be told to fail the next
@@ -26,6 +27,7 @@ import cloudpickle
 
 from sshexec._errors import WorkerStartupError
 from sshexec._wire import calls
+from sshexec._wire import messages as msgs
 from sshexec._wire import protocol as proto
 
 _pids = itertools.count(1000)
@@ -41,6 +43,9 @@ class SimWorker:
         self.is_alive = True
         self.is_hung = False
         self.slow_revokes = False
+        self.limits = (0.0, 0)  # of the Runs that follow (Limits)
+        self.limited: Dict[int, Tuple[float, int]] = {}  # task id -> its limits
+        self.doomed: List[int] = []  # Kill for a task it has not started: stopped then
         self.decoder = proto.FrameDecoder()
         hello = proto.Hello(
             proto.PROTOCOL_VERSION,
@@ -73,6 +78,10 @@ class SimWorker:
                 if task is not None and task.bound is not None and task.other is None:
                     self.node.violations.append(f"bound task {message.task_id} on {self.worker_id}")
             self.inbox.append((message.task_id, message.payload, message.buffers))
+            if self.limits[0]:
+                self.limited[message.task_id] = self.limits
+        elif isinstance(message, proto.Limits):
+            self.limits = (message.seconds, message.memory)
         elif isinstance(message, proto.Revoke):
             queued = [t for t, _, _ in self.inbox[1:]]
             if message.task_id in queued:
@@ -93,6 +102,8 @@ class SimWorker:
         """Answer the oldest task; False when there is none (or it hangs, or is dead)."""
         if not self.inbox or self.is_hung or not self.is_alive:
             return False
+        if self.inbox[0][0] in self.doomed:  # the agent sees it start: killed
+            return self.stop(msgs.STOP_KILLED)
         task_id, payload, buffers = self.inbox.pop(0)
         try:
             fn, args, kwargs = calls.load_call(payload, buffers, self.agent.function)
@@ -110,6 +121,27 @@ class SimWorker:
             pieces, sizes = calls.dumps(result, copy=True)
             reply = proto.Done(task_id, b"".join(bytes(p) for p in pieces), buffers=sizes)
         self._say(proto.encode(reply))
+        return True
+
+    def time_out(self) -> bool:
+        """Its running task passes its time limit, if it has one: the agent stops it."""
+        if not self.inbox or not self.is_alive or self.inbox[0][0] not in self.limited:
+            return False
+        return self.stop("timeout")
+
+    def kill(self, task_id: int) -> None:
+        """The agent's Kill: now if it runs the task, else once it starts it."""
+        if self.inbox and self.inbox[0][0] == task_id:
+            self.stop(msgs.STOP_KILLED)
+        else:
+            self.doomed.append(task_id)
+
+    def stop(self, why: str) -> bool:
+        """What the agent does to a worker for its task: Stopped, then the kill."""
+        if not self.is_alive or not self.inbox:
+            return False
+        self.agent._say(proto.Stopped(self.slot, self.inbox[0][0], why, "simulated"))
+        self.die()
         return True
 
     def answer_revokes(self) -> None:
@@ -183,6 +215,10 @@ class SimAgent:
             worker = self.workers.get(message.slot)
             if worker is not None:
                 worker.die(0, message.signum)
+        elif isinstance(message, proto.Kill):
+            worker = self.workers.get(message.slot)
+            if worker is not None:
+                worker.kill(message.task_id)
         elif isinstance(message, proto.Store):  # in pieces: a piece after a whole one restarts
             held = self.blobs.get(message.key, b"")
             if len(held) >= message.size:

@@ -307,3 +307,33 @@ def note_run_then_sleep(path: str, seconds: float, value: Any = None) -> Any:
         f.write(f"run {os.getpid()}\n")
     time.sleep(seconds)
     return value
+
+
+def hang_with_child(path: str) -> None:
+    """Starts a child (in this worker's process group) and a grandchild in a session of
+    its own, writes "worker child grandchild" pids to ``path``, then hangs for good."""
+    import subprocess
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+    child = subprocess.Popen(sleeper)
+    away = subprocess.Popen(sleeper, start_new_session=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{os.getpid()} {child.pid} {away.pid}")
+    os.replace(path + ".tmp", path)
+    while True:
+        time.sleep(600)
+
+
+def hog(size: int, hold: float = 30.0) -> int:
+    """Touches ``size`` bytes (every page: resident), then holds them."""
+    block = b"\x01" * size
+    time.sleep(hold)
+    return len(block)
+
+
+def hog_in_child(size: int) -> int:
+    """A child process of the task touches ``size`` bytes; the task waits for it."""
+    import subprocess
+
+    code = f"import time; b = b'x' * {size}; time.sleep(60)"
+    return subprocess.run([sys.executable, "-c", code]).returncode

@@ -27,6 +27,9 @@ from sshexec._errors import (
     RemoteError,
     ResultDecodeError,
     SSHExecError,
+    TaskKilled,
+    TaskMemoryError,
+    TaskTimeout,
     WorkerLostError,
     WorkerStartupError,
     rebuild,
@@ -51,6 +54,9 @@ PUBLIC = [
     RemoteError,
     ResultDecodeError,
     SSHExecError,
+    TaskKilled,
+    TaskMemoryError,
+    TaskTimeout,
     WorkerLostError,
     WorkerStartupError,
 ]
@@ -170,7 +176,7 @@ def test_broken_pool_family(cls: type) -> None:
 
 
 def test_other_errors_are_not_broken_pool() -> None:
-    for cls in (ProtocolError, RemoteError, WorkerStartupError):
+    for cls in (ProtocolError, RemoteError, WorkerStartupError, TaskTimeout, TaskKilled):
         assert not issubclass(cls, BrokenProcessPool), cls
 
 
@@ -232,9 +238,13 @@ INSTANCES: List[BaseException] = [
     ResultDecodeError("task 3: No module named 'numpy'"),
     CallDecodeError("task 4: worker node1#0 could not unpickle the call: ModuleNotFoundError"),
     RemoteError("mod.Err", "it broke", TRACEBACK),
+    TaskTimeout(9, "node1", "node1#2", 2.0, "ran 2.01 s, over its limit of 2 s"),
+    TaskMemoryError(10, "node1", "node1#3", 500 << 20, "612.0 MB resident in 2 processes"),
+    TaskKilled(11, "node2", "node2#0", None, "killed while running"),
 ]
 
 ATTRIBUTES = ["reasons", "task_id", "attempts", "host", "stage", "reason", "fix"]
+ATTRIBUTES += ["worker_id", "limit", "detail"]
 ATTRIBUTES += ["type_name", "message", "remote_traceback"]
 
 

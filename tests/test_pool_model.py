@@ -1,8 +1,9 @@
 """A model-based test of the pool core: hypothesis drives a real ``SSHPoolExecutor``
 (its table, scheduler, supervisors, links and shutdown) against the in-memory
 transport of ``memnode``, whose workers finish, raise, die idle or busy, hang, answer
-revokes late and fail to start, while the test submits, maps, cancels, breaks out of
-maps, kills workers and shuts down.
+revokes late, fail to start and pass their tasks' time limits, while the test submits
+(some calls with limits), maps, cancels, kills tasks (``kill()``), breaks out of maps,
+kills workers and shuts down.
 
 Futures are observed as users observe them: through ``wait()`` and ``as_completed()``
 (a cancelled Future nobody notified is ``done()`` and still hangs both). Half of them
@@ -116,6 +117,13 @@ class PoolModel(RuleBasedStateMachine):
         self.track(self.ex.submit(lambda v: v + 1, x), x + 1)
 
     @precondition(lambda self: not self.is_shut)
+    @rule(x=st.integers(0, 100), memory=st.booleans())
+    def submit_limited(self, x: int, memory: bool) -> None:
+        """A call with a time limit (and a memory limit) through an options() view."""
+        view = self.ex.options(timeout=30, memory="1G" if memory else None)
+        self.track(view.submit(tasks.square, x), x**2)
+
+    @precondition(lambda self: not self.is_shut)
     @rule()
     def submit_failing(self) -> None:
         self.track(self.ex.submit(tasks.raise_value_error, "model"), ValueError)
@@ -162,6 +170,22 @@ class PoolModel(RuleBasedStateMachine):
         live = self.workers()
         if live:
             self.on_loop(live[index % len(live)].die)
+
+    @precondition(lambda self: not self.is_shut)
+    @rule(data=st.data())
+    def time_out(self, data: st.DataObject) -> None:
+        """A worker's running task passes its time limit: its agent stops it."""
+        index = data.draw(st.integers(0, 7))
+        live = self.workers()
+        if live:
+            self.on_loop(live[index % len(live)].time_out)
+
+    @precondition(lambda self: bool(self.futures) and not self.is_shut)
+    @rule(data=st.data())
+    def kill(self, data: st.DataObject) -> None:
+        """A user kills one task (queued, sent or running), from a thread of its own."""
+        future = self.futures[data.draw(st.integers(0, len(self.futures) - 1))]
+        bounded_run(lambda: self.ex.kill(future))
 
     @precondition(lambda self: not self.is_shut)
     @rule(data=st.data(), hung=st.booleans())

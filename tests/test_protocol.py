@@ -129,6 +129,12 @@ SAMPLES: List[Message] = [
     msgs.Staged(8, "data/a.h5: No space left on device"),
     msgs.FileBack(3, "out/fit_17.npz", 0o644, 12, b"npz bytes..."),
     msgs.FileBack(2**40, "out/\u00e9.txt", 0o600, 0, b""),
+    # task limits and kills
+    msgs.Limits(2.5, 500 << 20),
+    msgs.Limits(0.0, 0),
+    msgs.Kill(3, 2**40),
+    msgs.Stopped(3, 7, msgs.STOP_TIMEOUT, "ran 2.0 s, its limit"),
+    msgs.Stopped(2**31, 2**40, msgs.STOP_MEMORY, "612 MB in 2 processes, over 500 MB"),
 ]
 
 
@@ -699,6 +705,9 @@ WIRE_8 = {
     54: ("StageCommit", ("batch",)),
     55: ("Staged", ("batch", "error")),
     56: ("FileBack", ("task_id", "path", "mode", "size", "data")),
+    60: ("Limits", ("seconds", "memory")),
+    61: ("Kill", ("slot", "task_id")),
+    62: ("Stopped", ("slot", "task_id", "why", "detail")),
 }
 
 

@@ -9,14 +9,15 @@ Must not import asyncssh at module level (only ``check`` needs it).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import importlib
 import itertools
 import os
 import sys
-from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import IO, Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .._errors import SSHExecError
+from .._errors import SSHExecError, TaskMemoryError, TaskTimeout
 from .._hosts import FROM_ALLOCATION, HOSTS_ENV, TRANSPORTS, Allocation, allocation
 
 DESCRIPTION = "Run Python functions on other machines over SSH."
@@ -106,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chunksize", type=int, default=1, metavar="N", help="lines per task")
     run.add_argument(
         "--buffersize", type=int, default=1024, metavar="N", help="tasks in flight (default 1024)"
+    )
+    run.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help="seconds each task may run on its worker; a line past it fails (TaskTimeout)",
+    )
+    run.add_argument(
+        "--memory",
+        metavar="SIZE",
+        help="memory each task may use with what it starts (500M, 2G); a line past it fails",
     )
     run.add_argument(
         "--keep-going",
@@ -267,6 +279,33 @@ def load_function(target: str) -> Callable[[str], object]:
     return obj  # type: ignore[no-any-return]
 
 
+def _limited(
+    executor: Any, fn: Any, lines: Iterator[str], window: int
+) -> Iterator[Tuple[bool, str]]:
+    """As ``map`` of ``call_line``, in order, but a line whose task passed its limit is a
+    failed line (its text the error), not the end of the run."""
+    from . import mapcall
+
+    pending: Deque[Any] = collections.deque()
+
+    def outcome(future: Any) -> Tuple[bool, str]:
+        try:
+            return future.result()  # type: ignore[no-any-return]
+        except (TaskTimeout, TaskMemoryError) as exc:
+            return False, f"{type(exc).__name__}: {exc}\n"
+
+    try:
+        for line in lines:
+            pending.append(executor.submit(mapcall.call_line, fn, line))
+            if len(pending) >= window:
+                yield outcome(pending.popleft())
+        while pending:
+            yield outcome(pending.popleft())
+    finally:
+        for future in pending:
+            future.cancel()
+
+
 def run_map(args: argparse.Namespace, stdin: Optional[IO[str]] = None) -> int:
     import cloudpickle
 
@@ -285,14 +324,22 @@ def run_map(args: argparse.Namespace, stdin: Optional[IO[str]] = None) -> int:
         kwargs["files"] = list(args.files)
     if args.return_files:
         kwargs["return_files"] = list(args.return_files)
+    if args.timeout is not None:
+        kwargs["task_timeout"] = args.timeout
+    if args.memory is not None:
+        kwargs["task_memory"] = args.memory
     with SSHPoolExecutor(**kwargs) as executor:
-        results = executor.map(
-            mapcall.call_line,
-            itertools.repeat(fn),
-            lines,
-            chunksize=args.chunksize,
-            buffersize=args.buffersize,
-        )
+        results: Iterator[Tuple[bool, str]]
+        if (args.timeout is not None or args.memory is not None) and args.chunksize == 1:
+            results = _limited(executor, fn, lines, args.buffersize)  # a line past goes on
+        else:
+            results = executor.map(
+                mapcall.call_line,
+                itertools.repeat(fn),
+                lines,
+                chunksize=args.chunksize,
+                buffersize=args.buffersize,
+            )
         try:
             for number, (ok, text) in enumerate(results, 1):
                 if ok:

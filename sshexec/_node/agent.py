@@ -6,7 +6,8 @@ it changes), the channel to the client (commands in; what the workers wrote, as 
 frames, many to one write), its workers through ``children.Children`` (forked from this
 pristine parent, which has imported the worker code once; fresh interpreters where fork
 is missing or ``SSHEXEC_AGENT_START=spawn``; a worker is read only while the client has
-acknowledged all but ``WINDOW`` of its bytes, ``Ack``), handing ``Store`` pieces and
+acknowledged all but ``WINDOW`` of its bytes, ``Ack``; its tasks' limits and ``Kill``s
+checked by ``limits.Limits`` when due, each pass), handing ``Store`` pieces and
 ``Forget`` to the blob store (``store.BlobStore``; a blob it cannot keep is reported,
 ``StoreFailed``), staged files to ``staging.Staging`` (the workers' directories, entered
 to fork each one), and the end: when the
@@ -131,6 +132,9 @@ class Agent:
                 self.children.ready(fd)
         if self.stop_signal:
             self._end(f"the agent got signal {_signal_name(self.stop_signal)}")
+        limits = self.children.limits
+        if not self.ending and limits.next_check <= time.monotonic():
+            limits.check(time.monotonic())  # a task past its time or memory, or killed
         if woken or self.ending:
             self.children.reap()
         if self.children.exited:
@@ -209,6 +213,8 @@ class Agent:
             self.children.close_input(message.slot)
         elif isinstance(message, proto.Signal):
             self.children.signal(message.slot, message.signum)
+        elif isinstance(message, proto.Kill):
+            self.children.limits.kill(message.slot, message.task_id)
         elif isinstance(message, proto.Ack):
             self.children.ack(message.slot, message.count)
         elif isinstance(message, proto.Store):

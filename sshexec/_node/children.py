@@ -3,7 +3,8 @@
 Owns: ``Children``, the table of the agent's workers (by slot, by pid until reaped),
 starting one (``spawn.start_worker``), writing its stdin, relaying what it writes to its
 stdout and stderr as ``Data`` (never decoded; read only while the client has acknowledged
-all but ``WINDOW`` of a worker's bytes, ``Ack``), reaping it, ending what it left running
+all but ``WINDOW`` of a worker's bytes, ``Ack``), reaping it, stopping it for its task (``stop``, when ``limits.Limits`` says so),
+ending what it left running
 (``_bury``: its process group at once, with ``/proc`` its session and their descendants)
 and reporting ``Exited`` exactly, after the last byte of its stdout (at once when its
 pipes close, else after ``LINGER``: a process that escaped the kill holds them). The agent
@@ -21,7 +22,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .._wire import protocol as proto
-from . import reaper
+from . import limits, reaper
 from .fdio import Reader
 from .spawn import close, kill_group, kill_left_group, start_worker
 
@@ -55,6 +56,7 @@ class Child:
         self.status: Optional[Tuple[int, int]] = None  # (exit status, signal) once reaped
         self.reaped_at = 0.0
         self.unacked = 0  # bytes of its stdout and stderr sent and not acknowledged (Ack)
+        self.stopped = False  # killed for its task (limits): Stopped was sent
 
     def wants_output(self) -> bool:
         """Its stdout and stderr may be read: the client has taken all but a window."""
@@ -82,6 +84,8 @@ class Children:
         self.reading = True  # their outputs are watched (the client keeps up)
         self.windowed = True  # each worker is read only within its window (until the end)
         self.subreaper = False  # orphaned descendants of workers come to the agent
+        self.limits = limits.Limits(self.stop, time.monotonic)  # task limits and kills
+        self.limits.adopted = self._adopted
 
     def ready(self, fd: int) -> None:
         """``fd`` polled ready; nothing if it closed earlier in this pass."""
@@ -94,8 +98,10 @@ class Children:
                 self._write_input(child)
 
     def due(self) -> float:
-        """When the loop must look again without being woken (a linger's end), or inf."""
-        return min((c.reaped_at + LINGER for c in self.exited), default=float("inf"))
+        """When the loop must look again without being woken (a linger's end, a look at
+        the tasks' limits), or inf."""
+        linger = min((c.reaped_at + LINGER for c in self.exited), default=float("inf"))
+        return min(linger, self.limits.due())
 
     def feed(self, slot: int, data: proto.Tail) -> None:
         child = self.by_slot.get(slot)
@@ -146,8 +152,15 @@ class Children:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
             pipes = [in_r, in_w, out_r, out_w, err_r, err_w]
+            board, board_file = limits.file_board() if self.boot else (limits.new_board(), "")
             pid = start_worker(
-                in_r, out_w, err_w, self.blob_dir, self.boot[0] if self.boot else None
+                in_r,
+                out_w,
+                err_w,
+                self.blob_dir,
+                self.boot[0] if self.boot else None,
+                board,
+                board_file,
             )
         except OSError as exc:
             for fd in pipes:
@@ -160,6 +173,8 @@ class Children:
             os.set_blocking(fd, False)
         _widen(out_r)
         _widen(in_w)
+        limits.rank_for_oom(pid)
+        self.limits.add(slot, pid, board, board_file)
         child = Child(slot, pid, in_w, out_r, err_r)
         self.by_slot[slot] = self.running[pid] = child
         self.streams.update({in_w: (child, 0), out_r: (child, 1), err_r: (child, 2)})
@@ -254,8 +269,33 @@ class Children:
             else:
                 child.status = (os.WEXITSTATUS(status), 0)
             child.reaped_at = time.monotonic()
+            self.limits.remove(child.slot)
             self.exited.append(child)
             self._bury(child)
+
+    def stop(self, slot: int, task_id: int, why: str, detail: str) -> None:
+        """``limits`` says the task this worker runs must end: ``Stopped`` first (before
+        its ``Exited``), then its process group and every process descending from it
+        (taken before the kill: its children are re-parented after); the reaper buries
+        what is left of its session."""
+        child = self.by_slot.get(slot)
+        if child is None or child.status is not None or child.stopped:
+            return
+        child.stopped = True
+        self.send(proto.Stopped(slot, task_id, why, detail))
+        tree = limits.descendants(child.pid)
+        kill_group(child.pid, signal.SIGKILL)
+        for pid in tree[1:]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def _adopted(self) -> List[int]:
+        """The agent's children that are no worker: orphans of workers' processes."""
+        if not self.subreaper:
+            return []
+        return [p for p in reaper.children(os.getpid()) or () if p not in self.running]
 
     def _bury(self, child: Child) -> None:
         """A worker was reaped: what it left running goes too, before anything else (its

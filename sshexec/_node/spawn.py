@@ -10,6 +10,7 @@ any client module, asyncio; never start a thread.
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import sys
@@ -20,29 +21,39 @@ AGENT_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP)
 
 
 def start_worker(
-    stdin: int, stdout: int, stderr: int, blob_dir: str, stage1: Optional[bytes]
+    stdin: int,
+    stdout: int,
+    stderr: int,
+    blob_dir: str,
+    stage1: Optional[bytes],
+    board: Optional[mmap.mmap] = None,
+    board_file: str = "",
 ) -> int:
     """A new worker on these pipe ends, in a session of its own; its pid. ``stage1``: spawn
-    a fresh interpreter running it (the caller then writes stage 1 and the bundle to its
-    stdin first). Either way the caller is its only reaper (no ``subprocess.Popen`` whose
-    clean-up could reap it first, its exit then unreported)."""
+            a fresh interpreter running it (the caller then writes stage 1 and the bundle to its
+            stdin first). ``board``: the page a forked worker notes its task on (``limits``); a
+    spawned one maps ``board_file`` instead.
+        Either way the caller is its only reaper (no ``subprocess.Popen`` whose
+            clean-up could reap it first, its exit then unreported)."""
     if stage1 is not None:
-        return _spawn(stdin, stdout, stderr, blob_dir, len(stage1))
+        return _spawn(stdin, stdout, stderr, blob_dir, len(stage1), board_file)
     pid = os.fork()
     if pid == 0:  # the child: becomes a worker, never returns
         try:
-            _become_worker(stdin, stdout, stderr, blob_dir)
+            _become_worker(stdin, stdout, stderr, blob_dir, board)
         finally:
             os._exit(70)
     return pid
 
 
-def _spawn(stdin: int, stdout: int, stderr: int, blob_dir: str, n: int) -> int:
+def _spawn(stdin: int, stdout: int, stderr: int, blob_dir: str, n: int, board: str) -> int:
     loader = (
         f"import os;b=b'';exec('while len(b)<{n}:b+=os.read(0,{n}-len(b)) or os._exit(4)');exec(b)"
     )
     argv = [sys.executable, "-c", loader]
     env = {**os.environ, "SSHEXEC_ROLE": "worker", "SSHEXEC_BLOBS": blob_dir}
+    if board:
+        env["SSHEXEC_BOARD"] = board  # limits.BOARD_ENV: the page it shares with the agent
     moves = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate((stdin, stdout, stderr))]
     restored = [getattr(signal, n) for n in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, n)]
     try:
@@ -55,7 +66,9 @@ def _spawn(stdin: int, stdout: int, stderr: int, blob_dir: str, n: int) -> int:
         )
 
 
-def _become_worker(stdin: int, stdout: int, stderr: int, blob_dir: str) -> None:
+def _become_worker(
+    stdin: int, stdout: int, stderr: int, blob_dir: str, board: Optional[mmap.mmap]
+) -> None:
     try:  # its own session and group: a kill reaches the task's subprocesses too, and the
         os.setsid()  # agent tells what a worker left behind by its session
     except OSError:
@@ -71,7 +84,7 @@ def _become_worker(stdin: int, stdout: int, stderr: int, blob_dir: str) -> None:
     _close_from(3)  # the agent's channel and every other worker's pipes
     from . import worker
 
-    worker.main(blob_dir)
+    worker.main(blob_dir, board)
 
 
 def _close_from(low: int) -> None:

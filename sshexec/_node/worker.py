@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import mmap
 import os
 import queue
 import select
@@ -27,7 +28,7 @@ import msgpack
 
 from .._wire import calls, carried
 from .._wire import protocol as proto
-from . import reaper
+from . import limits, reaper
 from .fdio import Reader
 from .lookups import Lookups
 from .namespaces import Namespaces
@@ -105,6 +106,9 @@ class Worker:
         self.told_to_stop = False  # Shutdown came (not EOF alone, not a broken pipe)
         self.namespaces = Namespaces(self.lookups.script)
         self.returns: Optional[Returns] = None  # return_files: sent back after each task
+        # the page the agent reads (limits.py): the running task's id, start and limits
+        self.board = memoryview(bytearray(32)).cast("d")  # main(): the agent's shared one
+        self.limits = (0.0, 0.0)  # seconds, bytes of the Runs that follow (Limits)
 
     def send(self, message: proto.Message) -> None:
         pieces = proto.frame_pieces([message])  # a big result is written from where it lies
@@ -291,7 +295,11 @@ class Worker:
                 if not self.busy.is_set():
                     self.busy.set()  # wakes the watcher (once per idle spell, not per task)
                 if isinstance(message, proto.Run):
-                    reply = self.run(message.task_id, message.payload, message.buffers)
+                    reply = self._run_noted(message)
+                elif isinstance(message, proto.Limits):  # in order: for the Runs after it
+                    self.task_since = 0.0
+                    self.limits = (message.seconds, float(message.memory))
+                    continue
                 elif isinstance(message, proto.Init):
                     reply = self.initialize(message)
                 else:
@@ -306,6 +314,18 @@ class Worker:
         finally:
             self.is_serving = False
             self.busy.set()  # the watcher ends too
+
+    def _run_noted(self, message: proto.Run) -> proto.Done | proto.Failed:
+        """``run``, its task noted on the board for the agent: id written last, cleared
+        first (the agent reads the id before and after the rest)."""
+        task_id, board = message.task_id, self.board
+        board[2], board[3] = self.limits
+        board[1] = self.task_since
+        board[0] = task_id
+        try:
+            return self.run(task_id, message.payload, message.buffers)
+        finally:
+            board[0] = 0.0
 
     def initialize(self, init: proto.Init) -> proto.Message:
         self.worker_id = init.worker_id
@@ -452,11 +472,16 @@ def end_process(orderly: bool = False) -> None:
     os._exit(0)  # skip atexit hooks and non-daemon threads a task may have left behind
 
 
-def main(blob_dir: Optional[str] = None) -> None:
+def main(blob_dir: Optional[str] = None, board: Optional[mmap.mmap] = None) -> None:
     """A worker's life, in the process the agent forked (or spawned) for it: fds 0 and 1
-    are its frame pipes, ``blob_dir`` is where the agent keeps this host's blobs."""
+    are its frame pipes, ``blob_dir`` is where the agent keeps this host's blobs,
+    ``board`` the page it shares with the agent (forked; a spawned worker maps a file)."""
     frames_in, frames_out = _claim_stdio()
     worker = Worker(frames_in, frames_out)
+    if board is None and os.environ.get(limits.BOARD_ENV):  # spawned: by file name
+        board = limits.open_board(os.environ.pop(limits.BOARD_ENV))
+    if board is not None:
+        worker.board = memoryview(board).cast("d")
     worker.lookups.blob_dir = blob_dir
     worker.returns = Returns.from_environ()
     worker.on_lost = end_process  # a write to the frame channel that raises

@@ -53,6 +53,7 @@ class WorkerChannel:
         self._discarding = False  # killed: what it still sends is dropped and acknowledged
         self._sink: Optional[Callable[[bytes], bool]] = None  # push_to(): takes stdout now
         self._nudged = False
+        self.on_stopped: Optional[Callable[[proto.Stopped], None]] = None  # the pool's
 
     # ---- fed by the session -------------------------------------------------------------
 
@@ -74,6 +75,15 @@ class WorkerChannel:
             self._stderr += len(data)
             if self._stderr >= ACK_EVERY:
                 self.session.ack(self)
+
+    def stopped(self, message: proto.Stopped) -> None:
+        """The agent killed this worker for its task (limits, kill): before its end."""
+        if self.on_stopped is not None:
+            self.on_stopped(message)
+
+    def kill_task(self, task_id: int) -> None:
+        """Ask the agent to end ``task_id`` if (or once) this worker runs it."""
+        self.session.send(proto.Kill(self.slot, task_id))
 
     def acknowledge(self, stderr: bool = True) -> None:
         """Tell the agent what was taken (of stdout; and of stderr, unless the output

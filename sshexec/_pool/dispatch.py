@@ -1,7 +1,8 @@
 """Tasks to workers and replies to Futures: the pool's hot path.
 
-Owns: ``Dispatcher``: turning the table's placements into ``Run`` and ``Revoke``
-frames coalesced per worker, the replies of each link (``Done``/``Failed`` end their
+Owns: ``Dispatcher``: turning the table's placements into ``Run`` (after a ``Limits``
+when the task's limits are not those the worker has) and ``Revoke`` frames coalesced
+per worker, the replies of each link (``Done``/``Failed`` end their
 task through the table, after ``returned.Returned``'s verdict on the files it sent
 back; ``Revoked`` puts it back; a failed initializer gives the host up), retiring a worker that has used its ``max_tasks_per_child``, adaptive
 prefetch (a worker's depth from its round trip and mean task time), and when to sweep
@@ -25,6 +26,7 @@ from .link import WorkerLink
 
 log = logger("sshexec.pool")
 
+NO_LIMITS = (0.0, 0)
 PING_EVERY = 1.0  # seconds between round-trip measurements of a busy worker
 
 
@@ -67,6 +69,9 @@ class Dispatcher:
                         stored.add(session.blobs)
                 log.debug("dispatch task=%d worker=%s", task.task_id, worker_id)
                 self._payload_mean += (task.size - self._payload_mean) * 0.1
+                if task.limits != link.limits:  # sent when they change (_node/limits.py)
+                    link.limits = task.limits
+                    messages.append(proto.Limits(*(task.limits or NO_LIMITS)))
                 messages.append(proto.Run(task.task_id, payload, buffers))
         for worker_id, task_id in steals:
             log.debug("revoke task=%d worker=%s", task_id, worker_id)

@@ -80,6 +80,7 @@ class WorkerLink:
     _failure: Optional[BaseException] = None  # what _take_now met, for the task to raise
     _nudge: Callable[[], None] = lambda: None  # wakes the task waiting in channel.read()
     returned: Optional[Returned] = None  # return_files: where the files it sends back go
+    limits: Optional[Tuple[float, int]] = None  # of the Runs sent to it now (Limits)
 
     @property
     def pid(self) -> int:

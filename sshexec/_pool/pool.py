@@ -6,6 +6,8 @@ Data flow (every step after the first runs on the executor's loop thread)::
                                                          └──▶ Dispatcher.now: TaskTable.place()
                                    ──Run frames, coalesced per worker──▶ WorkerLink.send
     Future.cancel() / map closed ──▶ Runtime.cancel ──▶ TaskTable.cancel: gone at once
+    kill(future) ──▶ Pool.kill ──▶ stops.kill: fails now, Kill to the agent; the agent's
+        Stopped (limits, kill) ──▶ stops.stopped: fails the task, its worker's end expected
     worker: Run ──▶ fn(*args) ──▶ Done | Failed
     WorkerLink._read_replies ──▶ Dispatcher.on_reply ──▶ TaskTable.finish ──▶ resolve | fail
         ──▶ Ender: a Future without callbacks ends here; one with callbacks, on the
@@ -40,6 +42,7 @@ from .._stats import Stats
 from .._tasks import Loss, Task, TaskFuture, TaskTable
 from .._transports.base import Channel, Transport
 from .._wire import protocol as proto
+from . import stops
 from .dispatch import Dispatcher
 from .link import OutputGate, WorkerLink, ping_all
 from .staging import Local, Staging, staging_failed
@@ -147,6 +150,8 @@ class Pool:
         self.table.add_worker(
             link.worker_id, self.max_tasks_per_child, link.host.name, link.same_python
         )
+        if hasattr(link.channel, "on_stopped"):  # the agent stops tasks (limits, kill)
+            link.channel.on_stopped = lambda message: stops.stopped(self.table, link, message)
         link.start(self)
         link.ping()
         log.info(
@@ -211,6 +216,12 @@ class Pool:
         """Their Futures were cancelled while queued: out of the table now."""
         for task_id in task_ids:
             self.table.cancel(task_id)
+
+    def kill(self, future: TaskFuture) -> Optional[bool]:
+        """``SSHPoolExecutor.kill``: end that task now (see ``stops.kill``)."""
+        killed = stops.kill(self.table, self.links, future)
+        self.dispatch.soon()
+        return killed
 
     def cancel_queued(self) -> None:
         """shutdown(cancel_futures=True): cancel every task not yet sent to a worker."""

@@ -279,6 +279,10 @@ class HostSession:
             channel = self._channels.pop(message.slot, None)
             if channel is not None:
                 channel.ended(describe_exit(message.status, _signal_name(message.signum)))
+        elif isinstance(message, proto.Stopped):
+            channel = self._channels.get(message.slot)
+            if channel is not None:
+                channel.stopped(message)
         elif isinstance(message, proto.Spawned):
             started = self._spawning.get(message.slot)
             if started is not None and not started.done():

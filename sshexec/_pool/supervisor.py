@@ -323,6 +323,9 @@ class Supervisor:
             self.error,
             saved,
             self.python_version,
+            total.timeouts,
+            total.memory_kills,
+            total.kills,
         )
 
 

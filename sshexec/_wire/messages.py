@@ -7,7 +7,8 @@ spoken on a host's one channel (``Configure``, ``Spawn``, ``Data``, ``CloseInput
 ``Signal``, ``Ack``, ``Store``, ``Forget`` / ``Spawned``, ``Exited``, ``SpawnFailed``,
 ``StoreFailed``; ``Hello``, ``Ping``, ``Pong`` and ``Shutdown`` serve there too), and
 staged files (``StageDir``, ``StageOffer``, ``StagePut``, ``StageCommit`` / ``StageWant``,
-``Staged``; the worker's ``FileBack``). A field named by a class's ``TAIL`` travels
+``Staged``; the worker's ``FileBack``), and task limits (``Limits`` to a worker, ``Kill``
+/ ``Stopped`` with the agent). A field named by a class's ``TAIL`` travels
 raw after the msgpack head (see ``protocol``). Must not import: anything beyond the
 stdlib.
 """
@@ -404,6 +405,47 @@ class FileBack:
 STAGE_KEY: Final = 34  # bytes of a staged content's key: SHA-256, then 2 bytes of mode
 
 
+# ---- task limits and kills (the agent enforces them; see _node/limits.py) ---------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Client -> worker: the limits of every ``Run`` that follows on this worker's stream,
+    until the next ``Limits`` (0: none; a worker starts with none). The agent enforces
+    them while each of those tasks runs. Sent only when they change, so a ``map`` with
+    limits adds one frame per worker, not one per task."""
+
+    TAG: ClassVar[int] = 60
+    seconds: float  # wall-clock time from a task's start on the worker
+    memory: int  # bytes of resident memory of the worker's whole process tree
+
+
+@dataclass(frozen=True)
+class Kill:
+    """Client -> agent: end the task ``task_id`` if the worker in ``slot`` runs it (now,
+    or when it starts it): its worker's process group and descendants are killed."""
+
+    TAG: ClassVar[int] = 61
+    slot: int
+    task_id: int
+
+
+STOP_TIMEOUT, STOP_MEMORY, STOP_KILLED = "timeout", "memory", "killed"
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """Agent -> client, before that worker's ``Exited``: the agent killed the worker in
+    ``slot`` because of the task it ran (``why``: one of ``STOP_*``; ``detail``: what it
+    measured, "1.2 GB in 3 processes" say)."""
+
+    TAG: ClassVar[int] = 62
+    slot: int
+    task_id: int
+    why: str
+    detail: str
+
+
 Message = Union[
     Init,
     Run,
@@ -440,4 +482,7 @@ Message = Union[
     StageCommit,
     Staged,
     FileBack,
+    Limits,
+    Kill,
+    Stopped,
 ]
