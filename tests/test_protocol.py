@@ -645,9 +645,9 @@ def test_an_int_is_accepted_where_a_float_belongs() -> None:
     assert type(message.seconds) is float
 
 
-# The wire as both ends of PROTOCOL_VERSION 8 agree on it: any change to this table is a
+# The wire as both ends of PROTOCOL_VERSION 9 agree on it: any change to this table is a
 # wire change, which must bump PROTOCOL_VERSION (nodes keep cached bundles of the old one).
-WIRE_8 = {
+WIRE_9 = {
     1: (
         "Init",
         ("worker_id", "initializer", "max_frame", "forward_modules", "log_level", "python"),
@@ -714,9 +714,9 @@ WIRE_8 = {
 def test_the_wire_is_protocol_7() -> None:
     """Version 7: flow control (Ack), blobs in pieces with a lifecycle (Store.size, Forget,
     StoreFailed) and the agent's own heartbeat (Beat, Configure.beat_interval)."""
-    assert proto.PROTOCOL_VERSION == 8
+    assert proto.PROTOCOL_VERSION == 9
     found = {
         cls.TAG: (cls.__name__, tuple(f.name for f in dataclasses.fields(cls)))
         for cls in proto._CLASSES
     }
-    assert found == WIRE_8
+    assert found == WIRE_9

@@ -154,7 +154,7 @@ __all__ = [
     "tail_pieces",
 ]
 
-PROTOCOL_VERSION: Final = 8
+PROTOCOL_VERSION: Final = 9
 # 2: Failed.stage, Revoke/Revoked; 3: Init.max_frame; 4: Init.forward_modules/log_level,
 # Done/Failed.seconds, Ping/Pong, Output, Log, Fetch/Source; 5: head/tail frames;
 # 6: the node agent (Configure, Spawn, Data, CloseInput, Signal, Store / Spawned, Exited,
