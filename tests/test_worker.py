@@ -318,6 +318,23 @@ def test_pipelined_runs_reply_in_order(ready: Host) -> None:
     ]
 
 
+def test_a_run_the_watcher_queued_while_the_main_thread_waited_to_read_is_served(
+    ready: Host,
+) -> None:
+    """The main thread found nothing queued and waited for the read lock while the
+    watcher held it and queued a Run: it must serve that Run, not block in a read (a
+    map's second item hung so, with every process idle)."""
+    worker = ready.worker
+    ready.send(proto.Run(1, call(tasks.sleep_then, 0.5, "first")))
+    time.sleep(0.2)  # the main thread took Run 1 and runs it: it holds no lock
+    with worker.read_lock:  # the watcher's place: it holds the lock while it reads
+        ready.send(proto.Run(2, call(tasks.square, 3)))
+        assert ready.receive() == proto.Done(1, cloudpickle.dumps("first"))
+        time.sleep(0.3)  # the main thread found nothing queued and waits for the lock
+        assert worker._read(0.0)  # as the watcher does: Run 2 is queued now
+    assert ready.receive() == proto.Done(2, cloudpickle.dumps(9))
+
+
 def test_raising_callable_returns_failed(ready: Host) -> None:
     failed = ready.run(3, call(tasks.raise_value_error, "bad value"))
     assert isinstance(failed, proto.Failed)

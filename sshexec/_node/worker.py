@@ -195,7 +195,10 @@ class Worker:
             with self.claim_lock:
                 if self.pending:
                     return self.pending.popleft()
-            with self.read_lock:
+            with self.read_lock:  # the watcher may have queued one while we waited for it
+                with self.claim_lock:
+                    if self.pending:
+                        return self.pending.popleft()
                 self._read(None if self.is_reading else 0)
 
     def watch(self, exit_on_eof: bool = True) -> None:
