@@ -26,7 +26,9 @@ import pytest
 from benchmarks.proxy import DelayProxy
 from sshexec import Host, SSHExecError, SSHPoolExecutor, parse_host
 from sshexec._node import staging as node_staging
+from sshexec._node.store import BlobStore
 from sshexec._progress import follow
+from sshexec._wire import messages as msgs
 
 from .sshd import SSHServer, executor_kwargs
 from .test_cli import run_cli
@@ -194,6 +196,46 @@ def test_the_cache_evicts_least_recently_used(tmp_path: Path) -> None:
     freed = node_staging.evict(str(folder), 2500, keep={"00"})
     assert freed == 2000
     assert sorted(os.listdir(folder)) == ["00", "03"]
+
+
+def test_a_stale_half_arrived_content_is_swept_and_a_fresh_one_kept(tmp_path: Path) -> None:
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "aa.123.part").write_bytes(b"x" * 10)  # an agent killed long ago left it
+    day_ago = time.time_ns() - int((node_staging.PART_STALE + 60) * 1e9)
+    os.utime(folder / "aa.123.part", ns=(day_ago, day_ago))
+    (folder / "bb.456.part").write_bytes(b"y" * 10)  # arriving now
+    assert node_staging.evict(str(folder), 1 << 30, keep=set()) == 10
+    assert os.listdir(folder) == ["bb.456.part"]
+
+
+def test_files_made_ahead_of_their_pieces_leave_nothing_behind(tmp_path: Path) -> None:
+    """The agent's creator process makes the temporary files of a batch while its pieces
+    come: contents that arrived are in place, one still arriving keeps its file, the
+    rest (made after their content was renamed into place, or never sent) are gone, and
+    so is the creator; a long list is stopped at once."""
+    folder = tmp_path / "files"
+    store = BlobStore([str(folder)], private=False)
+    keys = [bytes([index]) * msgs.STAGE_KEY for index in range(40)]
+    store.prepare(keys)
+    assert store._creator is not None
+    creator = store._creator[0]
+    for key in keys[:10]:
+        assert store.put(key, 5, b"hello") is None
+    assert store.put(keys[10], 10, b"hello") is None  # half of it
+    store.settle()
+    part = f"{keys[10].hex()}.{os.getpid()}.part"
+    assert sorted(os.listdir(folder)) == sorted([k.hex() for k in keys[:10]] + [part])
+    assert not os.path.exists(f"/proc/{creator}")  # ended and reaped
+    store.close()
+    assert sorted(os.listdir(folder)) == sorted(k.hex() for k in keys[:10])
+
+    many = [index.to_bytes(msgs.STAGE_KEY, "big") for index in range(200_000)]
+    started = time.monotonic()
+    store.prepare(many)
+    store.settle()
+    assert time.monotonic() - started < 5.0
+    assert len(os.listdir(folder)) == 10
 
 
 # ---- a big tree over real links ----------------------------------------------------------

@@ -38,6 +38,7 @@ from .store import BlobStore, _alive
 
 CACHE_SIZE = 10 << 30  # bytes of staged contents a node keeps, unless SSHEXEC_CACHE_SIZE says
 STAMP = 1_000_000_000 * 10**9  # ns: the modification time of every cached content
+PART_STALE = 86400.0  # seconds after which a content left half-arrived is removed
 RETURN_ENV = "SSHEXEC_RETURN"  # the return patterns, for the workers (NUL-separated)
 
 STAGE_COMMANDS = (msgs.StagePut, msgs.StageOffer, msgs.StageCommit, msgs.StageDir)
@@ -157,6 +158,8 @@ class Staging:
                     wanted.append(key)
                     self.failed.pop(key, None)
         self.send(msgs.StageWant(message.batch, b"".join(wanted)))
+        if self.store is not None:
+            self.store.prepare(wanted)  # their files made ahead of their pieces
 
     def _put(self, message: msgs.StagePut) -> None:
         if self.store is None:
@@ -184,6 +187,8 @@ class Staging:
 
     def _commit(self, batch: int) -> None:
         entries, self.offered = self.offered, []
+        if self.store is not None:
+            self.store.settle()
         error = self._check(entries)
         if not error:
             for folder in self.dirs.values():
@@ -267,19 +272,24 @@ class Staging:
 
 def evict(folder: str, bound: int, keep: Set[str]) -> int:
     """Delete least recently used contents of ``folder`` (not those in ``keep``) until it
-    holds ``bound`` bytes at most; the bytes freed."""
+    holds ``bound`` bytes at most; the bytes freed. A content still arriving (``.part``)
+    stays unless untouched for ``PART_STALE`` (its agent was killed: on a cache shared
+    by several hosts, an age is what tells, not a process id)."""
     items: List[Tuple[int, str, int]] = []
-    total = 0
+    total = freed = 0
+    stale = time.time_ns() - int(PART_STALE * 1e9)
     with os.scandir(folder) as found:
         for entry in found:
             try:
                 info = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            total += info.st_size
             if not entry.name.endswith(".part"):
                 items.append((info.st_atime_ns, entry.name, info.st_size))
-    freed = 0
+            elif info.st_mtime_ns < stale:
+                _unlink(entry.path)
+                freed += info.st_size
+            total += info.st_size
     for _, name, size in sorted(items):
         if total - freed <= bound:
             break

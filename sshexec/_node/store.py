@@ -7,6 +7,10 @@ them), blobs arriving in pieces (appended to a temporary file, renamed into plac
 complete), a blob that does not fit where it started moved on to the next directory,
 ``forget`` deleting one, and removing what agents that died without cleaning up left.
 A blob that fits nowhere is reported (``put`` returns why) and never ends the agent.
+``prepare`` has a child process create the temporary files of blobs about to arrive,
+ahead of their pieces (creating a file is the slow step on many disks and on NFS: the
+agent's one thread then opens and writes), and ``settle`` ends it and removes what it
+made that no piece filled.
 Workers are told every directory (``path``: an ``os.pathsep`` list) and look in each.
 The same store, not private (``private=False``), is the content cache of staged files
 (``staging``): one directory that outlives the agent.
@@ -17,15 +21,21 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import shutil
+import signal
 import tempfile
-from typing import Dict, List, Optional
+import time
+from typing import Dict, List, Optional, Tuple
 
 from .._wire import protocol as proto
+from .spawn import AGENT_SIGNALS, _close_from
 
 BLOB_PREFIX = "sshexec-blobs-"
 COPY_SIZE = 1 << 20  # bytes per read when a partial blob moves to the next directory
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # posix_fallocate's "it does not fit"
+PREPARE_AT_LEAST = 16  # blobs in a batch worth a process that creates their files ahead
+SETTLE_WAIT = 5.0  # seconds ``settle`` waits for that process to end (a hung disk)
 
 
 class _Partial:
@@ -56,6 +66,7 @@ class BlobStore:
             except OSError as exc:
                 self.errors.append(f"{base}: {exc.strerror or exc}")
         self._partial: Dict[bytes, _Partial] = {}
+        self._creator: Optional[Tuple[int, int, int, List[bytes]]] = None  # pid, stop, done, keys
 
     @property
     def path(self) -> str:
@@ -102,7 +113,48 @@ class BlobStore:
             os.close(partial.fd)
             _remove(partial.path)
 
+    def prepare(self, keys: List[bytes]) -> None:
+        """Blobs ``keys`` are about to arrive, in this order: a child process creates
+        their temporary files (in the first directory) while the pieces come. Nothing
+        when there are few, no fork here, or one is at work already."""
+        if len(keys) < PREPARE_AT_LEAST or not self.dirs or self._creator is not None:
+            return
+        if not hasattr(os, "fork") or os.environ.get("SSHEXEC_AGENT_START") == "spawn":
+            return
+        paths = [self._part_path(0, key) for key in keys]
+        stop_r, stop_w = os.pipe()
+        done_r, done_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: creates, never returns
+            try:
+                _create_all(paths, stop_r, done_w)
+            finally:
+                os._exit(0)
+        os.close(stop_r)
+        os.close(done_w)
+        self._creator = (pid, stop_w, done_r, keys)
+
+    def settle(self) -> None:
+        """The batch is over: the creator (``prepare``) has ended, and the files it made
+        that no piece filled are gone."""
+        creator, self._creator = self._creator, None
+        if creator is None:
+            return
+        pid, stop_w, done_r, keys = creator
+        os.close(stop_w)  # it stops before its next file
+        try:
+            poller = select.poll()
+            poller.register(done_r, select.POLLIN | select.POLLHUP)
+            poller.poll(SETTLE_WAIT * 1000)  # its end closes done's write end
+        finally:
+            os.close(done_r)
+        _reap(pid)
+        for key in keys:
+            if key not in self._partial:
+                _remove(self._part_path(0, key))
+
     def close(self) -> None:
+        self.settle()
         for key in list(self._partial):
             self.drop_partial(key)
         if self.private:
@@ -116,7 +168,7 @@ class BlobStore:
         whole blob; fd -1 when none can."""
         while partial.at < len(self.dirs):
             folder = self.dirs[partial.at]
-            path = os.path.join(folder, f"{key.hex()}.{os.getpid()}.part")
+            path = self._part_path(partial.at, key)
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             except OSError as exc:
@@ -132,6 +184,9 @@ class BlobStore:
                 continue
             partial.fd, partial.path = fd, path
             return
+
+    def _part_path(self, at: int, key: bytes) -> str:
+        return os.path.join(self.dirs[at], f"{key.hex()}.{os.getpid()}.part")
 
     def _write(self, key: bytes, partial: _Partial, view: memoryview) -> None:
         while view:
@@ -167,6 +222,41 @@ class BlobStore:
         finally:
             os.close(old_fd)
             _remove(old_path)
+
+
+def _reap(pid: int) -> None:
+    """The creator, ended: reaped here unless the agent's reaper (``waitpid(-1)``) took
+    it first; never waited for long (a process stuck on a hung disk stays the agent's)."""
+    for _ in range(50):
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+        time.sleep(0.001)
+
+
+def _create_all(paths: List[str], stop: int, done: int) -> None:
+    """The creator: each file made (empty, never truncated: the agent may be writing it
+    already) until the list ends or the agent closes ``stop``."""
+    signal.set_wakeup_fd(-1)
+    for signum in AGENT_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    os.dup2(stop, 0)  # the agent's channel and the workers' pipes are not its to hold
+    os.dup2(done, 1)
+    _close_from(2)
+    stop = 0
+    poller = select.poll()
+    poller.register(stop, select.POLLIN | select.POLLHUP)
+    for path in paths:
+        if poller.poll(0):
+            return
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        except OSError:
+            return  # the agent meets the same error, and says it
 
 
 def _failed(folder: str, exc: OSError) -> str:
