@@ -16,7 +16,7 @@ from .. import _bootstrap
 from .._errors import WorkerStartupError
 from .._logs import logger
 from .._wire.protocol import Buffer
-from .base import READ_SIZE, Channel, StderrSink, StderrTail, describe_exit
+from .base import READ_SIZE, WRITE_AHEAD, Channel, StderrSink, StderrTail, describe_exit
 from .route import Route
 from .sshlib import asyncssh
 
@@ -49,6 +49,7 @@ class SSHChannel:
         self._stderr_task = asyncio.get_running_loop().create_task(self._read_stderr())
         self._closed = False
         self.pid: Optional[int] = None
+        process.stdin.channel.set_write_buffer_limits(high=WRITE_AHEAD)
 
     async def _read_stderr(self) -> None:
         try:

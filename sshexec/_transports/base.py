@@ -22,6 +22,9 @@ from .._wire.protocol import START_MARKER, Buffer
 log = logger("sshexec.pool")
 
 READ_SIZE = 1 << 20
+# bytes a channel holds for its pipe before ``drain`` waits (it returns below a quarter of
+# this): a bulk sender (staged files, big blobs) keeps the pipe full between its writes
+WRITE_AHEAD = 4 << 20
 MAX_CHATTER = 1 << 20  # bytes of login-shell output tolerated before the start marker
 STDERR_TAIL_LINES = 20
 

@@ -21,7 +21,7 @@ from .. import _bootstrap
 from .._errors import WorkerStartupError
 from .._logs import logger
 from .._wire.protocol import Buffer
-from .base import READ_SIZE, Channel, StderrSink, StderrTail, describe_exit
+from .base import READ_SIZE, WRITE_AHEAD, Channel, StderrSink, StderrTail, describe_exit
 
 log = logger("sshexec.pool")
 
@@ -137,6 +137,7 @@ class PipeChannel:
             asyncio.streams.FlowControlMixin,
             self.proc.stdin,
         )
+        transport.set_write_buffer_limits(high=WRITE_AHEAD)
         self._writer = asyncio.StreamWriter(transport, protocol, None, loop)
         err_reader = asyncio.StreamReader(limit=READ_SIZE)
         err_transport, _ = await loop.connect_read_pipe(
