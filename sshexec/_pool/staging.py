@@ -1,8 +1,8 @@
 """Staged files, client side: what ``files=`` and ``send_files`` put on every host.
 
 Owns: ``scan`` (walking the given files and trees from the client's working directory:
-each regular file hashed, SHA-256 read piece by piece and remembered by its stat
-within this process; directories and symlinks inside a tree kept, a symlink leading
+each regular file hashed, SHA-256 read piece by piece, by a few threads at once when
+there is much to hash, and remembered by its stat within this process; directories and symlinks inside a tree kept, a symlink leading
 outside its tree refused, naming it), ``Staging`` (one per executor: everything staged
 so far, which every new host session is given before its first worker; the return
 patterns; ``Returned``, the files tasks send back) and its transfer to one host:
@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 log = logger("sshexec.pool")
 
 HASH_READ = 1 << 20
+HASH_THREADS = 4  # files hashed at once, at most (and no more than the CPUs)
+HASH_IN_THREADS = 8 << 20  # bytes to hash from which threads share the work
 OFFER_BYTES = 1 << 20  # manifest bytes per StageOffer frame, about
 STAGE = "files"  # the WorkerStartupError stage of a host that could not take the files
 _batches = itertools.count(1)
@@ -60,11 +63,14 @@ class Local:
         return [self.path, self.kind, self.mode, self.size, self.key, self.target]
 
 
+Found = Union[Local, Tuple[str, os.stat_result]]  # a file: where it is, to be hashed
+
+
 def scan(paths: Iterable[Union[str, os.PathLike[str]]], base: str) -> List[Local]:
     """The entries for ``paths`` (relative to ``base``, kept at the same relative path;
     one outside ``base`` goes under its own name). Raises FileNotFoundError or ValueError
     (a symlink leading outside its tree, a special file) naming the path."""
-    found: Dict[str, Local] = {}
+    found: Dict[str, Found] = {}
     for given in paths:
         name = os.fspath(given)
         full = os.path.abspath(os.path.join(base, name))
@@ -78,11 +84,11 @@ def scan(paths: Iterable[Union[str, os.PathLike[str]]], base: str) -> List[Local
         if os.path.isdir(full):
             _walk(full, dest, found)
         else:
-            found[dest] = _file(full, dest, os.stat(full))
-    return list(found.values())
+            found[dest] = (full, os.stat(full))
+    return _hashed(found)
 
 
-def _walk(top: str, dest: str, found: Dict[str, Local]) -> None:
+def _walk(top: str, dest: str, found: Dict[str, Found]) -> None:
     real_top = os.path.realpath(top)
     if dest:
         found[dest] = Local(dest, "d", stat.S_IMODE(os.stat(top).st_mode), 0, b"", "", "")
@@ -100,7 +106,7 @@ def _walk(top: str, dest: str, found: Dict[str, Local]) -> None:
             elif stat.S_ISDIR(info.st_mode):
                 found[path] = Local(path, "d", stat.S_IMODE(info.st_mode), 0, b"", "", "")
             elif stat.S_ISREG(info.st_mode):
-                found[path] = _file(full, path, info)
+                found[path] = (full, info)
             else:
                 raise ValueError(f"files=: {path} is not a regular file, directory or symlink")
         dirs.sort()
@@ -117,9 +123,37 @@ def _symlink(full: str, path: str, real_top: str) -> Local:
     return Local(path, "l", 0o777, 0, b"", os.path.relpath(real, here), "")
 
 
+def _hashed(found: Dict[str, Found]) -> List[Local]:
+    """Every file found made an entry, its content hashed: those this process has not
+    hashed yet by ``HASH_THREADS`` threads at once when there is enough to hash (hashlib
+    and reads let go of the GIL), each thread taking the next file as it is free."""
+    todo = [(p, f[0], f[1]) for p, f in found.items() if isinstance(f, tuple)]
+    unknown = sum(info.st_size for _, _, info in todo if _memo(info) not in _hashes)
+    threads = min(HASH_THREADS, os.cpu_count() or 1, len(todo))
+    made: Dict[str, Local] = {}
+    if threads > 1 and unknown >= HASH_IN_THREADS:
+        work = iter(todo)  # next() on a list's iterator is atomic: each file once
+
+        def hash_some() -> None:
+            for path, full, info in work:
+                made[path] = _file(full, path, info)
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="sshexec-hash") as hashers:
+            for running in [hashers.submit(hash_some) for _ in range(threads)]:
+                running.result()  # an unreadable file: its error, here
+    else:
+        for path, full, info in todo:
+            made[path] = _file(full, path, info)
+    return [made[p] if isinstance(f, tuple) else f for p, f in found.items()]
+
+
+def _memo(info: os.stat_result) -> Tuple[int, int, int, int, int]:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
 def _file(full: str, path: str, info: os.stat_result) -> Local:
     mode = stat.S_IMODE(info.st_mode)
-    memo = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    memo = _memo(info)
     digest = _hashes.get(memo)
     if digest is None:
         sha = hashlib.sha256()
