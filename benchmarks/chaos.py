@@ -5,8 +5,9 @@ workers, sshd hosts, a host behind the slow-link proxy, a host running another P
 and while it works applies one ``kill``: nothing, ``kill -9`` of one or two workers, of a
 host's agent, or of the client itself. Its tasks compute, sleep, flood output, leave
 children behind (in the worker's group or in a session of their own), raise, pass
-their time or memory limit (``TaskTimeout``, ``TaskMemoryError``) or are ``kill()``ed; some
-done-callbacks block for longer than three keepalive intervals; some Futures are
+their time or memory limit (``TaskTimeout``, ``TaskMemoryError``) or are ``kill()``ed,
+read staged inputs (``files=``, one sent by ``send_files`` mid-run) and write outputs
+that come back (``return_files=``); some done-callbacks block for longer than three keepalive intervals; some Futures are
 cancelled. Afterwards ``check`` lists every broken invariant:
 
 - every Future ended, as ``as_completed`` and ``wait`` see it, and its callback ran once;
@@ -14,6 +15,9 @@ cancelled. Afterwards ``check`` lists every broken invariant:
   the limits and kills it set, and (only where something was killed) lost workers;
 - no process of the job is left: no agent, worker, or child a task started, on any node,
   whatever was killed (processes seen during the run are tracked by pid and start time);
+- every output of a task that returned is on the client, right; no per-executor
+  directory is left in the hosts' cache but those of agents killed (the next agent on
+  that host sweeps them);
 - the client's peak memory and the node's (agents and workers together) stay bounded.
 
 ``tests/test_chaos.py`` runs a few short rounds in CI; ``python -m benchmarks.chaos``
@@ -181,6 +185,9 @@ def run_once(
     plan["executor"] = target.executor
     plan["max_workers"] = target.max_workers
     out = workdir / f"{tag}.jsonl"
+    if plan.get("files", True):
+        plan["files_dir"] = str(_inputs(workdir / f"{tag}-files"))
+        plan["cache"] = str(workdir / f"{tag}-cache")
     env = {
         **os.environ,
         "CHAOS_PLAN": json.dumps(plan),
@@ -231,6 +238,8 @@ def run_once(
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+    if plan.get("cache"):
+        left += _work_left(Path(plan["cache"]), killed)
     tail = (workdir / f"{tag}.stderr").read_bytes()[-3000:].decode(errors="replace")
     result = Round(
         target.name,
@@ -246,6 +255,24 @@ def run_once(
     )
     result.problems = check(result, plan)
     return result
+
+
+def _inputs(root: Path) -> Path:
+    """The staged tree: ``inputs/`` with ``chaos_tasks.INPUTS`` files and a symlink."""
+    (root / "inputs").mkdir(parents=True)
+    for k in range(chaos_tasks.INPUTS):
+        (root / "inputs" / f"f{k}.dat").write_bytes(chaos_tasks.input_bytes(k))
+    (root / "inputs" / "first").symlink_to("f0.dat")
+    return root
+
+
+def _work_left(cache: Path, killed: List[str]) -> List[str]:
+    """Per-executor directories left in the hosts' cache (``<host>-<agent pid>-*``),
+    but those of killed agents (swept by the next agent there, if one comes)."""
+    work = cache / "sshexec" / "work"
+    dead = {k.split()[-1] for k in killed if k.startswith("agent pid")}
+    names = sorted(os.listdir(work)) if work.is_dir() else []
+    return [f"the working directory {n}" for n in names if n.rsplit("-", 2)[-2] not in dead]
 
 
 def _kill(kill: str, client: int, now: Dict[int, Tuple[str, int]], rng: random.Random) -> List[str]:
@@ -280,13 +307,16 @@ def check(result: Round, plan: Dict[str, Any]) -> List[str]:
     seen, ended = result.events.get("seen"), result.events.get("ended")
     if seen is None or ended is None:
         return [*problems, f"the client did not finish its report: {result.stderr_tail}"]
-    n = plan["tasks"]
+    n = seen.get("tasks", plan["tasks"])
     if seen["as_completed"] != n or seen["not_done"]:
         problems.append(
             f"as_completed yielded {seen['as_completed']} of {n}; wait() left {seen['not_done']}"
         )
     if not seen["map_ok"]:
         problems.append("map returned wrong results")
+    problems += [f"a returned file: {bad}" for bad in seen.get("returned_bad", ())]
+    if seen.get("late_error") and not (result.kill != "none" and result.killed):
+        problems.append(f"send_files failed with nothing killed: {seen['late_error']}")
     cancelled = set(seen["cancelled"])
     lossy = result.kill in ("worker", "agent") and bool(result.killed)
     for key, (how, value) in seen["outcomes"].items():

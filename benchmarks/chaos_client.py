@@ -13,6 +13,7 @@ the point: the driver then checks the nodes only.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import functools
 import json
 import os
@@ -24,7 +25,7 @@ from typing import Any, Dict, List, Tuple
 
 import cloudpickle
 
-from sshexec import Host, SSHPoolExecutor
+from sshexec import Host, SSHExecError, SSHPoolExecutor, parse_host
 
 from . import chaos_tasks
 
@@ -74,6 +75,15 @@ def main() -> None:
     kwargs = dict(plan["executor"])
     if "hosts" in kwargs:  # Host values travel as dicts of their fields
         kwargs["hosts"] = [Host(**h) if isinstance(h, dict) else h for h in kwargs["hosts"]]
+    if plan.get("files_dir"):  # inputs/ staged on every host, out/* brought back
+        os.chdir(plan["files_dir"])
+        os.environ["XDG_CACHE_HOME"] = plan["cache"]  # local workers' cache
+        kwargs.update(files=["inputs"], return_files=["out/*"])
+        if "hosts" in kwargs:
+            kwargs["hosts"] = [with_cache(h, plan["cache"]) for h in kwargs["hosts"]]
+    else:
+        kinds = [kind if kind != "read" else "compute" for kind in kinds]
+    late_error = ""
     with SSHPoolExecutor(plan.get("max_workers"), **kwargs) as ex:
         say("started", pid=os.getpid())
         limited = ex.options(timeout=plan.get("hang_timeout", 0.5), memory="100M")
@@ -94,6 +104,19 @@ def main() -> None:
         for future in doomed:  # kill(): cancelled while queued, else TaskKilled
             if ex.kill(future) and future.cancelled():
                 cancelled.append(futures[future])
+        if plan.get("files_dir"):  # an input sent while the job runs, then read
+            with open(chaos_tasks.LATE, "wb") as f:
+                f.write(chaos_tasks.input_bytes(99, chaos_tasks.LATE_SIZE))
+            try:
+                ex.send_files([chaos_tasks.LATE])
+            except SSHExecError as exc:  # a host lost meanwhile: it gets it on reconnecting
+                late_error = str(exc)[:300]
+            for _ in range(plan.get("late_tasks", 4)):
+                i = len(kinds)
+                kinds.append("late")
+                future = ex.submit(chaos_tasks.run, "late", i, tag, 0.0)
+                future.add_done_callback(functools.partial(on_done, i, 0.0))
+                futures[future] = i
         completed = 0
         try:
             for _ in cf.as_completed(futures, timeout=plan["deadline"]):
@@ -120,7 +143,10 @@ def main() -> None:
             cancelled=cancelled,
             as_completed=completed,
             not_done=len(not_done),
+            tasks=len(kinds),
             map_ok=mapped == [x * x for x in range(plan["map_items"])],
+            returned_bad=returned_bad(kinds, outcomes),
+            late_error=late_error,
         )
     with lock:
         counts = dict(delivered)
@@ -132,6 +158,29 @@ def main() -> None:
         seconds=time.monotonic() - started,
     )
     out.close()
+
+
+def with_cache(host: Any, cache: str) -> Host:
+    """The host, its agent keeping staged files in ``cache`` (XDG_CACHE_HOME)."""
+    host = host if isinstance(host, Host) else parse_host(host)
+    return dataclasses.replace(host, env={**dict(host.env or {}), "XDG_CACHE_HOME": cache})
+
+
+def returned_bad(kinds: List[str], outcomes: Dict[int, Tuple[str, Any]]) -> List[str]:
+    """Outputs of tasks that returned, missing or wrong here (they come back before the
+    Future ends)."""
+    bad = []
+    for i, (how, _) in outcomes.items():
+        if kinds[i] in ("read", "late") and how == "result":
+            try:
+                with open(f"out/r{i}.txt") as f:
+                    text = f.read()
+            except OSError as exc:
+                bad.append(f"out/r{i}.txt: {exc.strerror}")
+                continue
+            if text != str(chaos_tasks.expected(kinds[i], i)):
+                bad.append(f"out/r{i}.txt holds {text[:40]!r}")
+    return bad
 
 
 if __name__ == "__main__":

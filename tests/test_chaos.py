@@ -2,10 +2,12 @@
 ``python -m benchmarks.chaos``): a client process drives local workers, or two real
 sshd hosts (one behind the slow-link proxy, one running another Python where pyenv has
 one), while a worker, an agent or the client itself is killed with SIGKILL; tasks
-flood output, leave children behind and raise; callbacks block past the keepalive
+flood output, leave children behind and raise, read staged inputs (one sent mid-run)
+and write outputs that come back; callbacks block past the keepalive
 deadline; Futures are cancelled. Each round checks that every Future ended as
-``as_completed``/``wait`` see it with its callback run once, results are right, nothing
-of the job is left in the process table, and memory stayed bounded."""
+``as_completed``/``wait`` see it with its callback run once, results are right, every
+output is on the client, nothing of the job is left in the process table or the hosts'
+cache, and memory stayed bounded."""
 
 from __future__ import annotations
 
