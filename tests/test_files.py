@@ -10,6 +10,7 @@ import concurrent.futures as cf
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import signal
 import stat
@@ -27,6 +28,7 @@ from benchmarks.proxy import DelayProxy
 from sshexec import Host, SSHExecError, SSHPoolExecutor, parse_host
 from sshexec._node import staging as node_staging
 from sshexec._node.store import BlobStore
+from sshexec._pool import hashes as client_hashes
 from sshexec._progress import follow
 from sshexec._wire import messages as msgs
 
@@ -37,6 +39,7 @@ from .waits import shut_down
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # nodes have no copy of the tests
 
 Make = Callable[..., SSHPoolExecutor]
+REPO = str(Path(__file__).resolve().parent.parent)
 MiB = 1 << 20
 
 
@@ -236,6 +239,63 @@ def test_files_made_ahead_of_their_pieces_leave_nothing_behind(tmp_path: Path) -
     store.settle()
     assert time.monotonic() - started < 5.0
     assert len(os.listdir(folder)) == 10
+
+
+COUNT_READS = """
+import builtins, json, sys
+from sshexec._pool import staging
+read = []
+staging.open = lambda path, mode: read.append(path.rsplit("/", 1)[-1]) or builtins.open(path, mode)
+keys = [e.key.hex() for e in staging.scan(sys.argv[1:], ".") if e.kind == "f"]
+print(json.dumps([sorted(read), keys]))
+"""
+
+
+def scan_in_a_new_process(where: Path, cache: Path, *paths: str) -> Tuple[List[str], List[str]]:
+    """The files a fresh client process read to scan ``paths``, and their keys."""
+    done = subprocess.run(
+        [sys.executable, "-c", COUNT_READS, *paths],
+        cwd=where,
+        env={**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    read, keys = json.loads(done.stdout)
+    return read, keys
+
+
+def test_the_next_run_reads_only_what_changed(tmp_path: Path) -> None:
+    """The client remembers hashes on disk by each file's stat: a new process reads
+    again only a changed file (same size and modification time, a new change time)."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    hour_ago = time.time_ns() - 3600 * 10**9
+    for index in range(5):
+        (tree / f"f{index}").write_bytes(os.urandom(1000))
+        os.utime(tree / f"f{index}", ns=(hour_ago, hour_ago))
+    time.sleep(client_hashes.RACY + 0.1)  # their change times are old enough to trust
+    cache = tmp_path / "cache"
+    read, first = scan_in_a_new_process(tmp_path, cache, "tree")
+    assert read == ["f0", "f1", "f2", "f3", "f4"]
+    read, again = scan_in_a_new_process(tmp_path, cache, "tree")
+    assert (read, again) == ([], first)
+    (tree / "f2").write_bytes(os.urandom(1000))
+    os.utime(tree / "f2", ns=(hour_ago, hour_ago))  # as a copy keeping times would
+    read, changed = scan_in_a_new_process(tmp_path, cache, "tree")
+    assert read == ["f2"]
+    assert [a == b for a, b in zip(first, changed)] == [True, True, False, True, True]
+
+
+def test_a_file_changed_just_now_is_hashed_again() -> None:
+    """Its stat may not change with a second write within the timestamp granularity."""
+    now = time.time_ns()
+    recent = (1, 2, 3, now - 10**9, now - 10**9)
+    client_hashes.remember(recent, b"d" * 32, now)
+    assert client_hashes.known(recent) is None
+    older = (1, 2, 3, now - 10 * 10**9, now - 10 * 10**9)
+    client_hashes.remember(older, b"d" * 32, now)
+    assert client_hashes.known(older) == b"d" * 32
 
 
 # ---- a big tree over real links ----------------------------------------------------------

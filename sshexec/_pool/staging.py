@@ -2,13 +2,13 @@
 
 Owns: ``scan`` (walking the given files and trees from the client's working directory:
 each regular file hashed, SHA-256 read piece by piece, by a few threads at once when
-there is much to hash, and remembered by its stat within this process; directories and symlinks inside a tree kept, a symlink leading
-outside its tree refused, naming it), ``Staging`` (one per executor: everything staged
+there is much to hash, unless ``hashes`` remembers it by its stat; directories and
+symlinks inside a tree kept, a symlink leading outside its tree refused, naming it), ``Staging`` (one per executor: everything staged
 so far, which every new host session is given before its first worker; the return
 patterns; ``Returned``, the files tasks send back) and its transfer to one host:
 ``StageDir``, the manifest in ``StageOffer`` pieces, only the contents the host's cache
 lacks (``StageWant``) streamed in ``StagePut`` pieces from the files, waiting for the
-pipe to drain after each (never a whole file in memory), then ``StageCommit`` and the
+channel's write-ahead to drain after each (never a whole file in memory), then ``StageCommit`` and the
 agent's ``Staged``; ``StageReplies``, where a session's reader hands those answers (and
 its loss). Bytes sent and saved count in the host's blob counters (``stats()``).
 Loop thread only, except ``scan``. Must not import: asyncssh, subprocess.
@@ -31,6 +31,7 @@ from .._errors import SSHExecError, WorkerStartupError
 from .._logs import logger
 from .._wire import messages as msgs
 from .._wire import protocol as proto
+from . import hashes
 from .returned import Returned
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ HASH_IN_THREADS = 8 << 20  # bytes to hash from which threads share the work
 OFFER_BYTES = 1 << 20  # manifest bytes per StageOffer frame, about
 STAGE = "files"  # the WorkerStartupError stage of a host that could not take the files
 _batches = itertools.count(1)
-_hashes: Dict[Tuple[int, int, int, int, int], bytes] = {}  # stat -> SHA-256, this process
 
 
 @dataclass(frozen=True)
@@ -124,11 +124,13 @@ def _symlink(full: str, path: str, real_top: str) -> Local:
 
 
 def _hashed(found: Dict[str, Found]) -> List[Local]:
-    """Every file found made an entry, its content hashed: those this process has not
-    hashed yet by ``HASH_THREADS`` threads at once when there is enough to hash (hashlib
-    and reads let go of the GIL), each thread taking the next file as it is free."""
+    """Every file found made an entry, its content hashed unless this process or an
+    earlier run knows it (``hashes``): by ``HASH_THREADS`` threads at once when there is
+    enough to hash (hashlib and reads let go of the GIL), each taking the next file as
+    it is free."""
+    hashes.load()
     todo = [(p, f[0], f[1]) for p, f in found.items() if isinstance(f, tuple)]
-    unknown = sum(info.st_size for _, _, info in todo if _memo(info) not in _hashes)
+    unknown = sum(i.st_size for _, _, i in todo if hashes.known(hashes.stat_of(i)) is None)
     threads = min(HASH_THREADS, os.cpu_count() or 1, len(todo))
     made: Dict[str, Local] = {}
     if threads > 1 and unknown >= HASH_IN_THREADS:
@@ -144,23 +146,23 @@ def _hashed(found: Dict[str, Found]) -> List[Local]:
     else:
         for path, full, info in todo:
             made[path] = _file(full, path, info)
+    if unknown:
+        hashes.save()
     return [made[p] if isinstance(f, tuple) else f for p, f in found.items()]
-
-
-def _memo(info: os.stat_result) -> Tuple[int, int, int, int, int]:
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def _file(full: str, path: str, info: os.stat_result) -> Local:
     mode = stat.S_IMODE(info.st_mode)
-    memo = _memo(info)
-    digest = _hashes.get(memo)
+    known = hashes.stat_of(info)
+    digest = hashes.known(known)
     if digest is None:
+        started = hashes.now_ns()
         sha = hashlib.sha256()
         with open(full, "rb") as source:
             for piece in iter(lambda: source.read(HASH_READ), b""):
                 sha.update(piece)
-        digest = _hashes[memo] = sha.digest()
+        digest = sha.digest()
+        hashes.remember(known, digest, started)
     key = digest + (mode & 0o555).to_bytes(2, "big")
     return Local(path, "f", mode, info.st_size, key, "", full)
 
