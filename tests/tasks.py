@@ -337,3 +337,19 @@ def hog_in_child(size: int) -> int:
 
     code = f"import time; b = b'x' * {size}; time.sleep(60)"
     return subprocess.run([sys.executable, "-c", code]).returncode
+
+
+def leave_a_big_child(size: int) -> int:
+    """Starts a child that holds ``size`` bytes and keeps running, and returns (its pid)
+    once the child holds them."""
+    import subprocess
+
+    code = f"import time; b = b'x' * {size}; time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    page = os.sysconf("SC_PAGE_SIZE")
+    for _ in range(3000):
+        with open(f"/proc/{child.pid}/statm") as f:
+            if int(f.read().split()[1]) * page >= size:
+                return child.pid
+        time.sleep(0.01)
+    raise TimeoutError("the child did not fill its memory")

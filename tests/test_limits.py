@@ -117,6 +117,16 @@ def test_memory_counts_the_processes_a_task_starts(make_executor: Make) -> None:
     assert isinstance(future.exception(), TaskMemoryError), future.exception()
 
 
+def test_memory_leaves_out_what_an_earlier_task_left_running(make_executor: Make) -> None:
+    """A process an earlier task of the worker left behind is not the next task's: the
+    limit counts what the task runs (found by the long chaos run, where a time-limited
+    task failed with TaskMemoryError for five children earlier tasks had left)."""
+    ex = make_executor(1)
+    assert ex.submit(tasks.leave_a_big_child, 400 << 20).result(timeout=60) > 0
+    small = ex.options(memory="300M").submit(tasks.sleep_then, 0.3, "small")
+    assert small.result(timeout=30) == "small"
+
+
 def test_kill_ends_one_running_task_of_eight(make_executor: Make, tmp_path: Path) -> None:
     ex = make_executor(None, hosts=make_executor.hosts_with(8))  # type: ignore[attr-defined]
     wait_full(ex)

@@ -4,7 +4,8 @@ Owns: each worker's *board* (a page of memory shared by the agent and the worker
 forked, or a small file a spawned worker maps and unlinks: the worker writes the id, start and limits of the task it runs, a few stores and
 no system call per task; the agent reads it), ``Limits``, which the agent's loop asks to
 ``check`` at ``due()``: a task past its time, a tree past its memory (resident set of the
-worker and every process descending from it, from ``/proc``), or a task the client asked
+worker and every process descending from it, from ``/proc``, but those an earlier task
+left running: started before this task, ``started_before``), or a task the client asked
 to ``kill`` is stopped through the callback the agent lends (``Children.stop``: the
 ``Stopped`` report, then the process tree killed). The agent reads the boards every
 ``IDLE_EVERY``, every ``FAST_EVERY`` while a task with a memory limit runs, and at a
@@ -31,6 +32,8 @@ FAST_EVERY = 0.02  # seconds between measurements of a tree whose task has a mem
 DOOMED_FOR = 10.0  # seconds a kill waits for its task to start (else it was revoked or done)
 OOM_BIAS = 500  # a worker's oom_score_adj over the agent's
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+TICK = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+EARLIER = 2 * TICK  # a process started this long before a task is not the task's
 
 Stop = Callable[[int, int, str, str], None]  # slot, task id, why (STOP_*), detail
 
@@ -101,6 +104,18 @@ def descendants(pid: int) -> List[int]:
             found += kids
             todo += kids
     return found
+
+
+def started_before(pid: int, moment: float) -> bool:
+    """``pid`` started before ``moment`` (``time.monotonic()``): ``/proc``'s start time,
+    counted from boot, is the monotonic clock or runs ahead of it by the time suspended,
+    so a process is never taken as older than it is (False when unknown)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19]) * TICK < moment
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 def resident(pids: List[int]) -> int:
@@ -199,7 +214,8 @@ class Limits:
                     continue
                 soon = min(soon, deadline)
             if memory:
-                tree = descendants(pid) + self._orphans(pid)
+                others = descendants(pid)[1:] + self._orphans(pid)
+                tree = [pid] + [p for p in others if not started_before(p, started - EARLIER)]
                 used = resident(tree)
                 if used > memory:
                     why = (
