@@ -1,9 +1,11 @@
 """One chaos run's client: ``python -m benchmarks.chaos_client``, driven by ``chaos.py``.
 
 Reads its plan from ``CHAOS_PLAN`` (JSON), uses the executor as users do (``submit``
-with done-callbacks, some of which block, some through an ``options()`` view with time
-and memory limits; random ``cancel()``; ``kill()`` of the tasks meant for it; ``as_completed`` and
-``wait``; a chunked ``map``; the ``with`` block to end it) and writes what it saw to
+with done-callbacks, some of which block, some through ``options()`` views with a time
+or a memory limit; random ``cancel()``; ``kill()`` of the tasks meant for it; staged
+inputs, ``files=`` and a ``send_files`` while the job runs, with outputs brought back by
+``return_files=``; ``as_completed`` and ``wait``; a chunked ``map``; the ``with`` block
+to end it) and writes what it saw to
 ``CHAOS_OUT``, one JSON object per line, flushed at once: ``started`` (the executor is
 up; the driver may start killing), ``seen`` (every outcome), ``ended`` (the executor
 is shut down, every callback has run). A killed client leaves a partial file, which is
@@ -86,11 +88,15 @@ def main() -> None:
     late_error = ""
     with SSHPoolExecutor(plan.get("max_workers"), **kwargs) as ex:
         say("started", pid=os.getpid())
-        limited = ex.options(timeout=plan.get("hang_timeout", 0.5), memory="100M")
+        # one limit each, so which fires first is never a race on a loaded machine
+        views = {
+            "hang": ex.options(timeout=plan.get("hang_timeout", 0.5)),
+            "hog": ex.options(memory="100M", timeout=60.0),
+        }
         doomed: List[cf.Future[Any]] = []
         for i, kind in enumerate(kinds):
             arg = plan["long_sleep"] if i < long else args.get(kind, lambda: 0.0)()
-            view = limited if kind in ("hang", "hog") else ex
+            view = views.get(kind, ex)
             future = view.submit(chaos_tasks.run, kind, i, tag, arg)
             if kind == "doomed":
                 doomed.append(future)

@@ -5,7 +5,8 @@ sshexec (``SSHPoolExecutor(files=[tree])``: the constructor's time with the file
 its time without them; every first run in fresh caches on both ends, the client's
 hashes forgotten as in a new process, a rerun reading them from its cache on disk), by
 ``rsync -a`` and by ``scp -r`` (same cipher, same host); then an unchanged rerun of sshexec (a new executor, the host's cache warm) and of rsync. Prints
-the times, throughputs, bytes sent and the ratios to rsync, from this one run. Targets
+the medians of ``--rounds`` interleaved rounds (times, throughputs, bytes sent, the
+ratios to rsync), from this one run. Targets
 (issue 20): first run >= 0.8x rsync's throughput; a rerun sends <= 1 % of the tree.
 """
 
@@ -16,6 +17,7 @@ import dataclasses
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -130,6 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         prog="python -m benchmarks.staging", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--mib", type=int, default=512, help="size of the tree (default 512 MiB)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument(
         "--transport", action="append", choices=("asyncssh", "openssh"), help="default: both"
     )
@@ -150,36 +153,44 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"tree: {size / MiB:.0f} MiB in {files} files; one loopback sshd, {loopback.CIPHER}"
             )
             os.chdir(root / "src")
-            rows: List[Tuple[str, float, int]] = []
-            seconds, sent = run_rsync(client, server.port, tree, root / "rsync")
-            rows.append(("rsync -a, first", seconds, sent))
-            seconds, sent = run_rsync(client, server.port, tree, root / "rsync")
-            rows.append(("rsync -a, unchanged rerun", seconds, sent))
-            rows.append(("scp -r, first", run_scp(client, server.port, tree, root / "scp"), size))
-            for transport in transports:
-                kwargs = client.executor_kwargs([server.port], transport=transport)
-                cache = root / f"cache-{transport}"
-                base, base_sent = sshexec_start(kwargs, root / "cache-empty", None)
-                seconds, sent = sshexec_start(kwargs, cache, ["tree"])
-                rows.append(
-                    (f"sshexec files= ({transport}), first", seconds - base, sent - base_sent)
-                )
-                seconds, sent = sshexec_start(kwargs, cache, ["tree"])
-                rows.append(
-                    (
-                        f"sshexec files= ({transport}), unchanged rerun",
-                        seconds - base,
-                        sent - base_sent,
-                    )
-                )
-            rsync_first, rsync_rerun = rows[0][1], rows[1][1]
-            print("\n| how | seconds | MiB/s | bytes sent | % of tree | time vs rsync |")
+            times: Dict[str, List[float]] = {}
+            sent_by: Dict[str, int] = {}
+
+            def note(name: str, seconds: float, sent: int) -> None:
+                times.setdefault(name, []).append(seconds)
+                sent_by[name] = sent
+
+            for round_ in range(args.rounds):  # interleaved: a burst of load hits all alike
+                dest = root / f"rsync{round_}"
+                note("rsync -a, first", *run_rsync(client, server.port, tree, dest))
+                note("rsync -a, unchanged rerun", *run_rsync(client, server.port, tree, dest))
+                shutil.rmtree(dest)
+                dest = root / f"scp{round_}"
+                note("scp -r, first", run_scp(client, server.port, tree, dest), size)
+                shutil.rmtree(dest)
+                for transport in transports:
+                    kwargs = client.executor_kwargs([server.port], transport=transport)
+                    cache = root / f"cache-{transport}-{round_}"
+                    base, base_sent = sshexec_start(kwargs, root / "cache-empty", None)
+                    for run in ("first", "unchanged rerun"):
+                        seconds, sent = sshexec_start(kwargs, cache, ["tree"])
+                        note(
+                            f"sshexec files= ({transport}), {run}", seconds - base, sent - base_sent
+                        )
+                    shutil.rmtree(cache)
+            median = {name: statistics.median(values) for name, values in times.items()}
+            rows = [(name, median[name], sent_by[name]) for name in times]
+            rsync_first = median["rsync -a, first"]
+            rsync_rerun = median["rsync -a, unchanged rerun"]
+            print(f"\nmedians of {args.rounds} interleaved rounds (each row's range in brackets)")
+            print("\n| how | seconds | MiB/s | bytes sent | % of tree | throughput vs rsync |")
             print("|---|---|---|---|---|---|")
             for name, seconds, sent in rows:
                 reference = rsync_rerun if "rerun" in name else rsync_first
+                spread = f"{min(times[name]):.2f}-{max(times[name]):.2f}"
                 print(
-                    f"| {name} | {seconds:.2f} | {size / MiB / max(seconds, 1e-9):.0f} | {sent} | "
-                    f"{100 * sent / size:.2f} | {reference / max(seconds, 1e-9):.2f}x |"
+                    f"| {name} | {seconds:.2f} ({spread}) | {size / MiB / max(seconds, 1e-9):.0f} "
+                    f"| {sent} | {100 * sent / size:.2f} | {reference / max(seconds, 1e-9):.2f}x |"
                 )
             print("\n(time vs rsync > 1: faster than rsync; the throughput target is >= 0.8x)")
         finally:
