@@ -9,6 +9,7 @@ remote hosts), nor joblib or scikit-learn.
 from __future__ import annotations
 
 from ._errors import (
+    ActorDiedError,
     BrokenPool,
     CallDecodeError,
     ProtocolError,
@@ -34,6 +35,7 @@ __version__ = "0.2.0"
 _joblib_hook.offer()  # joblib already loaded: backend="sshexec" is found on first use
 
 __all__ = [
+    "ActorDiedError",
     "BrokenPool",
     "CallDecodeError",
     "Host",

@@ -99,6 +99,8 @@ class Supervisor:
     gone: Deque[WorkerStats] = field(
         default_factory=lambda: collections.deque(maxlen=KEEP_GONE_WORKERS)
     )
+    actor_links: Set[WorkerLink] = field(default_factory=set)  # actors' processes (_pool.actors)
+    actor_calls: int = 0  # actor method calls served here
 
     @property
     def name(self) -> str:
@@ -228,6 +230,11 @@ class Supervisor:
             self.starting -= 1
         return WorkerLink(worker_id, self, channel, hello, decoder, session)
 
+    async def agent(self) -> HostSession:
+        """The host's agent (connecting again if it was lost); for actors' workers, which
+        are started outside the planned count. Raises WorkerStartupError."""
+        return await self._session()
+
     async def _session(self) -> HostSession:
         """The host's agent: the live one, or one being opened, or a new one (the first
         start after a loss reconnects)."""
@@ -308,7 +315,7 @@ class Supervisor:
             saved += self.session.bytes_saved
             stored += self.session.bytes_stored
         live = sorted(self.links, key=lambda link: link.worker_id)
-        for link in live:
+        for link in [*live, *self.actor_links]:
             total.add(link.counters)
         return HostStats(
             self.name,
@@ -326,6 +333,8 @@ class Supervisor:
             total.timeouts,
             total.memory_kills,
             total.kills,
+            self.actor_calls,
+            len(self.actor_links),
         )
 
 
