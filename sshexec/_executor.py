@@ -586,12 +586,13 @@ class SSHPoolExecutor(Executor):
     def actors(self) -> List[ActorInfo]:
         """Every actor made by this executor: host, state, calls served, pid, restarts."""
         hub, runtime = self._pool.actors, self._runtime
-        if not runtime.on_loop_thread():
+        if not runtime.on_loop_thread() and not runtime.loop.is_closed():
+            asking = _on_loop(hub.infos)
             try:
-                result: List[ActorInfo] = runtime.call(_on_loop(hub.infos), timeout=10.0)
+                result: List[ActorInfo] = runtime.call(asking, timeout=10.0)
                 return result
             except (cf.TimeoutError, RuntimeError):  # the loop has ended: nothing moves
-                pass
+                asking.close()
         return hub.infos()
 
     def _actor_hosts(self) -> List[str]:
@@ -631,10 +632,11 @@ class SSHPoolExecutor(Executor):
         except (RuntimeError, BrokenPool):  # shutdown ends it
             return
         if not runtime.on_loop_thread():
+            waiting = self._pool.actors.wait_ended(actor_id)
             try:
-                runtime.call(self._pool.actors.wait_ended(actor_id), timeout=None)
+                runtime.call(waiting, timeout=None)
             except (RuntimeError, cf.CancelledError):  # the loop ended: so did the actor
-                pass
+                waiting.close()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; pending tasks finish (or are cancelled when
