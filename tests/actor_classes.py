@@ -40,6 +40,11 @@ class Counter:
     def note_close_in(self, path: str) -> None:
         self.closed_file = path
 
+    def hog(self, size: int) -> int:
+        self.kept = b"x" * size  # resident at once
+        time.sleep(5)
+        return len(self.kept)
+
     def close(self) -> None:
         if self.closed_file:
             with open(self.closed_file, "w") as f:

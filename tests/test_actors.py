@@ -220,6 +220,41 @@ def test_big_state_is_sent_once(make_executor: Callable[..., SSHPoolExecutor]) -
     holder.close()
 
 
+def test_memory_kill_is_a_death(make_executor: Callable[..., SSHPoolExecutor]) -> None:
+    ex = make_executor(1, task_memory="300M")
+    counter = ex.actor(ac.Counter, restart=1)
+    assert counter.add().result(WAIT) == 1
+    with pytest.raises(ActorDiedError, match="memory limit"):
+        counter.hog(800 << 20).result(WAIT)
+    assert counter.add().result(WAIT) == 1  # restarted: a fresh object
+    counter.close()
+
+
+@pytest.mark.ssh
+def test_host_lost_moves_a_restarted_actor(
+    start_server: Callable[..., SSHServer], sshd_pair: List[SSHServer], made: List[Any]
+) -> None:
+    doomed = start_server("doomed")
+    ex = SSHPoolExecutor(2, **executor_kwargs([doomed, sshd_pair[1]], reconnect_grace=2.0))
+    made.append(ex)
+    doomed_host, other_host = ex._actor_hosts()
+    counter = ex.actor(ac.Counter, host=None, restart=1)
+    assert counter.add().result(WAIT) == 1
+    if ex.actors()[0].host != doomed_host:  # put it on the host that goes away
+        counter.close()
+        counter = ex.actor(ac.Counter, host=doomed_host, restart=1)
+    assert counter.value().result(WAIT) in (0, 1)
+    pending = counter.nap(30)
+    time.sleep(0.3)
+    doomed.go_down()
+    with pytest.raises(ActorDiedError) as caught:
+        pending.result(WAIT)
+    assert caught.value.host == doomed_host
+    assert counter.add().result(WAIT) == 1  # a fresh object, on the host that is left
+    assert [a.host for a in ex.actors() if a.state == "alive"] == [other_host]
+    counter.close()
+
+
 @pytest.mark.ssh
 def test_openssh_transport(sshd_pair: List[SSHServer], made: List[SSHPoolExecutor]) -> None:
     ex = SSHPoolExecutor(2, **executor_kwargs(sshd_pair, transport="openssh"))
