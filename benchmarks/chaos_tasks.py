@@ -1,7 +1,8 @@
 """What the chaos run's tasks do on the workers: compute, sleep, flood output, leave a
 child behind (in the worker's group, or in a session of its own), raise, or outlive
 their limits: hang past a time limit with a child (``hang``), eat memory past a memory
-limit (``hog``), or wait to be ended by ``kill()`` (``doomed``).
+limit (``hog``), or wait to be ended by ``kill()`` (``doomed``); and ``Tally``, the
+actors' class.
 
 Travels by value to workers of the client's Python and by source (forwarded) to the
 others, so it uses the standard library only. Every child a task starts carries the
@@ -68,3 +69,22 @@ def run(kind: str, i: int, tag: str, arg: float) -> int:
 
 def square(x: int) -> int:
     return x * x
+
+
+class Tally:
+    """The chaos run's actor: counts its calls; ``pid`` says where it lives."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.count = start
+
+    def add(self, pause: float = 0.0) -> int:
+        if pause:
+            time.sleep(pause)
+        self.count += 1
+        return self.count
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def close(self) -> None:
+        self.count = -1

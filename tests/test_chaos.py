@@ -2,7 +2,8 @@
 ``python -m benchmarks.chaos``): a client process drives local workers, or two real
 sshd hosts (one behind the slow-link proxy, one running another Python where pyenv has
 one), while a worker, an agent or the client itself is killed with SIGKILL; tasks
-flood output, leave children behind and raise; callbacks block past the keepalive
+flood output, leave children behind and raise; two actors are called, one killed and
+dropped, one closed; callbacks block past the keepalive
 deadline; Futures are cancelled. Each round checks that every Future ended as
 ``as_completed``/``wait`` see it with its callback run once, results are right, nothing
 of the job is left in the process table, and memory stayed bounded."""
