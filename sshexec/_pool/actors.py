@@ -12,9 +12,10 @@ unsafe) and, with restarts left, builds a fresh object from the constructor call
 the same host while its agent lives, else on another).
 
 Owns: ``ActorHub`` (one per pool): placing actors, starting and ending their workers,
-each ``Actor``'s calls in order and their Futures, deaths and restarts, ending every
-actor at shutdown, and ``infos()`` for ``actors()``. Loop thread only. Must not import:
-subprocess or asyncssh, the task table or the scheduler.
+the replies that change an actor's life (its constructor's, its close's), deaths and
+restarts, ending every actor at shutdown, and ``infos()`` for ``actors()``; each actor's
+state and calls are ``actor.Actor``'s. Loop thread only. Must not import: subprocess or
+asyncssh, the task table or the scheduler.
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ import asyncio
 import collections
 import itertools
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from .._encode import Encoded
-from .._ending import ERROR, RESULT, Ender, notify_cancelled
-from .._errors import ActorDiedError, PythonVersionError, WorkerStartupError, rebuild
+from .._ending import Ender
+from .._errors import ActorDiedError, WorkerStartupError, rebuild
 from .._logs import logger
 from .._stats import ActorInfo
-from .._wire import calls as wire_calls
 from .._wire import protocol as proto
+from .actor import ALIVE, CLOSE, CLOSED, CREATE, DEAD, DYING, STARTING, Actor, Call
 from .link import WorkerLink, open_worker
 
 if TYPE_CHECKING:
@@ -41,71 +42,7 @@ if TYPE_CHECKING:
 
 log = logger("sshexec.actors")
 
-CREATE, CALL, CLOSE = range(3)
-STARTING, ALIVE, DYING, CLOSED, DEAD = "starting", "alive", "dying", "closed", "dead"
 DEATH_REASON_WAIT = 2.0  # seconds to learn how an actor's process ended
-
-
-class Call:
-    __slots__ = ("call_id", "encoded", "future", "kind")
-
-    def __init__(
-        self, call_id: int, future: Optional[Future[Any]], encoded: Encoded, kind: int = CALL
-    ) -> None:
-        self.call_id, self.future, self.encoded, self.kind = call_id, future, encoded, kind
-
-
-class Actor:
-    """One actor: its calls in order, its link while it has a live process."""
-
-    def __init__(
-        self,
-        hub: ActorHub,
-        actor_id: int,
-        name: str,
-        encoded: Tuple[Encoded, Encoded],
-        host: Optional[str],
-        restarts: int,
-        memory: int,
-    ) -> None:
-        self.hub, self.actor_id, self.name = hub, actor_id, name
-        (self.create, self.end_call), self.wanted, self.restarts_left = encoded, host, restarts
-        self.memory = memory  # bytes its process tree may use (0: no limit)
-        self.output: OutputRouter = hub.output  # the link's Replies: output, gate, below
-        self.gate: OutputGate = hub.gate
-        self.state = STARTING
-        self.where: Optional[Supervisor] = None
-        self.link: Optional[WorkerLink] = None
-        self.queued: Deque[Call] = collections.deque()  # made while it had no live process
-        self.sent: Deque[Call] = collections.deque()  # sent to its process, in order
-        self.calls_served = 0
-        self.restarts = 0
-        self.is_closing = False  # close() asked: no restart, and CLOSED when it ends
-        self.stop_reason = ""  # the agent's word when it killed it (a memory limit)
-        self.error: Optional[ActorDiedError] = None  # why it is DEAD
-        self.ended = asyncio.Event()
-
-    # the Replies its link delivers to
-    def on_reply(self, link: WorkerLink, message: proto.Message) -> None:
-        self.hub.on_reply(self, link, message)
-
-    def after_replies(self, link: WorkerLink) -> None:
-        pass
-
-    def on_lost(self, link: WorkerLink, reason: str) -> None:
-        self.hub.on_lost(self, link, reason)
-
-    def info(self) -> ActorInfo:
-        link = self.link
-        return ActorInfo(
-            self.actor_id,
-            self.name,
-            self.where.name if self.where is not None else None,
-            self.state,
-            self.calls_served,
-            link.pid if link is not None else None,
-            self.restarts,
-        )
 
 
 class ActorHub:
@@ -146,7 +83,7 @@ class ActorHub:
             return
         call = Call(next(self._ids), future, encoded)
         if actor.state in (CLOSED, DEAD):
-            self._fail([call], self._gone(actor))
+            actor.fail([call], self._gone(actor))
         elif actor.link is not None and actor.state != DYING:
             self._send(actor, [call])
         else:
@@ -246,34 +183,9 @@ class ActorHub:
     def _send(self, actor: Actor, calls: Sequence[Call]) -> None:
         link = actor.link
         assert link is not None
-        messages: List[proto.Message] = []
-        for index, call in enumerate(calls):
-            future = call.future
-            if future is not None and not future.set_running_or_notify_cancel():
-                continue  # cancelled before it was sent
-            encoded = call.encoded
-            if link.same_python or (encoded.other is None and encoded.bound is None):
-                (payload, buffers), blobs = encoded.payload, encoded.blobs
-            elif encoded.other is not None:
-                (payload, buffers), blobs = encoded.other
-            else:
-                error = PythonVersionError(
-                    f"{encoded.bound} exists only as code, which only this client's Python "
-                    f"version can load; actor {actor.name} runs on {link.host.name}, Python "
-                    f"{link.hello.python}. Define it at module level."
-                )
-                if call.kind == CREATE:  # the calls behind it fail with the actor
-                    actor.queued.extendleft(reversed(calls[index + 1 :]))
-                    self._kill(actor, link, f"its constructor cannot reach it: {error}")
-                    return
-                self._fail([call], error)
-                continue
-            for blob in blobs:
-                link.session.store(*blob)
-            actor.sent.append(call)
-            messages.append(proto.Run(call.call_id, payload, buffers))
-        if messages:
-            link.send(*proto.frame_pieces(messages))
+        why = actor.send(calls)
+        if why:  # its constructor cannot run there: the calls behind it fail with it
+            self._kill(actor, link, f"its constructor cannot reach it: {why}")
 
     def on_reply(self, actor: Actor, link: WorkerLink, message: proto.Message) -> None:
         if not isinstance(message, (proto.Done, proto.Failed)) or actor.link is not link:
@@ -308,19 +220,7 @@ class ActorHub:
             link.send(proto.encode(proto.Shutdown()))
             self.pool.spawn(link.channel.aclose(self.shutdown_grace))
             return
-        actor.calls_served += 1
-        link.host.actor_calls += 1
-        future = call.future
-        assert future is not None
-        if isinstance(message, proto.Failed):
-            self.ender.end(future, ERROR, rebuild(message, link.worker_id))
-            return
-        try:
-            result = wire_calls.loads(message.payload, message.buffers)
-        except BaseException as exc:
-            self.ender.end(future, ERROR, exc)
-        else:
-            self.ender.end(future, RESULT, result)
+        actor.answer(call, message)
 
     # ---- ends -------------------------------------------------------------------------
 
@@ -377,7 +277,7 @@ class ActorHub:
                 how,
             )
             if restart:
-                self._fail(doomed, error)
+                actor.fail(doomed, error)
                 actor.restarts_left -= 1
                 actor.restarts += 1
                 actor.state = STARTING
@@ -392,7 +292,7 @@ class ActorHub:
         actor.error = error
         queued, actor.queued = list(actor.queued), collections.deque()
         actor.sent = collections.deque()
-        self._fail([*doomed, *queued], error)
+        actor.fail([*doomed, *queued], error)
         actor.ended.set()
 
     def _gone(self, actor: Actor) -> BaseException:
@@ -400,18 +300,6 @@ class ActorHub:
             return actor.error
         where = actor.where.name if actor.where is not None else "-"
         return ActorDiedError(where, actor.name, "it was closed")
-
-    def _fail(self, calls: Sequence[Call], error: BaseException) -> None:
-        for call in calls:
-            future = call.future
-            if future is None:
-                continue
-            if future.done():
-                notify_cancelled(future)
-                continue
-            if not future.running() and not future.set_running_or_notify_cancel():
-                continue
-            self.ender.end(future, ERROR, error)
 
     # ---- shutdown ---------------------------------------------------------------------
 

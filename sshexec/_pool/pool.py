@@ -18,6 +18,10 @@ Data flow (every step after the first runs on the executor's loop thread)::
         links, TaskTable.remove_worker (requeue | ending), Supervisor.lost ──▶ top_up
         then, bounded: how it died ──▶ ending tasks fail with WorkerLostError
 
+Actors (``ex.actor``) are workers of their own on links the table never sees: their
+calls go ``ActorHub`` ──Run──▶ their link, and their ends to the hub (``_pool.actors``);
+the pool only ends them at shutdown and kills them with the rest.
+
 Owns: the live ``WorkerLink``s by id, adopting started workers, losing them,
 broken-pool detection and the shutdown escalation (``Shutdown`` frame → grace → close
 channel → close connection). Every task's state is the ``TaskTable``'s, every host's

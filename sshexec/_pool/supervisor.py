@@ -12,7 +12,9 @@ gives the host up at once; so do ``MAX_START_FAILURES`` failed starts in a row o
 host with no live worker. A host with live workers is never marked down and never
 given up for a failed start: it keeps retrying (backoff) to reach its planned count.
 
-Owns: the host's transport, planned and live counts, ``starting``, failures, the
+Owns: the host's transport, planned and live counts (actors' workers, started through
+``agent()`` by ``_pool.actors``, are outside them; their links and calls are counted in
+its stats), ``starting``, failures, the
 down/given-up state, its ended workers' stats and ``snapshot()``. Loop thread only.
 Must not import: subprocess or asyncssh, or know about tasks beyond the pool's hooks.
 """
