@@ -5,8 +5,10 @@ another Python version."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -292,3 +294,42 @@ def test_actor_on_another_python(
     assert [n for n, _ in got] == [3, 6]
     assert {v for _, v in got} == {version_of(other)}
     tally.close()
+
+
+EXITING = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import cloudpickle
+from tests import actor_classes
+cloudpickle.register_pickle_by_value(actor_classes)
+from sshexec import SSHPoolExecutor
+
+ex = SSHPoolExecutor(1, **json.loads(os.environ["KW"]))
+kept = ex.actor(actor_classes.Counter)
+kept.note_close_in({marker!r})
+pending = [kept.add() for _ in range(50)]
+print(json.dumps(kept.pid().result(60)), flush=True)
+# no close(), no shutdown(): the interpreter's exit ends the actor after its calls
+"""
+
+
+@pytest.mark.parametrize("where", ["local", "ssh"])
+def test_exit_without_shutdown_ends_actors(
+    where: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    kwargs = executor_kwargs(request.getfixturevalue("sshd_pair")) if where == "ssh" else {}
+    marker = tmp_path / "closed"
+    code = EXITING.format(root=str(Path(__file__).resolve().parent.parent), marker=str(marker))
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "KW": json.dumps(kwargs)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 20
+    pid = json.loads(done.stdout.splitlines()[0])
+    assert gone(pid)
+    assert marker.read_text() == "50"  # its calls ran, then its close()
