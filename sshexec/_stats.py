@@ -205,18 +205,22 @@ class Stats:
         saved = any(h.bytes_saved for h in self.hosts.values())
         if saved:
             header.append("saved")
+        actors = any(h.actor_calls or h.actors for h in self.hosts.values())
+        if actors:
+            header.append("actor calls")
         rows: List[List[str]] = []
         for host in self.hosts.values():
             rows.append(_row(host.host, str(host.workers), host))
             if saved:
                 rows[-1].append(_size(host.bytes_saved))
+            if actors:
+                rows[-1].append(str(host.actor_calls))
             if per_worker:
                 for worker in self.workers.values():
                     if worker.host == host.host:
                         alive = "" if worker.is_alive else " (gone)"
                         rows.append(_row(f"  {worker.worker_id}{alive}", "", worker))
-                        if saved:
-                            rows[-1].append("")
+                        rows[-1].extend([""] * (saved + actors))
         return _format([header, *rows])
 
     def __str__(self) -> str:

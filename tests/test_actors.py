@@ -72,6 +72,7 @@ def test_counter_from_four_threads_keeps_count_and_order(
     stats = ex.stats(refresh=0)
     assert sum(h.actor_calls for h in stats.hosts.values()) == 10_005
     assert stats.tasks_done == 0  # actor calls are not pool tasks
+    assert "actor calls" in stats.table() and "10005" in stats.table()
     counter.close()
 
 
