@@ -67,3 +67,6 @@ class Holder:
 class Broken:
     def __init__(self, text: str) -> None:
         raise RuntimeError(text)
+
+    def anything(self) -> None:
+        pass

@@ -97,6 +97,8 @@ def test_exception_fails_that_call_only_and_proxy_arrives_as_the_object(
         assert ex.submit(sum, [1, 2]).result(WAIT) == 3  # the pool serves on beside them
     with pytest.raises(RuntimeError, match="closed"):
         counter.add()
+    with pytest.raises(AttributeError, match="no method 'ad'"):
+        counter.ad()  # a typo fails here, not on the host
 
 
 def test_close_runs_the_objects_close_and_ends_its_process(

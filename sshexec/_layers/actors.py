@@ -15,7 +15,7 @@ import itertools
 import uuid
 import weakref
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Optional, Tuple
 
 from .._node import actors as node
 
@@ -34,20 +34,32 @@ class ActorProxy:
         "__weakref__",
         "_sshexec_closed",
         "_sshexec_id",
+        "_sshexec_methods",
         "_sshexec_name",
         "_sshexec_owner",
         "_sshexec_token",
     )
 
-    def __init__(self, owner: SSHPoolExecutor, actor_id: int, token: str, name: str) -> None:
+    def __init__(
+        self,
+        owner: SSHPoolExecutor,
+        actor_id: int,
+        token: str,
+        name: str,
+        methods: Optional[FrozenSet[str]],
+    ) -> None:
         self._sshexec_owner, self._sshexec_id, self._sshexec_token = owner, actor_id, token
+        self._sshexec_methods = methods  # None: any name (a factory, a class with __getattr__)
         self._sshexec_closed, self._sshexec_name = False, name
         # collected without close(): the remote object ends too (at exit, shutdown does it)
         weakref.finalize(self, _dropped, weakref.ref(owner), actor_id).atexit = False
 
     def __getattr__(self, name: str) -> Callable[..., Future[Any]]:
-        if name.startswith("__") and name.endswith("__"):
-            raise AttributeError(name)
+        methods = self._sshexec_methods
+        if (name.startswith("__") and name.endswith("__")) or (
+            methods is not None and name not in methods
+        ):
+            raise AttributeError(f"actor {self._sshexec_name} has no method {name!r}")
 
         def method(*args: Any, **kwargs: Any) -> Future[Any]:
             return self._sshexec_call(name, args, kwargs)
@@ -125,4 +137,13 @@ def new_actor(
     name = getattr(cls, "__qualname__", None) or repr(cls)
     actor_id = next(_ids)
     executor._actor_post("create", actor_id, name, (encoded, end), host, restart, memory)
-    return ActorProxy(executor, actor_id, token, name)
+    return ActorProxy(executor, actor_id, token, name, _methods(cls))
+
+
+def _methods(cls: Any) -> Optional[FrozenSet[str]]:
+    """The names a proxy answers: the class's callable attributes (so a typo, or a
+    notebook probing ``_repr_html_``, is an ``AttributeError`` here, not a remote call);
+    None (any name) for a factory function or a class with ``__getattr__``."""
+    if not isinstance(cls, type) or hasattr(cls, "__getattr__"):
+        return None
+    return frozenset(name for name in dir(cls) if callable(getattr(cls, name, None)))
