@@ -45,7 +45,12 @@ class Counter:
         time.sleep(5)
         return len(self.kept)
 
+    def hang_on_close(self) -> None:
+        self.closed_file = "hang"
+
     def close(self) -> None:
+        if self.closed_file == "hang":
+            time.sleep(600)
         if self.closed_file:
             with open(self.closed_file, "w") as f:
                 f.write(str(self.total))

@@ -193,6 +193,17 @@ def test_shutdown_with_live_actors_is_bounded(
         actors[1].add()
 
 
+def test_shutdown_bounds_a_hung_close(make_executor: Callable[..., SSHPoolExecutor]) -> None:
+    ex = make_executor(1, shutdown_grace=1.0)
+    stuck = ex.actor(ac.Counter)
+    stuck.hang_on_close()
+    pid = stuck.pid().result(WAIT)
+    started = time.monotonic()
+    ex.shutdown()  # plain: its close() gets shutdown_grace, then the process is killed
+    assert time.monotonic() - started < 1.0 + 4.0
+    assert gone(pid)
+
+
 def test_bounded_shutdown_kills_a_hung_actor(
     make_executor: Callable[..., SSHPoolExecutor],
 ) -> None:

@@ -97,6 +97,14 @@ class Actor:
             self.restarts,
         )
 
+    def is_busy(self) -> bool:
+        """Method calls of it are under way or waiting (or its process is starting)."""
+        if self.ended.is_set():
+            return False
+        if self.state in (STARTING, DYING):
+            return True
+        return any(call.kind == CALL for call in (*self.sent, *self.queued))
+
     # ---- its calls --------------------------------------------------------------------
 
     def send(self, calls: Sequence[Call]) -> str:

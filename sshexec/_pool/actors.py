@@ -314,17 +314,21 @@ class ActorHub:
                 link.channel.kill()
 
     async def aclose(self, grace: Optional[float]) -> None:
-        """Shutdown: each actor ends after the calls made before (``grace`` s at most,
-        when given) and its ``close()`` (``shutdown_grace`` s), else it is killed."""
+        """Shutdown: each actor ends after the method calls made before (waited for as
+        running tasks are: ``grace`` s at most, when given), then its ``close()`` gets
+        ``shutdown_grace`` s; what is still alive then is killed."""
         self.is_closing = True
         live = [a for a in self.actors.values() if not a.ended.is_set()]
         for actor in live:
             self.close(actor.actor_id)
         if not live:
             return
+        loop = asyncio.get_running_loop()
+        deadline = None if grace is None else loop.time() + grace
+        while any(a.is_busy() for a in live) and (deadline is None or loop.time() < deadline):
+            await asyncio.sleep(0.02)  # only while shutting down, with calls under way
         waits = [asyncio.ensure_future(a.ended.wait()) for a in live]
-        limit = None if grace is None else grace + self.shutdown_grace
-        _, pending = await asyncio.wait(waits, timeout=limit)
+        _, pending = await asyncio.wait(waits, timeout=self.shutdown_grace)
         if pending:
             log.warning("shutdown: %d actors did not end in time; killing them", len(pending))
             self.terminate("killed at shutdown")
