@@ -352,3 +352,21 @@ def test_exit_without_shutdown_ends_actors(
     pid = json.loads(done.stdout.splitlines()[0])
     assert gone(pid)
     assert marker.read_text() == "50"  # its calls ran, then its close()
+
+
+def test_a_class_made_in_a_function_travels(
+    make_executor: Callable[..., SSHPoolExecutor],
+) -> None:
+    def make(base: int) -> Any:
+        class Local:  # a closure: pickled by value, as a task's lambda is
+            def __init__(self, scale: int) -> None:
+                self.scale = scale
+
+            def plus(self, x: int) -> int:
+                return base + self.scale * x
+
+        return Local
+
+    ex = make_executor(1)
+    with ex.actor(make(10), scale=3) as local:
+        assert results([local.plus(1), local.plus(2)]) == [13, 16]
