@@ -58,7 +58,11 @@ class Actor:
         memory: int,
     ) -> None:
         self.hub, self.actor_id, self.name = hub, actor_id, name
-        (self.create, self.end_call), self.wanted, self.restarts_left = encoded, host, restarts
+        self.wanted, self.restarts_left = host, restarts
+        # the constructor's call: kept only while a restart may need it (it may hold a
+        # 500 MB argument), and the close call
+        self.create: Optional[Encoded] = encoded[0]
+        self.end_call = encoded[1]
         self.memory = memory  # bytes its process tree may use (0: no limit)
         self.output: OutputRouter = hub.output  # the link's Replies: output, gate, below
         self.gate: OutputGate = hub.gate

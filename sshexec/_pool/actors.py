@@ -172,7 +172,10 @@ class ActorHub:
             worker_id,
             link.pid,
         )
+        assert actor.create is not None
         first: List[Call] = [Call(next(self._ids), None, actor.create, CREATE)]
+        if actor.restarts_left == 0:
+            actor.create = None  # no restart will need it: its arguments are the node's now
         queued, actor.queued = list(actor.queued), collections.deque()
         if actor.memory:
             link.send(proto.encode(proto.Limits(0.0, actor.memory)))
@@ -246,7 +249,7 @@ class ActorHub:
         actor.link = None
         doomed, actor.sent = list(actor.sent), collections.deque()
         if link.is_closing and actor.is_closing and not doomed:
-            actor.state = CLOSED
+            actor.state, actor.create = CLOSED, None
             actor.ended.set()
             log.info("actor closed actor=%s class=%s", actor.actor_id, actor.name)
             return
@@ -289,6 +292,7 @@ class ActorHub:
     def _ended(self, actor: Actor, error: ActorDiedError, doomed: Sequence[Call] = ()) -> None:
         """No process and none to come: every call made so far and later fails."""
         actor.state = CLOSED if actor.is_closing else DEAD
+        actor.create = None
         actor.error = error
         queued, actor.queued = list(actor.queued), collections.deque()
         actor.sent = collections.deque()
