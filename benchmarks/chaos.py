@@ -7,10 +7,14 @@ host's agent, or of the client itself. Its tasks compute, sleep, flood output, l
 children behind (in the worker's group or in a session of their own), raise, pass
 their time or memory limit (``TaskTimeout``, ``TaskMemoryError``) or are ``kill()``ed,
 read staged inputs (``files=``, one sent by ``send_files`` mid-run) and write outputs
-that come back (``return_files=``); some done-callbacks block for longer than three keepalive intervals; some Futures are
+that come back (``return_files=``); two actors take calls (one ``restart=1``, one
+``kill -9``ed by the client, then dropped); some done-callbacks block for longer than
+three keepalive intervals; some Futures are
 cancelled. Afterwards ``check`` lists every broken invariant:
 
 - every Future ended, as ``as_completed`` and ``wait`` see it, and its callback ran once;
+- actors' calls all ended, answered in call order, ``ActorDiedError`` only after a kill
+  (``check_actors``), and no actor is left at shutdown;
 - results are right; the only errors are the tasks' own, cancellations the client made,
   the limits and kills it set, and (only where something was killed) lost workers;
 - no process of the job is left: no agent, worker, or child a task started, on any node,
@@ -341,8 +345,40 @@ def check(result: Round, plan: Dict[str, Any]) -> List[str]:
                 problems.append(f"task {i} ({kind}) ended as {how}: {value}")
         elif how != "result" or value != chaos_tasks.expected(kind, i):
             problems.append(f"task {i} ({kind}) ended as {how}: {value!r}")
+    problems.extend(check_actors(seen.get("actors"), lossy))
     if ended["peak_rss_mb"] > CLIENT_RSS_LIMIT_MB:
         problems.append(f"the client peaked at {ended['peak_rss_mb']:.0f} MB")
+    return problems
+
+
+def check_actors(actors: Optional[Dict[str, Any]], lossy: bool) -> List[str]:
+    """The actors' invariants: every call ended; ``kept`` counted 1, 2, 3, ... in call
+    order (restarting from 1 only after an ``ActorDiedError``, only where workers or
+    agents were killed); ``doomed`` answered in order until the client killed it, and
+    every call from the first one that failed on failed with ``ActorDiedError``."""
+    if actors is None:
+        return ["the client reported no actors"]
+    problems = []
+    if actors["completed"] != actors["calls"]:
+        problems.append(
+            f"actor calls: as_completed yielded {actors['completed']} of {actors['calls']}"
+        )
+    for name, outcomes in actors["outcomes"].items():
+        expect, failed = 1, False
+        for k, (how, value) in enumerate(outcomes):
+            if how == "result" and value == expect and not (failed and name == "doomed"):
+                expect += 1
+            elif how == "ActorDiedError" and (lossy or name == "doomed"):
+                failed, expect = True, 1 if name == "kept" else expect
+            elif how == "result" and value == 1 and failed and name == "kept":
+                expect = 2  # the fresh object's first call
+            else:
+                problems.append(f"actor {name} call {k}: {how} {value!r} (expected {expect})")
+                break
+        if name == "doomed" and actors["killed_at"] >= 0 and not failed:
+            problems.append("actor doomed: killed, yet no call failed with ActorDiedError")
+    if any(state not in ("closed", "dead") for state in actors["listed"]):
+        problems.append(f"actors left at shutdown: {actors['listed']}")
     return problems
 
 

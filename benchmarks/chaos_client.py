@@ -4,8 +4,9 @@ Reads its plan from ``CHAOS_PLAN`` (JSON), uses the executor as users do (``subm
 with done-callbacks, some of which block, some through ``options()`` views with a time
 or a memory limit; random ``cancel()``; ``kill()`` of the tasks meant for it; staged
 inputs, ``files=`` and a ``send_files`` while the job runs, with outputs brought back by
-``return_files=``; ``as_completed`` and ``wait``; a chunked ``map``; the ``with`` block
-to end it) and writes what it saw to
+``return_files=``; ``as_completed`` and ``wait``; a chunked ``map``; two actors, one
+with ``restart=1``, called between the submits, one ``kill -9``ed by the client midway
+and dropped, the other closed; the ``with`` block to end it) and writes what it saw to
 ``CHAOS_OUT``, one JSON object per line, flushed at once: ``started`` (the executor is
 up; the driver may start killing), ``seen`` (every outcome), ``ended`` (the executor
 is shut down, every callback has run). A killed client leaves a partial file, which is
@@ -40,6 +41,45 @@ def peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def actor_round(ex: SSHPoolExecutor, plan: Dict[str, Any], rng: random.Random) -> Dict[str, Any]:
+    """Two actors: ``kept`` (``restart=1``) and ``doomed``, each called ``actor_calls``
+    times; ``doomed``'s process is killed (``kill -9``) by the client after a third of
+    its calls. Every call's outcome, in call order; ``kept`` is closed, ``doomed``
+    dropped without ``close()``."""
+    calls = plan.get("actor_calls", 30)
+    kept = ex.actor(chaos_tasks.Tally, restart=1)
+    doomed = ex.actor(chaos_tasks.Tally)
+    made: Dict[str, List[cf.Future[Any]]] = {"kept": [], "doomed": []}
+    killed_at = -1
+    for k in range(calls):
+        pause = rng.uniform(0.0, 0.05)  # the calls outlast the driver's first kill
+        made["kept"].append(kept.add(pause))
+        made["doomed"].append(doomed.add(pause))
+        if k == calls // 3:
+            try:
+                pid = doomed.pid().result(plan["deadline"])
+                os.kill(pid, 9)
+                killed_at = k
+            except Exception:  # dead already (the driver killed it): nothing to kill
+                pass
+    every = [f for fs in made.values() for f in fs]
+    completed = sum(1 for _ in cf.as_completed(every, timeout=plan["deadline"]))
+    kept.close()
+    del doomed  # ended by the collector
+
+    def outcome(future: cf.Future[Any]) -> Tuple[str, Any]:
+        exc = future.exception()
+        return ("result", future.result()) if exc is None else (type(exc).__name__, str(exc)[:200])
+
+    return {
+        "completed": completed,
+        "calls": len(every),
+        "killed_at": killed_at,
+        "outcomes": {name: [outcome(f) for f in fs] for name, fs in made.items()},
+        "listed": sorted(a.state for a in ex.actors()),
+    }
 
 
 def main() -> None:
@@ -103,6 +143,7 @@ def main() -> None:
             block = plan["callback_block"] if rng.random() < plan["block_fraction"] else 0.0
             future.add_done_callback(functools.partial(on_done, i, block))
             futures[future] = i
+        actors = actor_round(ex, plan, rng)
         cancelled: List[int] = []
         for future, i in list(futures.items()):
             if rng.random() < plan["cancel_fraction"] and future.cancel():
@@ -153,6 +194,7 @@ def main() -> None:
             map_ok=mapped == [x * x for x in range(plan["map_items"])],
             returned_bad=returned_bad(kinds, outcomes),
             late_error=late_error,
+            actors=actors,
         )
     with lock:
         counts = dict(delivered)

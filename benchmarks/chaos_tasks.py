@@ -3,7 +3,8 @@ child behind (in the worker's group, or in a session of its own), raise, or outl
 their limits: hang past a time limit with a child (``hang``), eat memory past a memory
 limit (``hog``), or wait to be ended by ``kill()`` (``doomed``); read a staged input
 (``files=``) where they run and write an output that ``return_files=`` brings back
-(``read``; ``late``: an input ``send_files`` put there while the job ran).
+(``read``; ``late``: an input ``send_files`` put there while the job ran); and ``Tally``,
+the actors' class.
 
 Travels by value to workers of the client's Python and by source (forwarded) to the
 others, so it uses the standard library only. Every child a task starts carries the
@@ -98,3 +99,22 @@ def run(kind: str, i: int, tag: str, arg: float) -> int:
 
 def square(x: int) -> int:
     return x * x
+
+
+class Tally:
+    """The chaos run's actor: counts its calls; ``pid`` says where it lives."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.count = start
+
+    def add(self, pause: float = 0.0) -> int:
+        if pause:
+            time.sleep(pause)
+        self.count += 1
+        return self.count
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def close(self) -> None:
+        self.count = -1

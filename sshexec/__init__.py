@@ -9,6 +9,7 @@ remote hosts), nor joblib or scikit-learn.
 from __future__ import annotations
 
 from ._errors import (
+    ActorDiedError,
     BrokenPool,
     CallDecodeError,
     ProtocolError,
@@ -27,13 +28,15 @@ from ._hosts import Host, allocation, expand_hostlist, parse_host, read_hosts
 from ._layers import joblib_hook as _joblib_hook
 from ._layers.mppool import Pool
 from ._progress import progress
-from ._stats import HostStats, Stats, WorkerStats
+from ._stats import ActorInfo, HostStats, Stats, WorkerStats
 
 __version__ = "0.2.0"
 
 _joblib_hook.offer()  # joblib already loaded: backend="sshexec" is found on first use
 
 __all__ = [
+    "ActorDiedError",
+    "ActorInfo",
     "BrokenPool",
     "CallDecodeError",
     "Host",

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ._wire.protocol import Failed
 
 __all__ = [
+    "ActorDiedError",
     "BrokenPool",
     "CallDecodeError",
     "ProtocolError",
@@ -142,6 +143,23 @@ class TaskKilled(_TaskStopped):
 
     def _what(self) -> str:
         return f"was killed by kill() ({self.detail})"
+
+
+class ActorDiedError(SSHExecError):
+    """An actor's process ended (its ``__init__`` raised, it crashed or was killed, its
+    host was lost): its pending calls and every later one fail with this, unless it was
+    made with ``restart=`` and restarts are left (then only the pending calls fail).
+    ``host``, ``cls`` (the class's name) and ``how`` (exit status, signal, or the
+    exception ``__init__`` raised) say which and why; never retried."""
+
+    __module__ = "sshexec"
+
+    def __init__(self, host: str, cls: str, how: str) -> None:
+        self.host, self.cls, self.how = host, cls, how
+        super().__init__(f"actor {cls} on host {host} died: {how}")
+
+    def __reduce__(self) -> Any:
+        return (ActorDiedError, (self.host, self.cls, self.how))
 
 
 class WorkerStartupError(SSHExecError):

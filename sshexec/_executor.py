@@ -33,7 +33,9 @@ from typing import (
 
 from ._config import Settings
 from ._encode import FRAME_OVERHEAD, Encoded, MapFunction, encode, on_wire
+from ._errors import BrokenPool
 from ._hosts import build_transports, resolve_hosts
+from ._layers.actors import ActorProxy, new_actor
 from ._layers.options import KEEP, Limits, Memory, Options, derive, task_limits
 from ._logs import logger
 from ._loop import Runtime, is_exiting
@@ -45,7 +47,7 @@ from ._pool.pool import Pool
 from ._pool.staging import STAGING_RATE, from_options, paths_of, scan
 from ._pool.supervisor import snapshot
 from ._progress import follow
-from ._stats import Stats
+from ._stats import ActorInfo, Stats
 from ._tasks import Task
 from ._wire import calls
 from ._wire.calls import carried_code, serialize
@@ -544,6 +546,97 @@ class SSHPoolExecutor(Executor):
             if future.cancel():  # still queued: cancelled as Future.cancel() does
                 return True
         return False
+
+    def actor(
+        self,
+        cls: Callable[..., Any],
+        /,
+        *args: Any,
+        host: Optional[str] = None,
+        restart: int = 0,
+        **kwargs: Any,
+    ) -> ActorProxy:
+        """Build ``cls(*args, **kwargs)`` in a process of its own on one host and keep it
+        there: an *actor*. Returns its proxy: ``proxy.method(*a, **k)`` runs the method
+        there and returns a Future at once; one actor's calls run one at a time, in the
+        order they were made. The process is forked by the host's agent beside the
+        pool's workers and takes none of their slots.
+
+        Args:
+            host: The host to put it on (one of ``stats().hosts``); None: the least loaded.
+            restart: How many times to build it again (from these arguments, on the same
+                host while its agent lives, else on another) when its process dies; the
+                calls pending then fail with ``ActorDiedError`` all the same, later ones
+                reach the new object. Nothing is retried.
+
+        ``proxy.close()``, leaving ``with ex.actor(...) as proxy:`` or dropping the proxy
+        ends the remote object (its ``close()``, if any, runs first); so does shutdown.
+        When its process dies (``__init__`` raised, a crash, a kill, its host lost), its
+        pending calls and every later one fail with ``ActorDiedError``. A proxy passed to
+        a call of the same actor arrives as the object itself.
+
+        Raises:
+            RuntimeError: After ``shutdown()``.
+            ValueError, TypeError: A host not of this executor, a bad ``restart``.
+            pickle.PicklingError and the like: The constructor call cannot be pickled.
+        """
+        memory = self._limits[1] if self._limits is not None else 0
+        return new_actor(self, cls, args, kwargs, host, restart, memory)
+
+    def actors(self) -> List[ActorInfo]:
+        """Every actor made by this executor: host, state, calls served, pid, restarts."""
+        hub, runtime = self._pool.actors, self._runtime
+        if not runtime.on_loop_thread() and not runtime.loop.is_closed():
+            asking = _on_loop(hub.infos)
+            try:
+                result: List[ActorInfo] = runtime.call(asking, timeout=10.0)
+                return result
+            except (cf.TimeoutError, RuntimeError):  # the loop has ended: nothing moves
+                asking.close()
+        return hub.infos()
+
+    def _actor_hosts(self) -> List[str]:
+        return [h.name for h in self._pool.hosts if h.is_usable]
+
+    def _actor_encode(self, fn: Callable[..., Any], args: Tuple[Any, ...]) -> Encoded:
+        """An actor's call pickled as a task's (raises what pickling raises)."""
+        encoded = encode(fn, args, {}, None, self._pool.other_python)
+        size = on_wire(encoded)
+        if size > self._max_frame - FRAME_OVERHEAD:
+            raise ValueError(
+                f"the pickled actor call is {size} bytes, over max_frame={self._max_frame}"
+            )
+        return encoded
+
+    def _actor_post(self, what: str, *args: Any, locked: bool = True) -> None:
+        """Hand an actor operation to the pool's ``ActorHub`` (in order per thread).
+        ``locked=False``: from a finalizer, which may run inside the lock."""
+        runtime, hub = self._runtime, self._pool.actors
+        if not locked:
+            try:
+                runtime.loop.call_soon_threadsafe(getattr(hub, what), *args)
+            except RuntimeError:  # the loop is closed: shutdown ended every actor
+                pass
+            return
+        with runtime.lock:
+            if runtime.is_shut_down or is_exiting():
+                raise RuntimeError("cannot use actors after shutdown")
+            if self._pool.broken is not None:
+                raise self._pool.broken
+            runtime.loop.call_soon_threadsafe(getattr(hub, what), *args)
+
+    def _actor_close(self, actor_id: int) -> None:
+        runtime = self._runtime
+        try:
+            self._actor_post("close", actor_id)
+        except (RuntimeError, BrokenPool):  # shutdown ends it
+            return
+        if not runtime.on_loop_thread():
+            waiting = self._pool.actors.wait_ended(actor_id)
+            try:
+                runtime.call(waiting, timeout=None)
+            except (RuntimeError, cf.CancelledError):  # the loop ended: so did the actor
+                waiting.close()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; pending tasks finish (or are cancelled when

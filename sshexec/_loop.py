@@ -115,7 +115,7 @@ class Runtime:
         if cancelled:
             self.pool.cancel(cancelled)
 
-    def call(self, coro: Any, timeout: float) -> Any:
+    def call(self, coro: Any, timeout: Optional[float]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def begin(self, coro: Any) -> Any:

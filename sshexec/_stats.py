@@ -1,7 +1,7 @@
 """Who did what: per-worker and per-host counters and the snapshot ``stats()`` returns.
 
 Owns: ``Counters`` (mutated on the loop thread only), the frozen ``WorkerStats``,
-``HostStats`` and ``Stats`` snapshots handed to users, and their text table.
+``HostStats``, ``ActorInfo`` and ``Stats`` snapshots handed to users, and their text table.
 Must not import: asyncio, the pool, or any I/O.
 """
 
@@ -110,6 +110,9 @@ class HostStats:
         timeouts: Tasks whose worker was killed on the host for passing their time limit.
         memory_kills: ... for passing their memory limit.
         kills: ... by ``SSHPoolExecutor.kill()`` while they ran.
+        actor_calls: Actor method calls served on this host (not counted as tasks; the
+            bytes of actors' calls are in ``bytes_sent`` and ``bytes_received``).
+        actors: Actors' processes live on this host now.
     """
 
     host: str
@@ -127,6 +130,8 @@ class HostStats:
     timeouts: int = 0
     memory_kills: int = 0
     kills: int = 0
+    actor_calls: int = 0
+    actors: int = 0
 
     __module__ = "sshexec"
 
@@ -134,6 +139,32 @@ class HostStats:
     def mean_task_seconds(self) -> float:
         """Mean busy time per finished task (0.0 before the first)."""
         return _mean(self.busy_seconds, self.tasks_done, self.tasks_failed)
+
+
+@dataclass(frozen=True)
+class ActorInfo:
+    """One actor, as ``SSHPoolExecutor.actors()`` lists it.
+
+    Attributes:
+        actor_id: Its number in this executor.
+        cls: Its class's qualified name.
+        host: The host its process runs on (or ran on last); None before it was placed.
+        state: ``"starting"``, ``"alive"``, ``"dying"`` (lost; its calls are failing),
+            ``"closed"`` or ``"dead"`` (see ``ActorDiedError``).
+        calls_served: Method calls it answered (over its restarts).
+        pid: Its process id on its host while it has one.
+        restarts: Times it was re-created after its process died (``restart=``).
+    """
+
+    actor_id: int
+    cls: str
+    host: Optional[str]
+    state: str
+    calls_served: int
+    pid: Optional[int]
+    restarts: int
+
+    __module__ = "sshexec"
 
 
 @dataclass(frozen=True)
@@ -174,18 +205,22 @@ class Stats:
         saved = any(h.bytes_saved for h in self.hosts.values())
         if saved:
             header.append("saved")
+        actors = any(h.actor_calls or h.actors for h in self.hosts.values())
+        if actors:
+            header.append("actor calls")
         rows: List[List[str]] = []
         for host in self.hosts.values():
             rows.append(_row(host.host, str(host.workers), host))
             if saved:
                 rows[-1].append(_size(host.bytes_saved))
+            if actors:
+                rows[-1].append(str(host.actor_calls))
             if per_worker:
                 for worker in self.workers.values():
                     if worker.host == host.host:
                         alive = "" if worker.is_alive else " (gone)"
                         rows.append(_row(f"  {worker.worker_id}{alive}", "", worker))
-                        if saved:
-                            rows[-1].append("")
+                        rows[-1].extend([""] * (saved + actors))
         return _format([header, *rows])
 
     def __str__(self) -> str:

@@ -3,7 +3,8 @@
 sshd hosts (one behind the slow-link proxy, one running another Python where pyenv has
 one), while a worker, an agent or the client itself is killed with SIGKILL; tasks
 flood output, leave children behind and raise, read staged inputs (one sent mid-run)
-and write outputs that come back; callbacks block past the keepalive
+and write outputs that come back; two actors are called, one killed and dropped, one
+closed; callbacks block past the keepalive
 deadline; Futures are cancelled. Each round checks that every Future ended as
 ``as_completed``/``wait`` see it with its callback run once, results are right, every
 output is on the client, nothing of the job is left in the process table or the hosts'

@@ -18,6 +18,10 @@ Data flow (every step after the first runs on the executor's loop thread)::
         links, TaskTable.remove_worker (requeue | ending), Supervisor.lost ──▶ top_up
         then, bounded: how it died ──▶ ending tasks fail with WorkerLostError
 
+Actors (``ex.actor``) are workers of their own on links the table never sees: their
+calls go ``ActorHub`` ──Run──▶ their link, and their ends to the hub (``_pool.actors``);
+the pool only ends them at shutdown and kills them with the rest.
+
 Owns: the live ``WorkerLink``s by id, adopting started workers, losing them,
 broken-pool detection and the shutdown escalation (``Shutdown`` frame → grace → close
 channel → close connection). Every task's state is the ``TaskTable``'s, every host's
@@ -43,6 +47,7 @@ from .._tasks import Loss, Task, TaskFuture, TaskTable
 from .._transports.base import Channel, Transport
 from .._wire import protocol as proto
 from . import stops
+from .actors import ActorHub
 from .dispatch import Dispatcher
 from .link import OutputGate, WorkerLink, ping_all
 from .staging import Local, Staging, staging_failed
@@ -96,6 +101,7 @@ class Pool:
         self.dispatch.keeper.pinned |= self.starts.blob_keys
         self.on_reply = self.dispatch.on_reply  # the links' Replies: these two are the hot path
         self.after_replies = self.dispatch.after_replies
+        self.actors = ActorHub(self, self.table.ender, shutdown_grace)  # ex.actor(): _pool.actors
         self.broken: Optional[BrokenPool] = None
         self.is_closing = False
         self.is_terminating = False
@@ -358,6 +364,7 @@ class Pool:
         for link in list(self.links.values()):
             link.expect_end("killed by kill_workers()")
             link.channel.kill()
+        self.actors.terminate()
         self._check_broken()
 
     async def aclose(self, cancel_futures: bool, grace: Optional[float] = None) -> None:
@@ -387,6 +394,7 @@ class Pool:
                 await asyncio.wait_for(self._idle.wait(), self.shutdown_grace + 2.0)
             except asyncio.TimeoutError:
                 log.warning("shutdown: %d workers did not die in time", len(self.links))
+        await self.actors.aclose(0.0 if self.is_terminating else grace)
         links = list(self.links.values())
         await asyncio.gather(
             *(self._retire(link, "shutdown") for link in links), return_exceptions=True

@@ -12,7 +12,9 @@ gives the host up at once; so do ``MAX_START_FAILURES`` failed starts in a row o
 host with no live worker. A host with live workers is never marked down and never
 given up for a failed start: it keeps retrying (backoff) to reach its planned count.
 
-Owns: the host's transport, planned and live counts, ``starting``, failures, the
+Owns: the host's transport, planned and live counts (actors' workers, started through
+``agent()`` by ``_pool.actors``, are outside them; their links and calls are counted in
+its stats), ``starting``, failures, the
 down/given-up state, its ended workers' stats and ``snapshot()``. Loop thread only.
 Must not import: subprocess or asyncssh, or know about tasks beyond the pool's hooks.
 """
@@ -99,6 +101,8 @@ class Supervisor:
     gone: Deque[WorkerStats] = field(
         default_factory=lambda: collections.deque(maxlen=KEEP_GONE_WORKERS)
     )
+    actor_links: Set[WorkerLink] = field(default_factory=set)  # actors' processes (_pool.actors)
+    actor_calls: int = 0  # actor method calls served here
 
     @property
     def name(self) -> str:
@@ -228,6 +232,11 @@ class Supervisor:
             self.starting -= 1
         return WorkerLink(worker_id, self, channel, hello, decoder, session)
 
+    async def agent(self) -> HostSession:
+        """The host's agent (connecting again if it was lost); for actors' workers, which
+        are started outside the planned count. Raises WorkerStartupError."""
+        return await self._session()
+
     async def _session(self) -> HostSession:
         """The host's agent: the live one, or one being opened, or a new one (the first
         start after a loss reconnects)."""
@@ -308,7 +317,7 @@ class Supervisor:
             saved += self.session.bytes_saved
             stored += self.session.bytes_stored
         live = sorted(self.links, key=lambda link: link.worker_id)
-        for link in live:
+        for link in [*live, *self.actor_links]:
             total.add(link.counters)
         return HostStats(
             self.name,
@@ -326,6 +335,8 @@ class Supervisor:
             total.timeouts,
             total.memory_kills,
             total.kills,
+            self.actor_calls,
+            len(self.actor_links),
         )
 
 
