@@ -33,9 +33,8 @@ from typing import (
 
 from ._config import Settings
 from ._encode import FRAME_OVERHEAD, Encoded, MapFunction, encode, on_wire
-from ._errors import BrokenPool
 from ._hosts import build_transports, resolve_hosts
-from ._layers.actors import ActorProxy, new_actor
+from ._layers.actors import ActorDoor, ActorProxy, new_actor
 from ._layers.options import KEEP, Limits, Memory, Options, derive, task_limits
 from ._logs import logger
 from ._loop import Runtime, is_exiting
@@ -252,6 +251,7 @@ class SSHPoolExecutor(Executor):
             raise
         self._hosts = [h.name for h in self._pool.hosts if h.is_usable]
         self._max_workers = sum(h.workers or 0 for h in self._pool.hosts if h.is_usable)
+        self._actor_door = ActorDoor(self._runtime, self._pool, max_frame)
         weakref.finalize(self, self._runtime.shutdown, False)
 
     @staticmethod
@@ -581,62 +581,11 @@ class SSHPoolExecutor(Executor):
             pickle.PicklingError and the like: The constructor call cannot be pickled.
         """
         memory = self._limits[1] if self._limits is not None else 0
-        return new_actor(self, cls, args, kwargs, host, restart, memory)
+        return new_actor(self._actor_door, cls, args, kwargs, host, restart, memory)
 
     def actors(self) -> List[ActorInfo]:
         """Every actor made by this executor: host, state, calls served, pid, restarts."""
-        hub, runtime = self._pool.actors, self._runtime
-        if not runtime.on_loop_thread() and not runtime.loop.is_closed():
-            asking = _on_loop(hub.infos)
-            try:
-                result: List[ActorInfo] = runtime.call(asking, timeout=10.0)
-                return result
-            except (cf.TimeoutError, RuntimeError):  # the loop has ended: nothing moves
-                asking.close()
-        return hub.infos()
-
-    def _actor_hosts(self) -> List[str]:
-        return [h.name for h in self._pool.hosts if h.is_usable]
-
-    def _actor_encode(self, fn: Callable[..., Any], args: Tuple[Any, ...]) -> Encoded:
-        """An actor's call pickled as a task's (raises what pickling raises)."""
-        encoded = encode(fn, args, {}, None, self._pool.other_python)
-        size = on_wire(encoded)
-        if size > self._max_frame - FRAME_OVERHEAD:
-            raise ValueError(
-                f"the pickled actor call is {size} bytes, over max_frame={self._max_frame}"
-            )
-        return encoded
-
-    def _actor_post(self, what: str, *args: Any, locked: bool = True) -> None:
-        """Hand an actor operation to the pool's ``ActorHub`` (in order per thread).
-        ``locked=False``: from a finalizer, which may run inside the lock."""
-        runtime, hub = self._runtime, self._pool.actors
-        if not locked:
-            try:
-                runtime.loop.call_soon_threadsafe(getattr(hub, what), *args)
-            except RuntimeError:  # the loop is closed: shutdown ended every actor
-                pass
-            return
-        with runtime.lock:
-            if runtime.is_shut_down or is_exiting():
-                raise RuntimeError("cannot use actors after shutdown")
-            if self._pool.broken is not None:
-                raise self._pool.broken
-            runtime.loop.call_soon_threadsafe(getattr(hub, what), *args)
-
-    def _actor_close(self, actor_id: int) -> None:
-        runtime = self._runtime
-        try:
-            self._actor_post("close", actor_id)
-        except (RuntimeError, BrokenPool):  # shutdown ends it
-            return
-        if not runtime.on_loop_thread():
-            waiting = self._pool.actors.wait_ended(actor_id)
-            try:
-                runtime.call(waiting, timeout=None)
-            except (RuntimeError, cf.CancelledError):  # the loop ended: so did the actor
-                waiting.close()
+        return self._actor_door.infos()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; pending tasks finish (or are cancelled when

@@ -253,7 +253,7 @@ def test_host_lost_moves_a_restarted_actor(
     doomed = start_server("doomed")
     ex = SSHPoolExecutor(2, **executor_kwargs([doomed, sshd_pair[1]], reconnect_grace=2.0))
     made.append(ex)
-    doomed_host, other_host = ex._actor_hosts()
+    doomed_host, other_host = ex._actor_door.hosts()
     counter = ex.actor(ac.Counter, host=None, restart=1)
     assert counter.add().result(WAIT) == 1
     if ex.actors()[0].host != doomed_host:  # put it on the host that goes away
@@ -276,7 +276,7 @@ def test_openssh_transport(sshd_pair: List[SSHServer], made: List[SSHPoolExecuto
     ex = SSHPoolExecutor(2, **executor_kwargs(sshd_pair, transport="openssh"))
     made.append(ex)
     first = ex.actor(ac.Counter, 10)
-    second = ex.actor(ac.Counter, 20, host=ex._actor_hosts()[1])
+    second = ex.actor(ac.Counter, 20, host=ex._actor_door.hosts()[1])
     assert results([first.add(), second.add(), first.add()]) == [11, 21, 12]
     hosts = {a.actor_id: a.host for a in ex.actors()}
     assert len(set(hosts.values())) == 2  # the least loaded host, then the one asked for

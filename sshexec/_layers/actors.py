@@ -3,24 +3,31 @@
 Owns: ``ActorProxy`` (attribute access gives the remote object's methods; calling one
 returns a plain ``concurrent.futures.Future`` at once; ``close()``, ``with`` and garbage
 collection end the remote object; pickled into a call of the same actor it arrives as
-the object itself) and ``new_actor`` (checks, the constructor call pickled once).
-The actor's process, its calls' order and its death are ``_pool.actors``'; the node's
-side is ``_node.actors``. Must not import: pool internals; only the executor's own
-(private) actor methods.
+the object itself), ``new_actor`` (checks, the constructor call pickled once) and
+``ActorDoor``, the executor's one way in to the pool for actors (usable hosts, calls
+pickled as tasks' are, operations handed to the loop thread's ``ActorHub`` in order,
+``close`` waiting for the end, ``infos``). The actor's process, its calls' order and
+its death are ``_pool.actors``'; the node's side is ``_node.actors``. Must not import:
+pool internals beyond the ``Pool``'s ``actors`` hub, ``hosts`` and ``broken``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import itertools
 import uuid
 import weakref
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
+from .._encode import FRAME_OVERHEAD, Encoded, encode, on_wire
+from .._errors import BrokenPool
+from .._loop import Runtime, is_exiting
 from .._node import actors as node
 
 if TYPE_CHECKING:
-    from .._executor import SSHPoolExecutor
+    from .._pool.pool import Pool
+    from .._stats import ActorInfo
 
 _ids = itertools.count(1)
 
@@ -42,7 +49,7 @@ class ActorProxy:
 
     def __init__(
         self,
-        owner: SSHPoolExecutor,
+        owner: ActorDoor,
         actor_id: int,
         token: str,
         name: str,
@@ -52,7 +59,7 @@ class ActorProxy:
         self._sshexec_methods = methods  # None: any name (a factory, a class with __getattr__)
         self._sshexec_closed, self._sshexec_name = False, name
         # collected without close(): the remote object ends too (at exit, shutdown does it)
-        weakref.finalize(self, _dropped, weakref.ref(owner), actor_id).atexit = False
+        weakref.finalize(self, owner.post, "close", actor_id, locked=False).atexit = False
 
     def __getattr__(self, name: str) -> Callable[..., Future[Any]]:
         methods = self._sshexec_methods
@@ -75,11 +82,11 @@ class ActorProxy:
         future: Future[Any] = Future()
         owner = self._sshexec_owner
         try:
-            encoded = owner._actor_encode(node.call, (name, args, kwargs))
+            encoded = owner.encode(node.call, (name, args, kwargs))
         except Exception as exc:  # an unpicklable call fails its own Future
             future.set_exception(exc)
             return future
-        owner._actor_post("call", self._sshexec_id, future, encoded)
+        owner.post("call", self._sshexec_id, future, encoded)
         return future
 
     def close(self) -> None:
@@ -90,7 +97,7 @@ class ActorProxy:
         if self._sshexec_closed:
             return
         self._sshexec_closed = True
-        self._sshexec_owner._actor_close(self._sshexec_id)
+        self._sshexec_owner.close(self._sshexec_id)
 
     def __enter__(self) -> ActorProxy:
         return self
@@ -107,16 +114,8 @@ class ActorProxy:
         return f"<sshexec actor {self._sshexec_id} {self._sshexec_name}{state}>"
 
 
-def _dropped(owner: Callable[[], Optional[SSHPoolExecutor]], actor_id: int) -> None:
-    """The proxy was collected without close(): the remote object ends too. Any thread,
-    perhaps inside a lock the collector interrupted: no lock, no wait."""
-    executor = owner()
-    if executor is not None:
-        executor._actor_post("close", actor_id, locked=False)
-
-
 def new_actor(
-    executor: SSHPoolExecutor,
+    door: ActorDoor,
     cls: Callable[..., Any],
     args: Tuple[Any, ...],
     kwargs: Dict[str, Any],
@@ -128,16 +127,16 @@ def new_actor(
         raise TypeError(f"actor() needs a class (a callable), not {type(cls).__name__}")
     if isinstance(restart, bool) or not isinstance(restart, int) or restart < 0:
         raise ValueError(f"restart must be an int >= 0, not {restart!r}")
-    names = executor._actor_hosts()
+    names = door.hosts()
     if host is not None and host not in names:
         raise ValueError(f"host {host!r} is not one of this executor's hosts: {names}")
     token = uuid.uuid4().hex
-    encoded = executor._actor_encode(node.create, (token, cls, args, kwargs))  # raises
-    end = executor._actor_encode(node.end, ())
+    encoded = door.encode(node.create, (token, cls, args, kwargs))  # raises
+    end = door.encode(node.end, ())
     name = getattr(cls, "__qualname__", None) or repr(cls)
     actor_id = next(_ids)
-    executor._actor_post("create", actor_id, name, (encoded, end), host, restart, memory)
-    return ActorProxy(executor, actor_id, token, name, _methods(cls))
+    door.post("create", actor_id, name, (encoded, end), host, restart, memory)
+    return ActorProxy(door, actor_id, token, name, _methods(cls))
 
 
 def _methods(cls: Any) -> Optional[FrozenSet[str]]:
@@ -147,3 +146,69 @@ def _methods(cls: Any) -> Optional[FrozenSet[str]]:
     if not isinstance(cls, type) or hasattr(cls, "__getattr__"):
         return None
     return frozenset(name for name in dir(cls) if callable(getattr(cls, name, None)))
+
+
+class ActorDoor:
+    """The executor's way in to its pool for actors. Any thread (the loop's too)."""
+
+    def __init__(self, runtime: Runtime, pool: Pool, max_frame: int) -> None:
+        self.runtime, self.pool, self.max_frame = runtime, pool, max_frame
+
+    def hosts(self) -> List[str]:
+        return [h.name for h in self.pool.hosts if h.is_usable]
+
+    def encode(self, fn: Callable[..., Any], args: Tuple[Any, ...]) -> Encoded:
+        """An actor's call pickled as a task's (raises what pickling raises)."""
+        encoded = encode(fn, args, {}, None, self.pool.other_python)
+        size = on_wire(encoded)
+        if size > self.max_frame - FRAME_OVERHEAD:
+            raise ValueError(
+                f"the pickled actor call is {size} bytes, over max_frame={self.max_frame}"
+            )
+        return encoded
+
+    def post(self, what: str, *args: Any, locked: bool = True) -> None:
+        """Hand an actor operation to the pool's ``ActorHub`` (in order per thread).
+        ``locked=False``: from a finalizer (a proxy collected without ``close()``), which
+        may run inside the lock, on any thread: no lock, no wait."""
+        runtime, hub = self.runtime, self.pool.actors
+        if not locked:
+            try:
+                runtime.loop.call_soon_threadsafe(getattr(hub, what), *args)
+            except RuntimeError:  # the loop is closed: shutdown ended every actor
+                pass
+            return
+        with runtime.lock:
+            if runtime.is_shut_down or is_exiting():
+                raise RuntimeError("cannot use actors after shutdown")
+            if self.pool.broken is not None:
+                raise self.pool.broken
+            runtime.loop.call_soon_threadsafe(getattr(hub, what), *args)
+
+    def close(self, actor_id: int) -> None:
+        runtime = self.runtime
+        try:
+            self.post("close", actor_id)
+        except (RuntimeError, BrokenPool):  # shutdown ends it
+            return
+        if not runtime.on_loop_thread():
+            waiting = self.pool.actors.wait_ended(actor_id)
+            try:
+                runtime.call(waiting, timeout=None)
+            except (RuntimeError, cf.CancelledError):  # the loop ended: so did the actor
+                waiting.close()
+
+    def infos(self) -> List[ActorInfo]:
+        hub, runtime = self.pool.actors, self.runtime
+        if not runtime.on_loop_thread() and not runtime.loop.is_closed():
+            asking = _on_loop(hub.infos)
+            try:
+                result: List[ActorInfo] = runtime.call(asking, timeout=10.0)
+                return result
+            except (cf.TimeoutError, RuntimeError):  # the loop has ended: nothing moves
+                asking.close()
+        return hub.infos()
+
+
+async def _on_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
