@@ -384,8 +384,10 @@ def test_more_workers_than_max_sessions(start_server: StartServer) -> None:
 def test_every_future_resolves_when_all_hosts_die(
     start_server: StartServer, made: List[SSHPoolExecutor]
 ) -> None:
+    """Past ``reconnect_grace`` (3 s here; 60 by default) with no host back, every
+    Future ends: a result, or BrokenProcessPool."""
     server = start_server("doomed")
-    executor = SSHPoolExecutor(2, **server.executor_kwargs(max_retries=0))
+    executor = SSHPoolExecutor(2, **server.executor_kwargs(max_retries=0, reconnect_grace=3.0))
     made.append(executor)
     futures = [executor.submit(tasks.sleep_then, 0.5, i) for i in range(8)]
     time.sleep(0.2)
