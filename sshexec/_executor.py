@@ -1,19 +1,16 @@
-"""``SSHPoolExecutor``: the public executor, its arguments and Futures.
+"""``SSHPoolExecutor``: the public executor, its arguments and its methods.
 
-Owns: argument checks, pickling calls, task ids, Futures, starting ``map`` (its
-ordered results are ``_mapresults``'), and wiring the parts: transports from
-``_hosts``, the loop thread from ``_runtime``, the ``Pool`` run on it, and the
-finalizer that shuts a forgotten executor down. Must not touch: bytes, frames, asyncssh, or placement.
+Owns: argument checks and wiring the parts: transports from ``_hosts``, the loop thread
+from ``_loop``'s ``Runtime``, the ``Pool`` run on it, the ``Submitter`` that makes
+calls into tasks (``_submitting``: pickling, task ids, Futures, ``map``), the actors'
+door (``_layers.actors``), ``options()`` views, and the finalizer that shuts a forgotten
+executor down. Must not touch: bytes, frames, asyncssh, or placement.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import functools
-import itertools
 import logging
-import pickle
-import time
 import weakref
 from concurrent.futures import Executor, Future
 from typing import (
@@ -32,23 +29,19 @@ from typing import (
 )
 
 from ._config import Settings
-from ._encode import FRAME_OVERHEAD, Encoded, MapFunction, encode, on_wire
 from ._hosts import build_transports, resolve_hosts
 from ._layers.actors import ActorDoor, ActorProxy, new_actor
 from ._layers.options import KEEP, Limits, Memory, Options, derive, task_limits
 from ._logs import logger
-from ._loop import Runtime, is_exiting
-from ._mapresults import MapItem, MapResults, flatten, in_chunks, ordered_results
+from ._loop import Runtime
 from ._output import OutputRouter
-from ._pool.blobs import CLAIMS
 from ._pool.link import STARTUP_TIMEOUT
 from ._pool.pool import Pool
 from ._pool.staging import STAGING_RATE, from_options, paths_of, scan
 from ._pool.supervisor import snapshot
 from ._progress import follow
 from ._stats import ActorInfo, Stats
-from ._tasks import Task
-from ._wire import calls
+from ._submitting import Submitter
 from ._wire.calls import carried_code, serialize
 from ._wire.protocol import DEFAULT_MAX_FRAME
 
@@ -219,7 +212,6 @@ class SSHPoolExecutor(Executor):
                 portable = serialize((initializer, tuple(initargs)), portable=True)
                 other_init = None if carried_code() else portable
         self._max_frame = max_frame
-        self._task_ids = itertools.count(1)
         self._runtime = Runtime(shutdown_grace)
         pool_args = dict(
             initializer=init_payload,
@@ -252,6 +244,7 @@ class SSHPoolExecutor(Executor):
         self._hosts = [h.name for h in self._pool.hosts if h.is_usable]
         self._max_workers = sum(h.workers or 0 for h in self._pool.hosts if h.is_usable)
         self._actor_door = ActorDoor(self._runtime, self._pool, max_frame)
+        self._submitter = Submitter(self._runtime, self._pool, max_frame, self._limits)
         weakref.finalize(self, self._runtime.shutdown, False)
 
     @staticmethod
@@ -311,7 +304,7 @@ class SSHPoolExecutor(Executor):
             RuntimeError: After ``shutdown()``.
         """
         return {
-            host.name: self._submit(fn, args, kwargs, host.name)
+            host.name: self._submitter.submit(fn, args, kwargs, host.name)
             for host in self._pool.hosts
             if host.is_usable
         }
@@ -354,63 +347,7 @@ class SSHPoolExecutor(Executor):
             RuntimeError: After ``shutdown()``.
             BrokenPool: When no usable worker is left on any host.
         """
-        future: Future[T] = self._submit(fn, args, kwargs, None)
-        return future
-
-    def _submit(
-        self,
-        fn: Callable[..., T],
-        args: Any,
-        kwargs: Any,
-        group: Optional[str],
-        function: Optional[MapFunction] = None,
-        item: Optional[MapItem] = None,
-        limits: Any = KEEP,
-    ) -> Any:
-        """A Future, or for ``map`` ``item``, its slot; ``function``: ``fn`` already
-        pickled (by ``map``, once for all its items); ``limits``: not the executor's."""
-        future: Any = Future() if item is None else item
-        failure: Optional[BaseException] = None
-        encoded: Optional[Encoded] = None
-        try:
-            encoded = encode(fn, args, kwargs, function, self._pool.other_python)
-        except Exception as exc:  # an unpicklable call fails its own Future, not the pool
-            failure = exc
-        except KeyboardInterrupt:  # Ctrl-C while pickling: the user stops the program
-            raise
-        except BaseException as exc:  # SystemExit from a __reduce__, say: as loky does
-            failure = pickle.PicklingError(f"pickling the call raised {type(exc).__name__}: {exc}")
-            failure.__cause__ = exc
-        if encoded is not None:
-            size = on_wire(encoded)  # with its buffers' sizes and the blobs it names
-            if size > self._max_frame - FRAME_OVERHEAD:
-                failure = ValueError(
-                    f"the pickled call is {size} bytes with the stored function and shared "
-                    f"objects it names, over max_frame={self._max_frame} (the call and every "
-                    "blob it names must fit in max_frame together); send less data per call "
-                    "or raise max_frame"
-                )
-        runtime = self._runtime
-        task_id = next(self._task_ids)
-        if item is not None:
-            item.task_id = task_id
-        elif failure is None:  # cancelled while queued, its task leaves the pool at once
-            future.add_done_callback(_CancelHook(runtime, task_id))
-        with runtime.lock:
-            if runtime.is_shut_down:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            if is_exiting():
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-            if self._pool.broken is not None:
-                raise self._pool.broken
-            if failure is None and encoded is not None:
-                payload, size, blobs, bound, other = encoded
-                if limits is KEEP:
-                    limits = self._limits
-                task = Task(task_id, payload, size, future, group, blobs, bound, other, limits)
-                runtime.post(task)
-        if failure is not None:
-            future.set_exception(failure)
+        future: Future[T] = self._submitter.submit(fn, args, kwargs, None)
         return future
 
     def map(
@@ -432,80 +369,7 @@ class SSHPoolExecutor(Executor):
         Raises:
             TimeoutError: When a result is not ready ``timeout`` seconds after the call.
         """
-        return self._map(fn, iterables, timeout, chunksize, buffersize, self._limits)
-
-    def _map(
-        self,
-        fn: Callable[..., T],
-        iterables: Tuple[Iterable[Any], ...],
-        timeout: Optional[float],
-        chunksize: int,
-        buffersize: Optional[int],
-        limits: Limits,
-    ) -> Iterator[T]:
-        if not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
-        if buffersize is not None:
-            if not isinstance(buffersize, int):
-                raise TypeError("buffersize must be an integer or None")
-            if buffersize < 1:
-                raise ValueError("buffersize must be None or > 0")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        items: Iterator[Tuple[Any, ...]] = zip(*iterables)
-        if chunksize == 1:
-            return self._map_futures(fn, items, deadline, buffersize, limits)
-        chunks = ((fn, chunk) for chunk in in_chunks(items, chunksize))
-        return flatten(
-            self._map_futures(calls.process_chunk, chunks, deadline, buffersize, limits, True)
-        )
-
-    def _map_futures(
-        self,
-        fn: Callable[..., T],
-        items: Iterator[Tuple[Any, ...]],
-        deadline: Optional[float],
-        buffersize: Optional[int],
-        limits: Limits,
-        chunked: bool = False,
-    ) -> Iterator[T]:
-        try:  # once for every item; a function that cannot be pickled fails each item
-            function: Optional[MapFunction] = MapFunction(fn, self._max_frame)
-        except KeyboardInterrupt:
-            raise
-        except BaseException:  # each item's own pickling then fails its slot, and says why
-            function = None
-        if function is not None:  # its blobs may be forgotten on the hosts once it is gone
-            self._claim_blobs(function, function.keys)
-        shared = MapResults()  # one condition for all items: no Future per item
-        executor = weakref.ref(self)  # an abandoned iterator must not keep the executor alive
-
-        def submit(args: Tuple[Any, ...]) -> Optional[MapItem]:
-            owner = executor()
-            if owner is None:
-                return None
-            limited = limits  # per item: a chunk of n items gets n times the time
-            if chunked and limits is not None and limits[0]:
-                limited = (limits[0] * len(args[1]), limits[1])
-            item: MapItem = owner._submit(fn, args, {}, None, function, MapItem(shared), limited)
-            return item
-
-        runtime = self._runtime
-        return ordered_results(
-            submit,
-            items,
-            deadline,
-            buffersize,
-            runtime.on_loop_thread,
-            runtime.forget,
-            lambda cancelled: runtime.cancel([item.task_id for item in cancelled]),
-        )
-
-    def _claim_blobs(self, owner: object, keys: List[bytes]) -> None:
-        """The blobs named by ``keys`` (a list ``owner`` may still append to) stay on
-        this pool's hosts while ``owner`` lives; once it is collected, the hosts forget
-        those no task needs (a map's function; a ``Parallel`` call's shared arrays)."""
-        loop, keeper = self._runtime.loop, self._pool.dispatch.keeper
-        CLAIMS.claim(owner, keys, functools.partial(_released, loop, keeper))
+        return self._submitter.map(fn, iterables, timeout, chunksize, buffersize, self._limits)
 
     def options(self, *, timeout: Any = KEEP, memory: Any = KEEP) -> Options:
         """A view of this executor whose ``submit`` and ``map`` give their tasks these
@@ -628,26 +492,3 @@ class SSHPoolExecutor(Executor):
 
 async def _on_loop(fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
-
-
-def _released(loop: Any, keeper: Any, keys: Any) -> None:
-    """A map's function was collected (on whatever thread): its hosts may forget it."""
-    try:
-        loop.call_soon_threadsafe(keeper.released, keys)
-    except RuntimeError:  # the loop is closed: the agents are gone with their blobs
-        pass
-
-
-class _CancelHook:
-    """A submit's Future ended; when by ``cancel()``, its queued task leaves the pool.
-    Ours, cheap and non-blocking: a Future with only this callback ends on the loop thread."""
-
-    __slots__ = ("runtime", "task_id")
-    _sshexec_inline = True  # _ending.INLINE
-
-    def __init__(self, runtime: Runtime, task_id: int) -> None:
-        self.runtime, self.task_id = runtime, task_id
-
-    def __call__(self, future: Future[Any]) -> None:
-        if future.cancelled():
-            self.runtime.cancel([self.task_id])

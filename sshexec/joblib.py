@@ -212,7 +212,7 @@ class Backend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
         ):
             # its arrays stay on the hosts while this Parallel call's scope lives, and go
             # once it is let go (terminate): the client no longer holds them
-            executor._claim_blobs(sharing, sharing.keys)
+            executor._submitter.claim_blobs(sharing, sharing.keys)
             self._claimed = (sharing, weakref.ref(executor))
         with calls.sharing(entries):
             future = executor.submit(func)

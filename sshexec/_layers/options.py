@@ -87,7 +87,9 @@ class Options:
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         """``SSHPoolExecutor.submit`` with this view's limits."""
-        future: Future[T] = self._executor._submit(fn, args, kwargs, None, limits=self._limits)
+        future: Future[T] = self._executor._submitter.submit(
+            fn, args, kwargs, None, limits=self._limits
+        )
         return future
 
     def map(
@@ -100,7 +102,9 @@ class Options:
     ) -> Iterator[T]:
         """``SSHPoolExecutor.map`` with this view's limits, for each item (a chunk of n
         items, with ``chunksize``, gets n times the time limit)."""
-        return self._executor._map(fn, iterables, timeout, chunksize, buffersize, self._limits)
+        return self._executor._submitter.map(
+            fn, iterables, timeout, chunksize, buffersize, self._limits
+        )
 
     def options(self, *, timeout: Any = KEEP, memory: Any = KEEP) -> Options:
         """Another view: these limits instead of this view's (None: no such limit)."""
