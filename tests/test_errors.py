@@ -20,6 +20,7 @@ import pytest
 import sshexec
 from sshexec import SSHPoolExecutor, _errors
 from sshexec._errors import (
+    ActorDiedError,
     BrokenPool,
     CallDecodeError,
     ProtocolError,
@@ -47,6 +48,7 @@ TRACEBACK = (
 )
 
 PUBLIC = [
+    ActorDiedError,
     BrokenPool,
     CallDecodeError,
     ProtocolError,
@@ -178,6 +180,12 @@ def test_broken_pool_family(cls: type) -> None:
 def test_other_errors_are_not_broken_pool() -> None:
     for cls in (ProtocolError, RemoteError, WorkerStartupError, TaskTimeout, TaskKilled):
         assert not issubclass(cls, BrokenProcessPool), cls
+    assert not issubclass(ActorDiedError, BrokenProcessPool)  # one actor, not the pool
+
+
+def test_actor_died_names_host_class_and_how() -> None:
+    error = ActorDiedError("node1", "Lattice", "killed by signal 9 (SIGKILL)")
+    assert str(error) == "actor Lattice on host node1 died: killed by signal 9 (SIGKILL)"
 
 
 def test_errors_all_matches_the_classes() -> None:
@@ -241,11 +249,13 @@ INSTANCES: List[BaseException] = [
     TaskTimeout(9, "node1", "node1#2", 2.0, "ran 2.01 s, over its limit of 2 s"),
     TaskMemoryError(10, "node1", "node1#3", 500 << 20, "612.0 MB resident in 2 processes"),
     TaskKilled(11, "node2", "node2#0", None, "killed while running"),
+    ActorDiedError("node1", "Lattice", "killed by signal 9 (SIGKILL)"),
 ]
 
 ATTRIBUTES = ["reasons", "task_id", "attempts", "host", "stage", "reason", "fix"]
 ATTRIBUTES += ["worker_id", "limit", "detail"]
 ATTRIBUTES += ["type_name", "message", "remote_traceback"]
+ATTRIBUTES += ["cls", "how"]
 
 
 @pytest.mark.parametrize("exc", INSTANCES, ids=lambda e: type(e).__name__)
