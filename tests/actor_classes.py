@@ -30,6 +30,9 @@ class Counter:
     def fail(self, text: str) -> None:
         raise ValueError(text)
 
+    def sum_of(self, values: Any) -> float:
+        return float(values.sum())
+
     def nap(self, seconds: float) -> int:
         time.sleep(seconds)
         return self.total

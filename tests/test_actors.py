@@ -370,3 +370,26 @@ def test_a_class_made_in_a_function_travels(
     ex = make_executor(1)
     with ex.actor(make(10), scale=3) as local:
         assert results([local.plus(1), local.plus(2)]) == [13, 16]
+
+
+def test_a_blob_an_actor_call_names_stays_on_the_host_while_the_call_is_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pool's blob sweeps count actor calls sent and not answered: a shared array a
+    call names (as a joblib Parallel call's are) is not forgotten on the host while the
+    call waits behind a slow one, whatever the pool stores meanwhile."""
+    numpy = pytest.importorskip("numpy")
+    from sshexec._pool import blobs
+
+    from .test_flow import sharing
+
+    monkeypatch.setattr(blobs, "BUDGET", 1 << 20)  # any blob nothing needs goes at once
+    first, second = numpy.full(1 << 18, 1.0), numpy.full(1 << 18, 2.0)  # 2 MiB each
+    with SSHPoolExecutor(1) as ex, ex.actor(ac.Counter) as counter:
+        napping = counter.nap(1.5)
+        with sharing(first):
+            total = counter.sum_of(first)  # sent behind the nap, its blob stored
+        with sharing(second):  # stores another blob: over budget, a sweep
+            assert ex.submit(numpy.sum, second).result(timeout=60) == second.sum()
+        assert total.result(timeout=60) == first.sum()
+        assert napping.result(timeout=60) == 0

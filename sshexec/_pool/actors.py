@@ -24,7 +24,7 @@ import asyncio
 import collections
 import itertools
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .._encode import Encoded
 from .._ending import Ender
@@ -33,6 +33,7 @@ from .._logs import logger
 from .._stats import ActorInfo
 from .._wire import protocol as proto
 from .actor import ALIVE, CLOSE, CLOSED, CREATE, DEAD, DYING, STARTING, Actor, Call
+from .blobs import HostBlobs
 from .link import WorkerLink, open_worker
 
 if TYPE_CHECKING:
@@ -102,6 +103,16 @@ class ActorHub:
             self._send(actor, [call])
         else:
             actor.queued.append(call)
+
+    def in_flight(self) -> Iterator[Tuple[HostBlobs, Tuple[Tuple[bytes, bytes], ...]]]:
+        """Each call sent to an actor and not answered: its host's blobs and those the
+        call names (both pickles': the pool's blob sweeps keep them meanwhile)."""
+        for actor in self.actors.values():
+            link = actor.link
+            if link is not None:
+                for call in actor.sent:
+                    other = call.encoded.other[1] if call.encoded.other is not None else ()
+                    yield link.session.blobs, (*call.encoded.blobs, *other)
 
     def infos(self) -> List[ActorInfo]:
         return [actor.info() for actor in self.actors.values()]

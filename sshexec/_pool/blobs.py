@@ -4,8 +4,8 @@ Owns: ``HostBlobs`` (one per host session: the blobs its agent holds, least rece
 used first, sent in ``CHUNK`` pieces, forgotten with ``Forget``; a blob the agent could
 not keep is remembered with the reason, for the errors of the tasks that needed it),
 ``Claims`` (client objects that stand behind blobs: a ``map``'s function, while its
-iterator or one of its tasks lives) and ``Keeper`` (the pool's sweep: a blob no task on
-that host still needs is forgotten once its claimant is gone, or when the host holds
+iterator or one of its tasks lives) and ``Keeper`` (the pool's sweep: a blob no task,
+nor actor call, on that host still needs is forgotten once its claimant is gone, or when the host holds
 more than ``BUDGET`` bytes, least recently used first). A blob needed again after it
 was forgotten is simply stored again. Loop thread only, except ``Claims.claim`` and
 the release it posts; asyncio only for the timer of a sweep retried later. Must not
@@ -135,6 +135,7 @@ class Keeper:
         self, in_flight: Callable[[], Placed], hosts: Callable[[], Iterable[HostBlobs]]
     ) -> None:
         self._in_flight, self._hosts = in_flight, hosts
+        self.also_in_flight: List[Callable[[], Placed]] = []  # actors' calls, say
         self.pinned: Set[bytes] = set()  # never forgotten: the initializer, for the pool's life
         self._released: Set[bytes] = set()  # keys whose claimant is gone, maybe still held
         self._due = False
@@ -173,8 +174,9 @@ class Keeper:
         self._due, self._swept_at = False, time.monotonic()
         released = self._released - CLAIMS.claimed() - self.pinned
         needed: Dict[int, Set[bytes]] = {}
-        for host, blobs in self._in_flight():
-            needed.setdefault(id(host), set()).update(key for key, _ in blobs)
+        for source in (self._in_flight, *self.also_in_flight):
+            for host, blobs in source():
+                needed.setdefault(id(host), set()).update(key for key, _ in blobs)
         left = False
         still_held: Set[bytes] = set()
         for host in self._hosts():

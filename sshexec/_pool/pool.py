@@ -102,6 +102,7 @@ class Pool:
         self.on_reply = self.dispatch.on_reply  # the links' Replies: these two are the hot path
         self.after_replies = self.dispatch.after_replies
         self.actors = ActorHub(self, self.table.ender, shutdown_grace)  # ex.actor(): _pool.actors
+        self.dispatch.keeper.also_in_flight.append(self.actors.in_flight)
         self.broken: Optional[BrokenPool] = None
         self.is_closing = False
         self.is_terminating = False
