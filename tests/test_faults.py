@@ -19,9 +19,10 @@ from typing import Any, Callable, Dict, Iterator, List, Set
 import pytest
 
 from sshexec import BrokenPool, SSHPoolExecutor, WorkerLostError
+from sshexec._node.limits import descendants
 
 from . import tasks
-from .procs import agents_and_workers, wait_gone
+from .procs import agents_and_workers, parent_of, wait_gone
 from .sshd import Client, SSHServer, executor_kwargs
 
 Make = Callable[..., SSHPoolExecutor]
@@ -350,23 +351,7 @@ def socket_owners(inodes: Set[str]) -> Set[int]:
 
 def family(pids: Set[int]) -> Set[int]:
     """``pids``, their parents (the agents) and everything descending from those."""
-    parents = set()
-    for pid in pids:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            parents.add(int(f.read().rsplit(b")", 1)[1].split()[1]))
-    found, todo = set(), list(pids | parents)
-    while todo:
-        pid = todo.pop()
-        if pid in found:
-            continue
-        found.add(pid)
-        for task in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}") else ():
-            try:
-                with open(f"/proc/{pid}/task/{task}/children") as f:
-                    todo += [int(child) for child in f.read().split()]
-            except OSError:
-                continue
-    return found
+    return {kin for pid in pids | {parent_of(p) for p in pids} for kin in descendants(pid)}
 
 
 def test_workers_listen_on_no_port_and_carry_no_payload_in_argv(make_executor: Make) -> None:
