@@ -33,7 +33,7 @@ from ._hosts import build_transports, resolve_hosts
 from ._layers.actors import ActorDoor, ActorProxy, new_actor
 from ._layers.options import KEEP, Limits, Memory, Options, derive, task_limits
 from ._logs import logger
-from ._loop import Runtime
+from ._loop import Runtime, on_loop
 from ._output import OutputRouter
 from ._pool.link import STARTUP_TIMEOUT
 from ._pool.pool import Pool
@@ -402,7 +402,7 @@ class SSHPoolExecutor(Executor):
                 killed = self._pool.kill(future)
             else:
                 try:
-                    killed = runtime.call(_on_loop(self._pool.kill, future), timeout=10.0)
+                    killed = runtime.call(on_loop(self._pool.kill, future), timeout=10.0)
                 except (cf.TimeoutError, RuntimeError):  # the loop is closing or closed
                     return False
             if killed is not None:
@@ -488,7 +488,3 @@ class SSHPoolExecutor(Executor):
         else:
             self._runtime.shutdown(wait=True, cancel_futures=True, bounded=True)
         return False
-
-
-async def _on_loop(fn: Callable[..., T], *args: Any) -> T:
-    return fn(*args)

@@ -16,7 +16,7 @@ import itertools
 import os
 import threading
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, List, Optional, Set
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, TypeVar
 
 from ._ending import Ender, join_all
 from ._logs import logger
@@ -30,6 +30,13 @@ log = logger("sshexec.executor")
 _loop_ids = itertools.count()
 _live: Set[Runtime] = set()  # runtimes whose loop thread still runs; drained at exit
 _exiting = False  # the interpreter is shutting down: no new work
+
+T = TypeVar("T")
+
+
+async def on_loop(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` as a coroutine: for ``Runtime.call``, to run it on the loop thread."""
+    return fn(*args)
 
 
 def is_exiting() -> bool:

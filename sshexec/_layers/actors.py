@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Optional
 
 from .._encode import FRAME_OVERHEAD, Encoded, encode, on_wire
 from .._errors import BrokenPool
-from .._loop import Runtime, is_exiting
+from .._loop import Runtime, is_exiting, on_loop
 from .._node import actors as node
 
 if TYPE_CHECKING:
@@ -201,14 +201,10 @@ class ActorDoor:
     def infos(self) -> List[ActorInfo]:
         hub, runtime = self.pool.actors, self.runtime
         if not runtime.on_loop_thread() and not runtime.loop.is_closed():
-            asking = _on_loop(hub.infos)
+            asking = on_loop(hub.infos)
             try:
                 result: List[ActorInfo] = runtime.call(asking, timeout=10.0)
                 return result
             except (cf.TimeoutError, RuntimeError):  # the loop has ended: nothing moves
                 asking.close()
         return hub.infos()
-
-
-async def _on_loop(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
