@@ -33,6 +33,7 @@ from .._wire import protocol as proto
 from . import reaper
 from .children import Children
 from .fdio import Reader
+from .spawn import may_fork
 from .staging import STAGE_COMMANDS, Staging
 from .store import BlobStore
 
@@ -77,13 +78,12 @@ class Agent:
         self.stop_signal = 0  # a signal that asks the agent to end (SIGTERM, SIGHUP)
         self.blobs = BlobStore()
         self.staging = Staging(self._send)  # files=: the workers' directories, the cache
-        spawn_only = not hasattr(os, "fork") or os.environ.get("SSHEXEC_AGENT_START") == "spawn"
         self.children = Children(
             self._send,
             self._watch,
             self.reader,
             self.blobs.path,
-            (stage1, bundle) if spawn_only else None,
+            None if may_fork() else (stage1, bundle),
         )
         self._wake_r, self._wake_w = os.pipe()  # a signal (SIGCHLD) wakes the poll
         _nonblocking(self._wake_r)

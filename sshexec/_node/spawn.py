@@ -20,6 +20,12 @@ from typing import Optional
 AGENT_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP)
 
 
+def may_fork() -> bool:
+    """Whether the agent forks (its workers, its helpers): not where fork is missing or
+    ``SSHEXEC_AGENT_START=spawn`` asks for fresh interpreters."""
+    return hasattr(os, "fork") and os.environ.get("SSHEXEC_AGENT_START") != "spawn"
+
+
 def start_worker(
     stdin: int,
     stdout: int,

@@ -29,7 +29,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from .._wire import protocol as proto
-from .spawn import AGENT_SIGNALS, _close_from
+from .spawn import AGENT_SIGNALS, _close_from, may_fork
 
 BLOB_PREFIX = "sshexec-blobs-"
 COPY_SIZE = 1 << 20  # bytes per read when a partial blob moves to the next directory
@@ -119,7 +119,7 @@ class BlobStore:
         when there are few, no fork here, or one is at work already."""
         if len(keys) < PREPARE_AT_LEAST or not self.dirs or self._creator is not None:
             return
-        if not hasattr(os, "fork") or os.environ.get("SSHEXEC_AGENT_START") == "spawn":
+        if not may_fork():
             return
         paths = [self._part_path(0, key) for key in keys]
         stop_r, stop_w = os.pipe()
