@@ -22,6 +22,7 @@ import tempfile
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .._wire.messages import STOP_KILLED, STOP_MEMORY, STOP_TIMEOUT
+from . import reaper
 
 # a board: task id (0: idle), its start (time.monotonic()), seconds, memory; as doubles
 TASK, STARTED, SECONDS, MEMORY = 0, 1, 2, 3
@@ -110,12 +111,8 @@ def started_before(pid: int, moment: float) -> bool:
     """``pid`` started before ``moment`` (``time.monotonic()``): ``/proc``'s start time,
     counted from boot, is the monotonic clock or runs ahead of it by the time suspended,
     so a process is never taken as older than it is (False when unknown)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return int(fields[19]) * TICK < moment
-    except (OSError, IndexError, ValueError):
-        return False
+    fields = reaper.stat_fields(pid)
+    return fields is not None and int(fields[19]) * TICK < moment
 
 
 def resident(pids: List[int]) -> int:
@@ -241,11 +238,7 @@ class Limits:
         """Processes of this worker's session that were orphaned to the agent, with theirs."""
         found: List[int] = []
         for orphan in self.adopted():
-            try:
-                with open(f"/proc/{orphan}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if len(fields) > 3 and pid in (int(fields[2]), int(fields[3])):
+            fields = reaper.stat_fields(orphan)
+            if fields is not None and pid in (int(fields[2]), int(fields[3])):
                 found += descendants(orphan)
         return found

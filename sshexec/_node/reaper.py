@@ -43,6 +43,17 @@ def children(pid: int) -> Optional[List[int]]:
         return None
 
 
+def stat_fields(pid: int) -> Optional[List[bytes]]:
+    """``/proc/<pid>/stat`` after the command name (state, parent, group, session, ...;
+    the start time is index 19); None when the process is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields if len(fields) > 19 else None
+
+
 def table() -> Table:
     """Every live process the node lets us read; empty without ``/proc``."""
     found: Table = {}
@@ -53,13 +64,9 @@ def table() -> Table:
     for name in names:
         if not name.isdigit():
             continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            if fields[0] not in (b"Z", b"X"):  # a zombie holds nothing: only its reaper counts
-                found[int(name)] = (int(fields[1]), int(fields[2]), int(fields[3]))
-        except (OSError, ValueError, IndexError):
-            continue
+        fields = stat_fields(int(name))
+        if fields is not None and fields[0] not in (b"Z", b"X"):  # a zombie holds nothing
+            found[int(name)] = (int(fields[1]), int(fields[2]), int(fields[3]))
     return found
 
 
