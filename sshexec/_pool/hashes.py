@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from typing import Dict, Optional, Set, Tuple
 
 import msgpack
@@ -107,7 +106,3 @@ def forget() -> None:
     _used.clear()
     _loaded_from = ""
     _dirty = False
-
-
-def now_ns() -> int:
-    return time.time_ns()

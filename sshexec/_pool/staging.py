@@ -21,9 +21,10 @@ import hashlib
 import itertools
 import os
 import stat
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import msgpack
 
@@ -129,40 +130,47 @@ def _hashed(found: Dict[str, Found]) -> List[Local]:
     enough to hash (hashlib and reads let go of the GIL), each taking the next file as
     it is free."""
     hashes.load()
-    todo = [(p, f[0], f[1]) for p, f in found.items() if isinstance(f, tuple)]
-    unknown = sum(i.st_size for _, _, i in todo if hashes.known(hashes.stat_of(i)) is None)
-    threads = min(HASH_THREADS, os.cpu_count() or 1, len(todo))
     made: Dict[str, Local] = {}
-    if threads > 1 and unknown >= HASH_IN_THREADS:
-        work = iter(todo)  # next() on a list's iterator is atomic: each file once
+    unknown: List[Tuple[str, str, os.stat_result]] = []
+    for path, entry in found.items():
+        if isinstance(entry, tuple):
+            digest = hashes.known(hashes.stat_of(entry[1]))
+            if digest is None:
+                unknown.append((path, *entry))
+            else:
+                made[path] = _file(entry[0], path, entry[1], digest)
 
-        def hash_some() -> None:
-            for path, full, info in work:
-                made[path] = _file(full, path, info)
+    def hash_some(work: Iterator[Tuple[str, str, os.stat_result]]) -> None:
+        for path, full, info in work:
+            made[path] = _file(full, path, info, _hash(full, info))
 
+    threads = min(HASH_THREADS, os.cpu_count() or 1, len(unknown))
+    if threads > 1 and sum(info.st_size for _, _, info in unknown) >= HASH_IN_THREADS:
+        work = iter(unknown)  # next() on a list's iterator is atomic: each file once
         with ThreadPoolExecutor(threads, thread_name_prefix="sshexec-hash") as hashers:
-            for running in [hashers.submit(hash_some) for _ in range(threads)]:
+            for running in [hashers.submit(hash_some, work) for _ in range(threads)]:
                 running.result()  # an unreadable file: its error, here
     else:
-        for path, full, info in todo:
-            made[path] = _file(full, path, info)
+        hash_some(iter(unknown))
     if unknown:
         hashes.save()
     return [made[p] if isinstance(f, tuple) else f for p, f in found.items()]
 
 
-def _file(full: str, path: str, info: os.stat_result) -> Local:
+def _hash(full: str, info: os.stat_result) -> bytes:
+    """The SHA-256 of the file's content, read piece by piece, and remembered."""
+    started = time.time_ns()
+    sha = hashlib.sha256()
+    with open(full, "rb") as source:
+        for piece in iter(lambda: source.read(HASH_READ), b""):
+            sha.update(piece)
+    digest = sha.digest()
+    hashes.remember(hashes.stat_of(info), digest, started)
+    return digest
+
+
+def _file(full: str, path: str, info: os.stat_result, digest: bytes) -> Local:
     mode = stat.S_IMODE(info.st_mode)
-    known = hashes.stat_of(info)
-    digest = hashes.known(known)
-    if digest is None:
-        started = hashes.now_ns()
-        sha = hashlib.sha256()
-        with open(full, "rb") as source:
-            for piece in iter(lambda: source.read(HASH_READ), b""):
-                sha.update(piece)
-        digest = sha.digest()
-        hashes.remember(known, digest, started)
     key = digest + (mode & 0o555).to_bytes(2, "big")
     return Local(path, "f", mode, info.st_size, key, "", full)
 
